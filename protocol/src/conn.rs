@@ -1,0 +1,325 @@
+//! A framed connection to a peer, over plain TCP (loopback only) or mutual TLS.
+//!
+//! Frames are length-delimited (`u32` big-endian length). After the hello exchange a connection is
+//! split into a reader and a writer so that many requests can be in flight at once.
+
+use crate::hello::{Hello, HelloError};
+use crate::message::{Frame, MalformedFrame};
+use crate::tls::TlsClient;
+use crate::PROTOCOL_VERSION;
+use futures::{SinkExt, StreamExt};
+use std::io;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// Largest frame accepted: a 1 MiB chunk with its header, or a page of manifest entries.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// Anything a connection can run over.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+type Framing = Framed<Box<dyn Io>, LengthDelimitedCodec>;
+
+/// What went wrong on a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Could not connect.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Reading or writing failed.
+    #[error("connection to {peer} failed: {source}")]
+    Io {
+        /// The peer.
+        peer: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The peer closed the connection.
+    #[error("{peer} closed the connection")]
+    Closed {
+        /// The peer.
+        peer: String,
+    },
+    /// The peer sent something that is not a valid frame.
+    #[error("{peer} sent a malformed frame: {detail}")]
+    Malformed {
+        /// The peer.
+        peer: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The peer is not a heliotrope agent.
+    #[error("{peer}: {source}")]
+    NotHeliotrope {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: HelloError,
+    },
+    /// The peer speaks another protocol version.
+    #[error("{peer} speaks protocol version {theirs}, this build speaks {ours}: upgrade the older side")]
+    Version {
+        /// The peer.
+        peer: String,
+        /// Its version.
+        theirs: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// The peer refused us.
+    #[error("{peer} refused the connection: {reason}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// TLS failed.
+    #[error("TLS with {peer} failed: {source}")]
+    Tls {
+        /// The peer.
+        peer: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+impl ConnError {
+    /// True when retrying the same peer may help (a network failure, not a refusal).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Connect { .. } | ConnError::Io { .. } | ConnError::Closed { .. }
+        )
+    }
+}
+
+/// A framed connection.
+pub struct Conn {
+    framed: Framing,
+    peer: String,
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+impl Conn {
+    /// Wraps a byte stream.
+    pub fn new(io: Box<dyn Io>, peer: impl Into<String>) -> Self {
+        Conn {
+            framed: Framed::new(io, codec()),
+            peer: peer.into(),
+        }
+    }
+
+    /// The peer's address, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    async fn send_raw(&mut self, body: bytes::Bytes) -> Result<(), ConnError> {
+        self.framed.send(body).await.map_err(|source| ConnError::Io {
+            peer: self.peer.clone(),
+            source,
+        })
+    }
+
+    async fn recv_raw(&mut self) -> Result<bytes::Bytes, ConnError> {
+        recv_body(&mut self.framed, &self.peer).await
+    }
+
+    /// Sends a frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        let body = encode(frame, &self.peer)?;
+        self.send_raw(body).await
+    }
+
+    /// Receives a frame.
+    pub async fn recv(&mut self) -> Result<Frame, ConnError> {
+        let body = self.recv_raw().await?;
+        decode(body, &self.peer)
+    }
+
+    /// Client side of the hello exchange.
+    pub async fn client_hello(&mut self, agent: &str) -> Result<(), ConnError> {
+        self.send_raw(Hello::ours(true, agent).encode()).await?;
+        let body = self.recv_raw().await?;
+        let hello = Hello::decode(&body).map_err(|source| ConnError::NotHeliotrope {
+            peer: self.peer.clone(),
+            source,
+        })?;
+        if !hello.accepted {
+            return Err(ConnError::Refused {
+                peer: self.peer.clone(),
+                reason: hello.text,
+            });
+        }
+        if hello.version != PROTOCOL_VERSION {
+            return Err(ConnError::Version {
+                peer: self.peer.clone(),
+                theirs: hello.version,
+                ours: PROTOCOL_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// Server side of the hello exchange; tells a peer of another version why it is refused.
+    pub async fn server_hello(&mut self, agent: &str) -> Result<Hello, ConnError> {
+        let body = self.recv_raw().await?;
+        let hello = Hello::decode(&body).map_err(|source| ConnError::NotHeliotrope {
+            peer: self.peer.clone(),
+            source,
+        })?;
+        if hello.version != PROTOCOL_VERSION {
+            let reason = format!(
+                "protocol version {} is not supported; {agent} speaks version {PROTOCOL_VERSION}",
+                hello.version
+            );
+            // Best effort: the peer may already be gone.
+            let _ = self.send_raw(Hello::ours(false, reason).encode()).await;
+            return Err(ConnError::Version {
+                peer: self.peer.clone(),
+                theirs: hello.version,
+                ours: PROTOCOL_VERSION,
+            });
+        }
+        self.send_raw(Hello::ours(true, agent).encode()).await?;
+        Ok(hello)
+    }
+
+    /// Splits into independently usable halves.
+    pub fn split(self) -> (FrameReader, FrameWriter) {
+        let (sink, stream) = self.framed.split();
+        (
+            FrameReader {
+                stream,
+                peer: self.peer.clone(),
+            },
+            FrameWriter {
+                sink,
+                peer: self.peer,
+            },
+        )
+    }
+}
+
+fn encode(frame: &Frame, peer: &str) -> Result<bytes::Bytes, ConnError> {
+    frame.encode().map_err(|MalformedFrame(detail)| ConnError::Malformed {
+        peer: peer.to_string(),
+        detail,
+    })
+}
+
+fn decode(body: bytes::Bytes, peer: &str) -> Result<Frame, ConnError> {
+    Frame::decode(body).map_err(|MalformedFrame(detail)| ConnError::Malformed {
+        peer: peer.to_string(),
+        detail,
+    })
+}
+
+async fn recv_body<S>(stream: &mut S, peer: &str) -> Result<bytes::Bytes, ConnError>
+where
+    S: futures::Stream<Item = Result<bytes::BytesMut, io::Error>> + Unpin,
+{
+    match stream.next().await {
+        None => Err(ConnError::Closed {
+            peer: peer.to_string(),
+        }),
+        Some(Ok(b)) => Ok(b.freeze()),
+        // The codec reports an oversized or truncated length prefix as InvalidData.
+        Some(Err(e)) if e.kind() == io::ErrorKind::InvalidData => Err(ConnError::Malformed {
+            peer: peer.to_string(),
+            detail: e.to_string(),
+        }),
+        Some(Err(source)) => Err(ConnError::Io {
+            peer: peer.to_string(),
+            source,
+        }),
+    }
+}
+
+/// The receiving half of a split connection.
+pub struct FrameReader {
+    stream: futures::stream::SplitStream<Framing>,
+    peer: String,
+}
+
+impl FrameReader {
+    /// Receives a frame.
+    pub async fn recv(&mut self) -> Result<Frame, ConnError> {
+        let body = recv_body(&mut self.stream, &self.peer).await?;
+        decode(body, &self.peer)
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
+/// The sending half of a split connection.
+pub struct FrameWriter {
+    sink: futures::stream::SplitSink<Framing, bytes::Bytes>,
+    peer: String,
+}
+
+impl FrameWriter {
+    /// Sends a frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        let body = encode(frame, &self.peer)?;
+        self.sink.send(body).await.map_err(|source| ConnError::Io {
+            peer: self.peer.clone(),
+            source,
+        })
+    }
+
+    /// Queues a frame without flushing; call [`FrameWriter::flush`] after a burst.
+    pub async fn feed(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        let body = encode(frame, &self.peer)?;
+        self.sink.feed(body).await.map_err(|source| ConnError::Io {
+            peer: self.peer.clone(),
+            source,
+        })
+    }
+
+    /// Flushes queued frames.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        self.sink.flush().await.map_err(|source| ConnError::Io {
+            peer: self.peer.clone(),
+            source,
+        })
+    }
+}
+
+/// Dials `addr`, runs TLS when `tls` is given, and exchanges hellos.
+pub async fn connect(addr: &str, tls: Option<&TlsClient>, agent: &str) -> Result<Conn, ConnError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ConnError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    // Requests are small and latency-bound; Nagle would hold them back behind unacked data.
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = match tls {
+        Some(tls) => Box::new(tls.connect(addr, tcp).await.map_err(|source| ConnError::Tls {
+            peer: addr.to_string(),
+            source,
+        })?),
+        None => Box::new(tcp),
+    };
+    let mut conn = Conn::new(io, addr);
+    conn.client_hello(agent).await?;
+    Ok(conn)
+}

@@ -1,0 +1,221 @@
+//! Requests and replies after the hello: a serde header, then the payload bytes as they are.
+//!
+//! Frame body layout: `u16` header length (big endian), the bincode header, the payload. Keeping
+//! payloads out of serde means a 1 MiB chunk is never copied to be (de)serialised.
+
+use crate::chunk::{ChunkHash, Geometry};
+use bincode::Options;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// A disk as a source agent announces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The name destinations ask for.
+    pub name: String,
+    /// Size and chunk size.
+    pub geometry: Geometry,
+    /// blake3 over the manifest's entries: changes whenever any chunk's content does.
+    pub manifest_digest: ChunkHash,
+}
+
+/// How a chunk's payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// The bytes as they are (they did not compress).
+    Raw,
+    /// zstd-compressed bytes.
+    Zstd,
+    /// No payload: the chunk now reads as zeros.
+    Zero,
+}
+
+/// Why a request failed, for the requester to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// No disk of that name is served.
+    UnknownDisk,
+    /// A disk request came before `Open`.
+    NotOpen,
+    /// A chunk or manifest index beyond the disk.
+    OutOfRange,
+    /// The source could not read its image.
+    ImageRead,
+    /// The image is shorter than its manifest says.
+    ImageTruncated,
+    /// The request made no sense in this state.
+    BadRequest,
+}
+
+/// A request or reply header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Lists the disks a source serves.
+    ListDisks,
+    /// Reply to `ListDisks`.
+    Disks(Vec<DiskInfo>),
+    /// Binds this connection to a disk.
+    Open {
+        /// The disk's name.
+        disk: String,
+    },
+    /// Reply to `Open`.
+    Opened(DiskInfo),
+    /// Asks for `count` manifest entries from `start`.
+    GetManifest {
+        /// Request id, echoed in the reply.
+        id: u64,
+        /// First chunk index.
+        start: u64,
+        /// Number of entries.
+        count: u32,
+    },
+    /// Manifest entries; payload: zstd of `count` compact entries.
+    Manifest {
+        /// The request's id.
+        id: u64,
+        /// First chunk index.
+        start: u64,
+        /// Number of entries.
+        count: u32,
+    },
+    /// Asks for one chunk's bytes.
+    GetChunk {
+        /// Request id, echoed in the reply.
+        id: u64,
+        /// Chunk index.
+        index: u64,
+    },
+    /// A chunk; payload encoded as `encoding` says.
+    Chunk {
+        /// The request's id.
+        id: u64,
+        /// Chunk index.
+        index: u64,
+        /// blake3 of the bytes the source actually read (not of what it once announced).
+        hash: ChunkHash,
+        /// Payload encoding.
+        encoding: Encoding,
+    },
+    /// Round-trip probe.
+    Ping {
+        /// Echoed in `Pong`.
+        id: u64,
+    },
+    /// Reply to `Ping`.
+    Pong {
+        /// The ping's id.
+        id: u64,
+    },
+    /// A failed request (or, with no id, a failed connection).
+    Error {
+        /// The request's id, if the error belongs to one.
+        id: Option<u64>,
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// For a person.
+        message: String,
+    },
+}
+
+/// A header with its payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// The header.
+    pub msg: Message,
+    /// Payload bytes (empty for most messages).
+    pub payload: Bytes,
+}
+
+/// A frame body that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed frame: {0}")]
+pub struct MalformedFrame(pub String);
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new().with_limit(u16::MAX as u64)
+}
+
+impl Frame {
+    /// A frame with no payload.
+    pub fn new(msg: Message) -> Self {
+        Frame {
+            msg,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// A frame with a payload.
+    pub fn with_payload(msg: Message, payload: Bytes) -> Self {
+        Frame { msg, payload }
+    }
+
+    /// Encodes the frame body.
+    pub fn encode(&self) -> Result<Bytes, MalformedFrame> {
+        let header = options()
+            .serialize(&self.msg)
+            .map_err(|e| MalformedFrame(format!("header does not serialise: {e}")))?;
+        let mut b = BytesMut::with_capacity(2 + header.len() + self.payload.len());
+        b.put_u16(header.len() as u16);
+        b.put_slice(&header);
+        b.put_slice(&self.payload);
+        Ok(b.freeze())
+    }
+
+    /// Decodes a frame body; never panics on any input.
+    pub fn decode(body: Bytes) -> Result<Self, MalformedFrame> {
+        if body.len() < 2 {
+            return Err(MalformedFrame(format!("{} bytes, shorter than a header", body.len())));
+        }
+        let hlen = u16::from_be_bytes([body[0], body[1]]) as usize;
+        if body.len() < 2 + hlen {
+            return Err(MalformedFrame(format!(
+                "header length {hlen} exceeds the frame's {} bytes",
+                body.len() - 2
+            )));
+        }
+        let msg: Message = options()
+            .deserialize(&body[2..2 + hlen])
+            .map_err(|e| MalformedFrame(format!("header does not parse: {e}")))?;
+        Ok(Frame {
+            msg,
+            payload: body.slice(2 + hlen..),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trips_with_payload() {
+        let f = Frame::with_payload(
+            Message::Chunk {
+                id: 7,
+                index: 9,
+                hash: ChunkHash::of(b"x"),
+                encoding: Encoding::Zstd,
+            },
+            Bytes::from_static(b"payload"),
+        );
+        assert_eq!(Frame::decode(f.encode().unwrap()).unwrap(), f);
+    }
+
+    #[test]
+    fn garbage_frames_are_errors_not_panics() {
+        for body in [
+            &b""[..],
+            b"\x00",
+            b"\xff\xff abc",
+            b"\x00\x03\xff\xff\xff",
+            b"\x00\x01\x07",
+        ] {
+            assert!(Frame::decode(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+        }
+        // A header claiming a huge string must not allocate it.
+        let mut evil = vec![0u8, 10, 2];
+        evil.extend_from_slice(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(Frame::decode(Bytes::from(evil)).is_err());
+    }
+}
