@@ -1,1 +1,24 @@
-//! placeholder
+//! heliotrope's chunk store: everything about bytes at rest.
+//!
+//! - [`image`]: reading a source disk (raw file or block device) chunk by chunk.
+//! - [`scan`]: building a disk's manifest (zero detection and blake3 per chunk) in parallel.
+//! - [`catalog`]: the source agent's `--state`: manifests kept in RocksDB, reused across restarts.
+//! - [`store`]: the destination's `--store`: disks, per-chunk state and the content index in
+//!   RocksDB; each disk's bytes in a sparse raw file served later by a plain `pread`.
+//! - [`replica`]: one disk in the store, and [`replica::ChunkWriter`], which makes chunks durable
+//!   before recording them (data `fdatasync`, then one synced RocksDB batch).
+//! - [`db`]: opening RocksDB with a versioned layout.
+
+pub mod catalog;
+pub mod db;
+pub mod error;
+pub mod image;
+pub mod replica;
+pub mod scan;
+pub mod store;
+
+pub use catalog::Catalog;
+pub use error::StoreError;
+pub use image::Image;
+pub use replica::{ChunkState, ChunkWriter, Replica};
+pub use store::Store;

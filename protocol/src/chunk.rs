@@ -96,10 +96,9 @@ pub fn is_zero(data: &[u8]) -> bool {
     // OR-ing 64-byte blocks lets the compiler vectorise; this runs on every chunk read.
     let mut blocks = data.chunks_exact(64);
     let whole = blocks.by_ref().all(|block| {
-        block
-            .chunks_exact(8)
-            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])))
-            == 0
+        block.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))
+        }) == 0
     });
     whole && blocks.remainder().iter().all(|&b| b == 0)
 }

@@ -58,7 +58,8 @@ pub fn decompress(
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 *slot = Some(
-                    zstd::bulk::Decompressor::new().map_err(|e| CodecError::Corrupt(e.to_string()))?,
+                    zstd::bulk::Decompressor::new()
+                        .map_err(|e| CodecError::Corrupt(e.to_string()))?,
                 );
             }
             // Invariant: filled just above.
@@ -92,7 +93,10 @@ mod tests {
     fn random_bytes_go_raw_and_corruption_is_caught() {
         let mut random = vec![0u8; 65536];
         blake3::Hasher::new().finalize_xof().fill(&mut random);
-        assert!(compress(&random, DEFAULT_LEVEL).is_none(), "random data must be sent raw");
+        assert!(
+            compress(&random, DEFAULT_LEVEL).is_none(),
+            "random data must be sent raw"
+        );
 
         let text = b"abcabcabc".repeat(1000);
         let mut z = compress(&text, DEFAULT_LEVEL).unwrap();

@@ -64,7 +64,9 @@ pub enum ConnError {
         source: HelloError,
     },
     /// The peer speaks another protocol version.
-    #[error("{peer} speaks protocol version {theirs}, this build speaks {ours}: upgrade the older side")]
+    #[error(
+        "{peer} speaks protocol version {theirs}, this build speaks {ours}: upgrade the older side"
+    )]
     Version {
         /// The peer.
         peer: String,
@@ -128,10 +130,13 @@ impl Conn {
     }
 
     async fn send_raw(&mut self, body: bytes::Bytes) -> Result<(), ConnError> {
-        self.framed.send(body).await.map_err(|source| ConnError::Io {
-            peer: self.peer.clone(),
-            source,
-        })
+        self.framed
+            .send(body)
+            .await
+            .map_err(|source| ConnError::Io {
+                peer: self.peer.clone(),
+                source,
+            })
     }
 
     async fn recv_raw(&mut self) -> Result<bytes::Bytes, ConnError> {
@@ -215,10 +220,12 @@ impl Conn {
 }
 
 fn encode(frame: &Frame, peer: &str) -> Result<bytes::Bytes, ConnError> {
-    frame.encode().map_err(|MalformedFrame(detail)| ConnError::Malformed {
-        peer: peer.to_string(),
-        detail,
-    })
+    frame
+        .encode()
+        .map_err(|MalformedFrame(detail)| ConnError::Malformed {
+            peer: peer.to_string(),
+            detail,
+        })
 }
 
 fn decode(body: bytes::Bytes, peer: &str) -> Result<Frame, ConnError> {
@@ -313,10 +320,14 @@ pub async fn connect(addr: &str, tls: Option<&TlsClient>, agent: &str) -> Result
     // Requests are small and latency-bound; Nagle would hold them back behind unacked data.
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = match tls {
-        Some(tls) => Box::new(tls.connect(addr, tcp).await.map_err(|source| ConnError::Tls {
-            peer: addr.to_string(),
-            source,
-        })?),
+        Some(tls) => Box::new(
+            tls.connect(addr, tcp)
+                .await
+                .map_err(|source| ConnError::Tls {
+                    peer: addr.to_string(),
+                    source,
+                })?,
+        ),
         None => Box::new(tcp),
     };
     let mut conn = Conn::new(io, addr);

@@ -25,7 +25,9 @@ pub struct Hello {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HelloError {
     /// The frame does not start with [`MAGIC`].
-    #[error("the peer does not speak the heliotrope protocol (no HELIOTRP magic in its first frame)")]
+    #[error(
+        "the peer does not speak the heliotrope protocol (no HELIOTRP magic in its first frame)"
+    )]
     BadMagic,
 }
 
@@ -71,7 +73,10 @@ mod tests {
     fn hello_round_trips_and_rejects_garbage() {
         let h = Hello::ours(true, "agent-a");
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
-        assert_eq!(Hello::decode(b"GET / HTTP/1.1\r\n"), Err(HelloError::BadMagic));
+        assert_eq!(
+            Hello::decode(b"GET / HTTP/1.1\r\n"),
+            Err(HelloError::BadMagic)
+        );
         assert_eq!(Hello::decode(b"HELIO"), Err(HelloError::BadMagic));
     }
 }

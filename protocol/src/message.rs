@@ -165,7 +165,10 @@ impl Frame {
     /// Decodes a frame body; never panics on any input.
     pub fn decode(body: Bytes) -> Result<Self, MalformedFrame> {
         if body.len() < 2 {
-            return Err(MalformedFrame(format!("{} bytes, shorter than a header", body.len())));
+            return Err(MalformedFrame(format!(
+                "{} bytes, shorter than a header",
+                body.len()
+            )));
         }
         let hlen = u16::from_be_bytes([body[0], body[1]]) as usize;
         if body.len() < 2 + hlen {
@@ -211,7 +214,10 @@ mod tests {
             b"\x00\x03\xff\xff\xff",
             b"\x00\x01\x07",
         ] {
-            assert!(Frame::decode(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+            assert!(
+                Frame::decode(Bytes::copy_from_slice(body)).is_err(),
+                "{body:?}"
+            );
         }
         // A header claiming a huge string must not allocate it.
         let mut evil = vec![0u8, 10, 2];

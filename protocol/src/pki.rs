@@ -84,7 +84,12 @@ pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
 
 /// Issues an agent certificate named `name` from the CA in `ca_dir` into `out`:
 /// `cert.pem`, `key.pem` (0600) and a copy of `ca.pem`.
-pub fn issue(ca_dir: &Path, name: &str, out: &Path, extra_names: &[String]) -> Result<(), PkiError> {
+pub fn issue(
+    ca_dir: &Path,
+    name: &str,
+    out: &Path,
+    extra_names: &[String],
+) -> Result<(), PkiError> {
     let ca_pem = read_file(&ca_dir.join("ca.pem"))?;
     let ca_key = KeyPair::from_pem(&read_file(&ca_dir.join("ca-key.pem"))?)?;
     let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;

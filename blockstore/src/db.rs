@@ -1,0 +1,95 @@
+//! Opening RocksDB with named column families and a layout version in the default family.
+
+use crate::error::{Result, StoreError};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteOptions, DB};
+use std::path::{Path, PathBuf};
+
+const LAYOUT_KEY: &[u8] = b"layout_version";
+
+/// A RocksDB database with its path, for error messages.
+pub struct Db {
+    /// The database.
+    pub db: DB,
+    /// Its directory.
+    pub path: PathBuf,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path` with `families`, checking that its
+    /// layout version is `version` (a new database is stamped with it).
+    pub fn open(path: &Path, families: &[&str], version: u32) -> Result<Db> {
+        std::fs::create_dir_all(path).map_err(crate::error::io_err("cannot create", path))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Metadata is hashes and small records: compression would cost CPU and save nothing.
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let cfs = families
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Db {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let this = Db {
+            db,
+            path: path.to_path_buf(),
+        };
+        match this.db.get(LAYOUT_KEY).map_err(|e| this.err(e))? {
+            None => this.put_sync(LAYOUT_KEY, &version.to_be_bytes())?,
+            Some(v) => {
+                let found = v
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| this.corrupt("layout version is not 4 bytes"))?;
+                if found != version {
+                    return Err(StoreError::Layout {
+                        path: path.to_path_buf(),
+                        found,
+                        expected: version,
+                    });
+                }
+            }
+        }
+        Ok(this)
+    }
+
+    /// Wraps a RocksDB error with the path.
+    pub fn err(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// A corrupt-record error.
+    pub fn corrupt(&self, detail: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A column family that `open` created.
+    pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Invariant: every family name used by this crate is passed to `open`.
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} was not opened"))
+    }
+
+    /// Writes one key in the default family, synced.
+    pub fn put_sync(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut b = rocksdb::WriteBatch::default();
+        b.put(key, value);
+        self.write_sync(b)
+    }
+
+    /// Writes a batch atomically and durably.
+    pub fn write_sync(&self, batch: rocksdb::WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
+    }
+}

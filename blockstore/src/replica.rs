@@ -1,0 +1,424 @@
+//! One disk in the destination store: its chunk states and its sparse data file.
+
+use crate::error::{io_err, Result, StoreError};
+use crate::store::{chunk_key, content_key, DiskRecord, Store, CHUNKS, CONTENT};
+use protocol::{ChunkHash, Geometry};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the store knows of one chunk. A chunk with no state is absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkState {
+    /// All zeros (a hole in the data file).
+    Zero,
+    /// Present with this content.
+    Data(ChunkHash),
+}
+
+impl ChunkState {
+    fn encode(&self) -> [u8; 33] {
+        let mut v = [0u8; 33];
+        if let ChunkState::Data(h) = self {
+            v[0] = 1;
+            v[1..].copy_from_slice(&h.0);
+        }
+        v
+    }
+
+    fn decode(raw: &[u8]) -> Option<Self> {
+        match (raw.len(), raw.first()) {
+            (33, Some(0)) => Some(ChunkState::Zero),
+            (33, Some(1)) => {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&raw[1..]);
+                Some(ChunkState::Data(ChunkHash(h)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One disk of the store.
+#[derive(Clone)]
+pub struct Replica {
+    store: Store,
+    record: DiskRecord,
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl Replica {
+    pub(crate) fn open(store: Store, record: DiskRecord) -> Result<Replica> {
+        let path = store.data_path(record.id);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("cannot open replica data file", &path))?;
+        let len = file.metadata().map_err(io_err("cannot stat", &path))?.len();
+        if len != record.geometry.size {
+            // Sparse: costs no space until chunks land.
+            file.set_len(record.geometry.size)
+                .map_err(io_err("cannot size", &path))?;
+        }
+        Ok(Replica {
+            store,
+            record,
+            file: Arc::new(file),
+            path,
+        })
+    }
+
+    /// The disk's record.
+    pub fn record(&self) -> &DiskRecord {
+        &self.record
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.record.geometry
+    }
+
+    /// The data file (for serving reads with `pread`).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// The data file's path.
+    pub fn data_path(&self) -> &PathBuf {
+        &self.path
+    }
+
+    /// The store holding this disk.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The state of every chunk (`None`: absent).
+    pub fn states(&self) -> Result<Vec<Option<ChunkState>>> {
+        let db = self.store.db();
+        let n = self.record.geometry.chunk_count() as usize;
+        let mut out = vec![None; n];
+        let start = chunk_key(self.record.id, 0);
+        let iter = db.db.iterator_cf(
+            db.cf(CHUNKS),
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|e| db.err(e))?;
+            if k.len() != 12 || k[..4] != start[..4] {
+                break;
+            }
+            // Invariant: an 8-byte slice of a 12-byte key.
+            let index = u64::from_be_bytes(k[4..].try_into().expect("8 bytes")) as usize;
+            let state = ChunkState::decode(&v).ok_or_else(|| {
+                db.corrupt(format!("chunk {index} of disk {:?}", self.record.name))
+            })?;
+            if index < n {
+                out[index] = Some(state);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads chunk `index`'s bytes from the data file.
+    pub fn read_chunk(&self, index: u64) -> Result<Vec<u8>> {
+        let g = self.record.geometry;
+        let mut buf = vec![0u8; g.len(index)];
+        self.file
+            .read_exact_at(&mut buf, g.offset(index))
+            .map_err(io_err("cannot read replica", &self.path))?;
+        Ok(buf)
+    }
+
+    /// Records that the source manifest with `digest` has been seeded completely.
+    pub fn mark_seeded(&mut self, digest: ChunkHash) -> Result<()> {
+        self.record.seeded_digest = Some(digest);
+        self.store.put_disk(&self.record)
+    }
+
+    /// A writer that lands chunks durably in batches.
+    pub fn writer(&self) -> Result<ChunkWriter> {
+        Ok(ChunkWriter {
+            replica: self.clone(),
+            known: self.states()?,
+            batch: rocksdb::WriteBatch::default(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            oldest: None,
+            sources: HashMap::new(),
+        })
+    }
+}
+
+/// Batching thresholds: a commit costs one `fdatasync` and one synced RocksDB write.
+const COMMIT_BYTES: u64 = 64 << 20;
+const COMMIT_CHUNKS: usize = 2048;
+const COMMIT_AGE: Duration = Duration::from_millis(500);
+
+/// Lands chunks in one replica. Bytes are written at once; their records are committed in
+/// batches after an `fdatasync`, so a recorded chunk is always durable. Chunks written but not
+/// committed when the process dies are simply absent after restart.
+pub struct ChunkWriter {
+    replica: Replica,
+    known: Vec<Option<ChunkState>>,
+    batch: rocksdb::WriteBatch,
+    pending: Vec<u64>,
+    pending_bytes: u64,
+    oldest: Option<Instant>,
+    sources: HashMap<u32, Arc<File>>,
+}
+
+impl ChunkWriter {
+    /// The state of chunk `index` as this writer knows it (including uncommitted chunks).
+    pub fn state(&self, index: u64) -> Option<ChunkState> {
+        self.known.get(index as usize).copied().flatten()
+    }
+
+    fn record(&mut self, index: u64, state: ChunkState, bytes: u64) {
+        let db = self.replica.store.db();
+        let id = self.replica.record.id;
+        if let Some(Some(ChunkState::Data(old))) = self.known.get(index as usize) {
+            self.batch
+                .delete_cf(db.cf(CONTENT), content_key(old, id, index));
+        }
+        self.batch
+            .put_cf(db.cf(CHUNKS), chunk_key(id, index), state.encode());
+        if let ChunkState::Data(h) = &state {
+            self.batch
+                .put_cf(db.cf(CONTENT), content_key(h, id, index), []);
+        }
+        if let Some(slot) = self.known.get_mut(index as usize) {
+            *slot = Some(state);
+        }
+        self.pending.push(index);
+        self.pending_bytes += bytes;
+        self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    /// Writes chunk `index` with `data`, whose hash the caller has verified to be `hash`.
+    pub fn put(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
+        let g = self.replica.record.geometry;
+        self.replica
+            .file
+            .write_all_at(data, g.offset(index))
+            .map_err(io_err("cannot write replica", &self.replica.path))?;
+        self.record(index, ChunkState::Data(hash), data.len() as u64);
+        Ok(())
+    }
+
+    /// Records chunk `index` as zeros, punching out any data it held.
+    pub fn put_zero(&mut self, index: u64) -> Result<()> {
+        if matches!(self.state(index), Some(ChunkState::Data(_))) {
+            let g = self.replica.record.geometry;
+            punch_hole(&self.replica.file, g.offset(index), g.len(index) as u64)
+                .map_err(io_err("cannot punch a hole in replica", &self.replica.path))?;
+        }
+        self.record(index, ChunkState::Zero, 0);
+        Ok(())
+    }
+
+    /// Copies content `hash` held at (`src_id`, `src_index`) into chunk `index` without the WAN.
+    /// Returns `false` (and copies nothing) if the held bytes no longer match `hash`.
+    pub fn copy_local(
+        &mut self,
+        src_id: u32,
+        src_index: u64,
+        index: u64,
+        hash: ChunkHash,
+    ) -> Result<bool> {
+        let store = self.replica.store.clone();
+        let src = if src_id == self.replica.record.id {
+            self.replica.file.clone()
+        } else if let Some(f) = self.sources.get(&src_id) {
+            f.clone()
+        } else {
+            let path = store.data_path(src_id);
+            let f = Arc::new(
+                File::open(&path).map_err(io_err("cannot open replica data file", &path))?,
+            );
+            self.sources.insert(src_id, f.clone());
+            f
+        };
+        let g = self.replica.record.geometry;
+        let len = g.len(index);
+        // Source chunks may have other geometry; the content hash fixes the length.
+        let src_offset = src_index * self.chunk_size_of(src_id)? as u64;
+        let mut buf = vec![0u8; len];
+        if src.read_exact_at(&mut buf, src_offset).is_err() || ChunkHash::of(&buf) != hash {
+            tracing::warn!(
+                src_id,
+                src_index,
+                "held content no longer matches its hash; fetching instead"
+            );
+            return Ok(false);
+        }
+        copy_range(&src, src_offset, &self.replica.file, g.offset(index), len)
+            .map_err(io_err("cannot copy into replica", &self.replica.path))?;
+        self.record(index, ChunkState::Data(hash), len as u64);
+        Ok(true)
+    }
+
+    fn chunk_size_of(&self, id: u32) -> Result<u32> {
+        if id == self.replica.record.id {
+            return Ok(self.replica.record.geometry.chunk_size);
+        }
+        let disks = self.replica.store.disks()?;
+        disks
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.geometry.chunk_size)
+            .ok_or_else(|| StoreError::Corrupt {
+                path: self.replica.store.dir().to_path_buf(),
+                detail: format!("content index names disk id {id}, which the store does not hold"),
+            })
+    }
+
+    /// True when enough is pending that a commit is due.
+    pub fn commit_due(&self) -> bool {
+        self.pending_bytes >= COMMIT_BYTES
+            || self.pending.len() >= COMMIT_CHUNKS
+            || self.oldest.is_some_and(|t| t.elapsed() >= COMMIT_AGE)
+    }
+
+    /// Makes pending chunks durable and records them; returns how many were committed.
+    pub fn commit(&mut self) -> Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        // Order matters: bytes durable first, then the records that vouch for them.
+        self.replica
+            .file
+            .sync_data()
+            .map_err(io_err("cannot sync replica", &self.replica.path))?;
+        let batch = std::mem::take(&mut self.batch);
+        self.replica.store.db().write_sync(batch)?;
+        let n = self.pending.len();
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.oldest = None;
+        Ok(n)
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(std::os::fd::AsRawFd::as_raw_fd(file), flags, offset as i64, len as i64) {
+        Ok(()) => Ok(()),
+        // A filesystem without hole punching still reads zeros if we write them.
+        Err(_) => file.write_all_at(&vec![0u8; len as usize], offset),
+    }
+}
+
+/// Copies `len` bytes between files with `copy_file_range`, so filesystems with reflinks share
+/// the extents; falls back to read and write where the kernel cannot.
+pub fn copy_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let mut off_in = (src_off + done as u64) as i64;
+        let mut off_out = (dst_off + done as u64) as i64;
+        match nix::fcntl::copy_file_range(
+            src.as_fd(),
+            Some(&mut off_in),
+            dst.as_fd(),
+            Some(&mut off_out),
+            len - done,
+        ) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source ended early",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => {
+                let mut buf = vec![0u8; len - done];
+                src.read_exact_at(&mut buf, src_off + done as u64)?;
+                return dst.write_all_at(&buf, dst_off + done as u64);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_chunks_survive_reopen_and_dedup_finds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::new(4 * 4096, 4096).unwrap();
+        let data = vec![7u8; 4096];
+        let h = ChunkHash::of(&data);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let r = store.open_or_create("a", g).unwrap();
+            let mut w = r.writer().unwrap();
+            w.put(1, h, &data).unwrap();
+            w.put_zero(2).unwrap();
+            w.put(3, h, &data).unwrap();
+            assert_eq!(w.commit().unwrap(), 3);
+            w.put(0, h, &data).unwrap(); // never committed: absent after reopen
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.replica("a").unwrap();
+        let s = r.states().unwrap();
+        assert_eq!(
+            s,
+            vec![
+                None,
+                Some(ChunkState::Data(h)),
+                Some(ChunkState::Zero),
+                Some(ChunkState::Data(h))
+            ]
+        );
+        let (id, idx) = store.find_content(&h).unwrap().unwrap();
+        assert_eq!(id, r.record().id);
+        assert!(idx == 1 || idx == 3);
+
+        let b = store.open_or_create("b", g).unwrap();
+        let mut w = b.writer().unwrap();
+        assert!(w.copy_local(id, idx, 2, h).unwrap());
+        w.commit().unwrap();
+        assert_eq!(b.read_chunk(2).unwrap(), data);
+        assert!(store
+            .open_or_create("b", Geometry::new(8192, 4096).unwrap())
+            .is_err());
+        assert!(matches!(
+            store.replica("zz"),
+            Err(StoreError::UnknownDisk { .. })
+        ));
+    }
+
+    #[test]
+    fn overwritten_content_leaves_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::new(4096, 4096).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.open_or_create("a", g).unwrap();
+        let mut w = r.writer().unwrap();
+        let h = ChunkHash::of(&[1u8; 4096]);
+        w.put(0, h, &[1u8; 4096]).unwrap();
+        w.commit().unwrap();
+        w.put_zero(0).unwrap();
+        w.commit().unwrap();
+        assert_eq!(store.find_content(&h).unwrap(), None);
+        assert_eq!(r.read_chunk(0).unwrap(), vec![0u8; 4096]);
+    }
+}

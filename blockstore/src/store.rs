@@ -1,0 +1,206 @@
+//! The destination store (`--store DIR`).
+//!
+//! Layout, version 1:
+//! - `DIR/meta/`: RocksDB. `disks`: name -> [`DiskRecord`]. `chunks`: disk id, chunk index ->
+//!   [`ChunkState`]. `content`: hash, disk id, chunk index -> (): where each content lives, so a
+//!   chunk held by any disk is copied locally instead of crossing the WAN.
+//! - `DIR/data/<id>.raw`: each disk's bytes, a sparse file of the disk's size.
+//!
+//! A chunk is recorded in `chunks` and `content` only after its bytes are durable
+//! ([`crate::ChunkWriter`]), so every record can be trusted after a crash.
+
+use crate::db::Db;
+use crate::error::{io_err, Result, StoreError};
+use crate::replica::Replica;
+use protocol::{ChunkHash, Geometry};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const LAYOUT_VERSION: u32 = 1;
+pub(crate) const DISKS: &str = "disks";
+pub(crate) const CHUNKS: &str = "chunks";
+pub(crate) const CONTENT: &str = "content";
+const NEXT_ID: &[u8] = b"next_disk_id";
+
+/// A disk held in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// Internal id (names the data file and prefixes chunk keys).
+    pub id: u32,
+    /// The disk's name, as the source serves it.
+    pub name: String,
+    /// Size and chunk size.
+    pub geometry: Geometry,
+    /// Digest of the source manifest last seeded completely, if any.
+    pub seeded_digest: Option<ChunkHash>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Db,
+    pub(crate) dir: PathBuf,
+    id_lock: Mutex<()>,
+}
+
+/// An open store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) fn chunk_key(id: u32, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&id.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub(crate) fn content_key(hash: &ChunkHash, id: u32, index: u64) -> [u8; 44] {
+    let mut k = [0u8; 44];
+    k[..32].copy_from_slice(&hash.0);
+    k[32..].copy_from_slice(&chunk_key(id, index));
+    k
+}
+
+impl Store {
+    /// Opens (creating) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir.join("data"))
+            .map_err(io_err("cannot create store directory", dir))?;
+        let db = Db::open(&dir.join("meta"), &[DISKS, CHUNKS, CONTENT], LAYOUT_VERSION)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                dir: dir.to_path_buf(),
+                id_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// Path of disk `id`'s data file.
+    pub fn data_path(&self, id: u32) -> PathBuf {
+        self.inner.dir.join("data").join(format!("{id:08}.raw"))
+    }
+
+    /// The record of disk `name`, if held.
+    pub fn disk(&self, name: &str) -> Result<Option<DiskRecord>> {
+        let db = self.db();
+        match db.db.get_cf(db.cf(DISKS), name).map_err(|e| db.err(e))? {
+            None => Ok(None),
+            Some(raw) => bincode::deserialize(&raw)
+                .map(Some)
+                .map_err(|e| db.corrupt(format!("disk record {name:?}: {e}"))),
+        }
+    }
+
+    /// Every disk held.
+    pub fn disks(&self) -> Result<Vec<DiskRecord>> {
+        let db = self.db();
+        let mut out = Vec::new();
+        for item in db
+            .db
+            .iterator_cf(db.cf(DISKS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| db.err(e))?;
+            let rec = bincode::deserialize(&v).map_err(|e| {
+                db.corrupt(format!(
+                    "disk record {:?}: {e}",
+                    String::from_utf8_lossy(&k)
+                ))
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn put_disk(&self, rec: &DiskRecord) -> Result<()> {
+        let db = self.db();
+        let mut b = rocksdb::WriteBatch::default();
+        // Invariant: DiskRecord holds only plain data, which bincode always serialises.
+        b.put_cf(
+            db.cf(DISKS),
+            &rec.name,
+            bincode::serialize(rec).expect("record serialises"),
+        );
+        db.write_sync(b)
+    }
+
+    /// Opens disk `name`, creating it with `geometry` if the store does not hold it yet.
+    pub fn open_or_create(&self, name: &str, geometry: Geometry) -> Result<Replica> {
+        let _guard = self.inner.id_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = match self.disk(name)? {
+            Some(rec) => {
+                if rec.geometry != geometry {
+                    return Err(StoreError::Geometry {
+                        name: name.to_string(),
+                        detail: format!(
+                            "the store holds it as {} bytes in {} byte chunks, the source now serves {} bytes in {} byte chunks; \
+                             seed it under another name or into another store",
+                            rec.geometry.size, rec.geometry.chunk_size, geometry.size, geometry.chunk_size
+                        ),
+                    });
+                }
+                rec
+            }
+            None => {
+                let db = self.db();
+                let id = match db.db.get(NEXT_ID).map_err(|e| db.err(e))? {
+                    None => 1,
+                    Some(v) => v
+                        .as_slice()
+                        .try_into()
+                        .map(u32::from_be_bytes)
+                        .map_err(|_| db.corrupt("next disk id is not 4 bytes"))?,
+                };
+                db.put_sync(NEXT_ID, &(id + 1).to_be_bytes())?;
+                let rec = DiskRecord {
+                    id,
+                    name: name.to_string(),
+                    geometry,
+                    seeded_digest: None,
+                };
+                self.put_disk(&rec)?;
+                rec
+            }
+        };
+        Replica::open(self.clone(), rec)
+    }
+
+    /// Opens disk `name`, which must exist.
+    pub fn replica(&self, name: &str) -> Result<Replica> {
+        let rec = self.disk(name)?.ok_or_else(|| StoreError::UnknownDisk {
+            name: name.to_string(),
+            path: self.inner.dir.clone(),
+        })?;
+        Replica::open(self.clone(), rec)
+    }
+
+    /// Where content `hash` is held durably, if anywhere.
+    pub fn find_content(&self, hash: &ChunkHash) -> Result<Option<(u32, u64)>> {
+        let db = self.db();
+        let iter = db.db.iterator_cf(
+            db.cf(CONTENT),
+            rocksdb::IteratorMode::From(&hash.0, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item.map_err(|e| db.err(e))?;
+            if k.len() != 44 || k[..32] != hash.0 {
+                break;
+            }
+            // Invariant: the slices are exactly 4 and 8 bytes (length checked above).
+            let id = u32::from_be_bytes(k[32..36].try_into().expect("4 bytes"));
+            let index = u64::from_be_bytes(k[36..44].try_into().expect("8 bytes"));
+            return Ok(Some((id, index)));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,326 @@
+//! The link emulator: a TCP proxy that adds one-way delay and shapes bandwidth per direction.
+//!
+//! Each direction models a serial link: a segment read at time t starts transmitting when the
+//! link is free, occupies it for len/bandwidth, and is delivered one-way-delay later. The bytes
+//! on the wire plus a queue are bounded, so a sender that outruns the link is held back by TCP,
+//! as it would be behind a real bottleneck.
+
+use crate::Rate;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+const SEGMENT: usize = 64 * 1024;
+
+/// What the emulated link looks like.
+#[derive(Clone, Debug, Default)]
+pub struct LinkSpec {
+    /// Round-trip time; each direction adds half.
+    pub rtt: Duration,
+    /// Bandwidth of each direction; `None` for unlimited.
+    pub bandwidth: Option<Rate>,
+    /// Flip one byte in every Nth segment towards the client (for corruption tests).
+    pub corrupt_every: Option<u64>,
+}
+
+/// Bytes forwarded so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// From client to target.
+    pub to_target: u64,
+    /// From target to client.
+    pub to_client: u64,
+    /// Connections accepted.
+    pub connections: u64,
+}
+
+struct Shared {
+    spec: LinkSpec,
+    target: String,
+    up: AtomicBool,
+    conns: Mutex<Vec<AbortHandle>>,
+    to_target: AtomicU64,
+    to_client: AtomicU64,
+    connections: AtomicU64,
+    segments_to_client: AtomicU64,
+}
+
+/// A running link emulator. Dropping it stops it and cuts its connections.
+pub struct Link {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: AbortHandle,
+}
+
+impl Link {
+    /// Listens on `listen` and forwards every connection to `target` through the emulated link.
+    pub async fn start(listen: &str, target: &str, spec: LinkSpec) -> io::Result<Link> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            spec,
+            target: target.to_string(),
+            up: AtomicBool::new(true),
+            conns: Mutex::new(Vec::new()),
+            to_target: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            segments_to_client: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    // Out of descriptors or similar: back off rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if !s.up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                s.connections.fetch_add(1, Ordering::Relaxed);
+                let task = tokio::spawn(forward(s.clone(), client));
+                let mut conns = s.conns.lock().unwrap_or_else(|p| p.into_inner());
+                conns.retain(|h| !h.is_finished());
+                conns.push(task.abort_handle());
+            }
+        })
+        .abort_handle();
+        Ok(Link {
+            addr,
+            shared,
+            accept,
+        })
+    }
+
+    /// The address clients should dial.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drops every connection now (a lost link); new connections are still accepted.
+    pub fn cut(&self) {
+        let conns =
+            std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in conns {
+            c.abort();
+        }
+    }
+
+    /// Takes the link down (cutting all connections and refusing new ones) or brings it back.
+    pub fn set_up(&self, up: bool) {
+        self.shared.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.cut();
+        }
+    }
+
+    /// Bytes forwarded so far.
+    pub fn stats(&self) -> LinkStats {
+        LinkStats {
+            to_target: self.shared.to_target.load(Ordering::Relaxed),
+            to_client: self.shared.to_client.load(Ordering::Relaxed),
+            connections: self.shared.connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+async fn forward(shared: Arc<Shared>, client: TcpStream) {
+    let Ok(target) = TcpStream::connect(&shared.target).await else {
+        tracing::debug!(target = %shared.target, "link: target unreachable, dropping client");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = target.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (tr, tw) = target.into_split();
+    let up = direction(shared.clone(), cr, tw, false);
+    let down = direction(shared, tr, cw, true);
+    tokio::join!(up, down);
+}
+
+async fn direction(
+    shared: Arc<Shared>,
+    mut rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
+    to_client: bool,
+) {
+    let spec = &shared.spec;
+    let one_way = spec.rtt / 2;
+    let bytes_per_sec = spec.bandwidth.map(|r| r.bytes_per_sec() as f64);
+    // Room for what is on the wire (bandwidth x delay) plus as much again of queue.
+    let capacity = match bytes_per_sec {
+        Some(bw) => ((bw * one_way.as_secs_f64() * 2.0) as usize).max(4 * SEGMENT),
+        None => 16 << 20,
+    };
+    let budget = Arc::new(Semaphore::new(capacity));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, usize)>();
+
+    let reader = {
+        let shared = shared.clone();
+        let budget = budget.clone();
+        async move {
+            let mut link_free = Instant::now();
+            loop {
+                let mut buf = vec![0u8; SEGMENT];
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                buf.truncate(n);
+                let permits = n.min(capacity);
+                let Ok(p) = budget.acquire_many(permits as u32).await else {
+                    break;
+                };
+                p.forget();
+                let now = Instant::now();
+                let start = link_free.max(now);
+                let tx_time = bytes_per_sec
+                    .map_or(Duration::ZERO, |bw| Duration::from_secs_f64(n as f64 / bw));
+                link_free = start + tx_time;
+                if to_client {
+                    if let Some(every) = shared.spec.corrupt_every {
+                        if n >= 1024
+                            && shared.segments_to_client.fetch_add(1, Ordering::Relaxed) % every
+                                == every - 1
+                        {
+                            buf[n / 2] ^= 0x5a;
+                        }
+                    }
+                }
+                if tx.send((link_free + one_way, buf, permits)).is_err() {
+                    break;
+                }
+            }
+        }
+    };
+    let writer = {
+        let shared = shared.clone();
+        async move {
+            while let Some((deliver, buf, permits)) = rx.recv().await {
+                tokio::time::sleep_until(deliver).await;
+                if wr.write_all(&buf).await.is_err() {
+                    return;
+                }
+                let counter = if to_client {
+                    &shared.to_client
+                } else {
+                    &shared.to_target
+                };
+                counter.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                budget.add_permits(permits);
+            }
+            let _ = wr.shutdown().await;
+        }
+    };
+    tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn round_trip_takes_the_rtt() {
+        let echo = echo_server().await;
+        let link = Link::start(
+            "127.0.0.1:0",
+            &echo.to_string(),
+            LinkSpec {
+                rtt: Duration::from_millis(60),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut s = TcpStream::connect(link.local_addr()).await.unwrap();
+        let start = std::time::Instant::now();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        let ms = start.elapsed().as_millis();
+        assert!((58..200).contains(&ms), "rtt {ms} ms");
+    }
+
+    #[tokio::test]
+    async fn bandwidth_is_shaped() {
+        let echo = echo_server().await;
+        let spec = LinkSpec {
+            rtt: Duration::from_millis(2),
+            bandwidth: Some(Rate(4_000_000)),
+            corrupt_every: None,
+        };
+        let link = Link::start("127.0.0.1:0", &echo.to_string(), spec)
+            .await
+            .unwrap();
+        let s = TcpStream::connect(link.local_addr()).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let start = std::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            w.write_all(&vec![7u8; 2_000_000]).await.unwrap();
+        });
+        let mut got = vec![0u8; 2_000_000];
+        r.read_exact(&mut got).await.unwrap();
+        sender.await.unwrap();
+        // 2 MB each way over 4 MB/s links in series: at least 0.5 s.
+        let secs = start.elapsed().as_secs_f64();
+        assert!((0.45..2.0).contains(&secs), "took {secs}s");
+        assert_eq!(link.stats().to_target, 2_000_000);
+    }
+
+    #[tokio::test]
+    async fn cut_drops_live_connections_and_down_refuses_new() {
+        let echo = echo_server().await;
+        let link = Link::start("127.0.0.1:0", &echo.to_string(), LinkSpec::default())
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(link.local_addr()).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        link.set_up(false);
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "connection survived the cut: {r:?}"
+        );
+        let mut s2 = TcpStream::connect(link.local_addr()).await.unwrap();
+        let _ = s2.write_all(b"y").await;
+        let r2 = tokio::time::timeout(Duration::from_secs(2), s2.read(&mut b)).await;
+        assert!(
+            matches!(r2, Ok(Ok(0)) | Ok(Err(_))),
+            "down link served a connection"
+        );
+    }
+}
