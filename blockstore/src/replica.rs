@@ -177,6 +177,11 @@ pub struct ChunkWriter {
 }
 
 impl ChunkWriter {
+    /// The replica written to.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
     /// The state of chunk `index` as this writer knows it (including uncommitted chunks).
     pub fn state(&self, index: u64) -> Option<ChunkState> {
         self.known.get(index as usize).copied().flatten()
@@ -311,7 +316,12 @@ impl ChunkWriter {
 fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use nix::fcntl::{fallocate, FallocateFlags};
     let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    match fallocate(std::os::fd::AsRawFd::as_raw_fd(file), flags, offset as i64, len as i64) {
+    match fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(file),
+        flags,
+        offset as i64,
+        len as i64,
+    ) {
         Ok(()) => Ok(()),
         // A filesystem without hole punching still reads zeros if we write them.
         Err(_) => file.write_all_at(&vec![0u8; len as usize], offset),

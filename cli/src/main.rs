@@ -1,1 +1,86 @@
-fn main() {}
+//! `helio`: the heliotrope command. Each subcommand lives in its own module under `cmd/`.
+
+mod cmd;
+mod progress;
+mod sample;
+mod units;
+
+use clap::{Parser, Subcommand};
+
+/// Move virtual machines between datacenters over a WAN with almost no downtime.
+#[derive(Parser)]
+#[command(name = "helio", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve disks to destination agents (the replication source).
+    Source(cmd::source::Args),
+    /// Replicate a disk from a source agent into a local store (pre-seeding).
+    Seed(cmd::seed::Args),
+    /// Write a replica out as a raw (sparse) image.
+    Materialize(cmd::materialize::Args),
+    /// Re-hash a replica, optionally comparing it with an image; non-zero exit on any mismatch.
+    Verify(cmd::verify::Args),
+    /// Certificates for mutual TLS between agents.
+    #[command(subcommand)]
+    Pki(cmd::pki::Command),
+    /// Emulate a WAN link (latency, bandwidth) in front of a TCP service.
+    WanProxy(cmd::wan_proxy::Args),
+    /// Generate a sample disk image (random, zero and text regions) for tests and benchmarks.
+    SampleImage(cmd::sample_image::Args),
+    /// Run the built-in demonstration end to end.
+    Demo(cmd::demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The demo narrates on stdout; agents' routine logs would drown it.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HELIO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("helio: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Source(a) => cmd::source::run(a).await,
+            Command::Seed(a) => cmd::seed::run(a).await,
+            Command::Materialize(a) => cmd::materialize::run(a),
+            Command::Verify(a) => cmd::verify::run(a),
+            Command::Pki(c) => cmd::pki::run(c),
+            Command::WanProxy(a) => cmd::wan_proxy::run(a).await,
+            Command::SampleImage(a) => cmd::sample_image::run(a),
+            Command::Demo(a) => cmd::demo::run(a).await,
+        }
+    });
+    // Background tasks (accept loops, link pipes) must not keep the process alive.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("helio: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

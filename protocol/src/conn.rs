@@ -249,6 +249,10 @@ where
             peer: peer.to_string(),
             detail: e.to_string(),
         }),
+        // A TLS peer that goes away without close_notify has simply disconnected.
+        Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ConnError::Closed {
+            peer: peer.to_string(),
+        }),
         Some(Err(source)) => Err(ConnError::Io {
             peer: peer.to_string(),
             source,

@@ -51,6 +51,43 @@ struct Shared {
     to_client: AtomicU64,
     connections: AtomicU64,
     segments_to_client: AtomicU64,
+    /// One serial link per direction, shared by every connection: [to target, to client].
+    wires: [Wire; 2],
+}
+
+/// One direction of the link: when it is next free, and room for bytes on it and queued.
+struct Wire {
+    free_at: Mutex<Instant>,
+    budget: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl Wire {
+    fn new(spec: &LinkSpec) -> Wire {
+        let one_way = spec.rtt / 2;
+        // Room for what is on the wire (bandwidth x delay) plus as much again of queue.
+        let capacity = match spec.bandwidth {
+            Some(bw) => ((bw.bytes_per_sec() as f64 * one_way.as_secs_f64() * 2.0) as usize)
+                .max(4 * SEGMENT),
+            None => 16 << 20,
+        };
+        Wire {
+            free_at: Mutex::new(Instant::now()),
+            budget: Arc::new(Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// Books `n` bytes on the wire; returns when they finish arriving at the far end.
+    fn book(&self, n: usize, spec: &LinkSpec) -> Instant {
+        let tx_time = spec.bandwidth.map_or(Duration::ZERO, |bw| {
+            Duration::from_secs_f64(n as f64 / bw.bytes_per_sec() as f64)
+        });
+        let mut free = self.free_at.lock().unwrap_or_else(|p| p.into_inner());
+        let start = (*free).max(Instant::now());
+        *free = start + tx_time;
+        *free + spec.rtt / 2
+    }
 }
 
 /// A running link emulator. Dropping it stops it and cuts its connections.
@@ -66,7 +103,6 @@ impl Link {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            spec,
             target: target.to_string(),
             up: AtomicBool::new(true),
             conns: Mutex::new(Vec::new()),
@@ -74,6 +110,8 @@ impl Link {
             to_client: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             segments_to_client: AtomicU64::new(0),
+            wires: [Wire::new(&spec), Wire::new(&spec)],
+            spec,
         });
         let s = shared.clone();
         let accept = tokio::spawn(async move {
@@ -161,22 +199,11 @@ async fn direction(
     mut wr: OwnedWriteHalf,
     to_client: bool,
 ) {
-    let spec = &shared.spec;
-    let one_way = spec.rtt / 2;
-    let bytes_per_sec = spec.bandwidth.map(|r| r.bytes_per_sec() as f64);
-    // Room for what is on the wire (bandwidth x delay) plus as much again of queue.
-    let capacity = match bytes_per_sec {
-        Some(bw) => ((bw * one_way.as_secs_f64() * 2.0) as usize).max(4 * SEGMENT),
-        None => 16 << 20,
-    };
-    let budget = Arc::new(Semaphore::new(capacity));
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, usize)>();
-
     let reader = {
         let shared = shared.clone();
-        let budget = budget.clone();
         async move {
-            let mut link_free = Instant::now();
+            let wire = &shared.wires[usize::from(to_client)];
             loop {
                 let mut buf = vec![0u8; SEGMENT];
                 let n = match rd.read(&mut buf).await {
@@ -184,16 +211,14 @@ async fn direction(
                     Ok(n) => n,
                 };
                 buf.truncate(n);
-                let permits = n.min(capacity);
-                let Ok(p) = budget.acquire_many(permits as u32).await else {
+                // The queue is bounded: a sender that outruns the link waits here, as behind a
+                // real bottleneck, and TCP pushes back on it.
+                let permits = n.min(wire.capacity);
+                let Ok(p) = wire.budget.acquire_many(permits as u32).await else {
                     break;
                 };
                 p.forget();
-                let now = Instant::now();
-                let start = link_free.max(now);
-                let tx_time = bytes_per_sec
-                    .map_or(Duration::ZERO, |bw| Duration::from_secs_f64(n as f64 / bw));
-                link_free = start + tx_time;
+                let deliver = wire.book(n, &shared.spec);
                 if to_client {
                     if let Some(every) = shared.spec.corrupt_every {
                         if n >= 1024
@@ -204,7 +229,7 @@ async fn direction(
                         }
                     }
                 }
-                if tx.send((link_free + one_way, buf, permits)).is_err() {
+                if tx.send((deliver, buf, permits)).is_err() {
                     break;
                 }
             }
@@ -213,9 +238,16 @@ async fn direction(
     let writer = {
         let shared = shared.clone();
         async move {
+            let wire = &shared.wires[usize::from(to_client)];
             while let Some((deliver, buf, permits)) = rx.recv().await {
                 tokio::time::sleep_until(deliver).await;
-                if wr.write_all(&buf).await.is_err() {
+                let ok = wr.write_all(&buf).await.is_ok();
+                wire.budget.add_permits(permits);
+                if !ok {
+                    // Return the budget of segments that will never be written.
+                    while let Ok((_, _, p)) = rx.try_recv() {
+                        wire.budget.add_permits(p);
+                    }
                     return;
                 }
                 let counter = if to_client {
@@ -224,7 +256,6 @@ async fn direction(
                     &shared.to_target
                 };
                 counter.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                budget.add_permits(permits);
             }
             let _ = wr.shutdown().await;
         }

@@ -1,0 +1,41 @@
+//! One module per subcommand.
+
+pub mod demo;
+pub mod materialize;
+pub mod pki;
+pub mod sample_image;
+pub mod seed;
+pub mod source;
+pub mod verify;
+pub mod wan_proxy;
+
+use std::path::Path;
+
+/// Loads TLS client material from `--tls DIR`, if given.
+pub fn tls_client(dir: Option<&Path>) -> anyhow::Result<Option<protocol::tls::TlsClient>> {
+    dir.map(protocol::tls::TlsClient::load)
+        .transpose()
+        .map_err(Into::into)
+}
+
+/// Loads TLS server material from `--tls DIR`, if given.
+pub fn tls_server(dir: Option<&Path>) -> anyhow::Result<Option<protocol::tls::TlsServer>> {
+    dir.map(protocol::tls::TlsServer::load)
+        .transpose()
+        .map_err(Into::into)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,42 @@
+//! `helio pki`: a CA for agents, and certificates issued from it.
+
+use std::path::PathBuf;
+
+/// `helio pki` subcommands.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Create a CA in DIR (ca.pem, ca-key.pem).
+    Init {
+        /// Directory for the CA.
+        dir: PathBuf,
+    },
+    /// Issue an agent certificate (cert.pem, key.pem, ca.pem) into --out.
+    Issue {
+        /// The CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The agent's name (also a DNS name in the certificate).
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra host names or IP addresses the certificate is valid for.
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+pub fn run(c: Command) -> anyhow::Result<i32> {
+    match c {
+        Command::Init { dir } => {
+            protocol::pki::init_ca(&dir)?;
+            println!("CA created in {}", dir.display());
+        }
+        Command::Issue { ca, name, out, san } => {
+            protocol::pki::issue(&ca, &name, &out, &san)?;
+            println!("certificate for {name} written to {}", out.display());
+        }
+    }
+    Ok(0)
+}

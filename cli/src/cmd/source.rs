@@ -1,0 +1,111 @@
+//! `helio source`: serve disks to destination agents.
+
+use crate::progress::bytes_bar;
+use crate::units::{check_name, parse_size};
+use anyhow::{bail, Context};
+use blockstore::{catalog::ManifestOrigin, Catalog, Image};
+use protocol::Geometry;
+use server::{Acceptor, Source, SourceDisk};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Arguments of `helio source`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A raw image file or block device to serve (repeat with --name for several disks).
+    #[arg(long, required = true)]
+    image: Vec<PathBuf>,
+    /// The name destinations use for the disk of the --image at the same position.
+    #[arg(long, required = true)]
+    name: Vec<String>,
+    /// Address to listen on (HOST:PORT); plain TCP only on loopback.
+    #[arg(long)]
+    listen: String,
+    /// Directory for the source's state (manifests, in RocksDB).
+    #[arg(long)]
+    state: PathBuf,
+    /// Directory with cert.pem, key.pem and ca.pem (from `helio pki issue`).
+    #[arg(long)]
+    tls: Option<PathBuf>,
+    /// Chunk size, a power of two from 4KiB to 1MiB.
+    #[arg(long, default_value = "64KiB")]
+    chunk_size: String,
+    /// zstd level for chunks on the wire (negative levels are faster still).
+    #[arg(long, default_value_t = protocol::codec::DEFAULT_LEVEL, allow_hyphen_values = true)]
+    compress_level: i32,
+}
+
+/// Opens each image and gets its manifest from the catalog (scanning with a progress bar).
+pub fn load_disks(
+    state: &Path,
+    images: &[(PathBuf, String)],
+    chunk_size: u64,
+) -> anyhow::Result<Vec<SourceDisk>> {
+    let catalog = Catalog::open(state)
+        .with_context(|| format!("cannot open source state {}", state.display()))?;
+    let mut disks = Vec::new();
+    for (path, name) in images {
+        check_name(name)?;
+        let image = Image::open(path)?;
+        let geometry = Geometry::new(image.size(), chunk_size)?;
+        let bar = bytes_bar(image.size(), "scan");
+        bar.set_message(name.clone());
+        let (manifest, origin) = catalog.manifest(name, &image, &geometry, &|n| bar.inc(n))?;
+        bar.finish_and_clear();
+        let zero = manifest
+            .iter()
+            .filter(|e| matches!(e, protocol::ChunkEntry::Zero))
+            .count();
+        tracing::info!(
+            disk = %name, image = %path.display(), chunks = manifest.len(), zero,
+            manifest = if origin == ManifestOrigin::Reused { "reused" } else { "scanned" },
+            "serving disk"
+        );
+        let digest = blockstore::scan::digest(&manifest);
+        disks.push(SourceDisk {
+            name: name.clone(),
+            image,
+            geometry,
+            manifest,
+            digest,
+        });
+    }
+    Ok(disks)
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    if a.image.len() != a.name.len() {
+        bail!(
+            "give one --name for each --image ({} images, {} names)",
+            a.image.len(),
+            a.name.len()
+        );
+    }
+    let chunk_size = parse_size(&a.chunk_size)?;
+    let pairs: Vec<_> = a
+        .image
+        .iter()
+        .cloned()
+        .zip(a.name.iter().cloned())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (_, n) in &pairs {
+        if !seen.insert(n) {
+            bail!("disk name {n:?} is given twice");
+        }
+    }
+    let tls = super::tls_server(a.tls.as_deref())?;
+    let state = a.state.clone();
+    let disks =
+        tokio::task::spawn_blocking(move || load_disks(&state, &pairs, chunk_size)).await??;
+    let acceptor = Acceptor::bind(&a.listen, tls).await?;
+    let addr = acceptor.local_addr()?;
+    let source = Source::new(disks, "helio-source", a.compress_level);
+    // Scripts and tests wait for this line to learn the bound port.
+    println!("listening on {addr}");
+    let serve = tokio::spawn(Arc::clone(&source).serve(acceptor));
+    super::interrupted().await;
+    serve.abort();
+    tracing::info!("source stopped");
+    Ok(0)
+}

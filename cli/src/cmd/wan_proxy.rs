@@ -1,0 +1,48 @@
+//! `helio wan-proxy`: put an emulated WAN link in front of a TCP service.
+
+use std::time::Duration;
+use wan::{Link, LinkSpec, Rate};
+
+/// Arguments of `helio wan-proxy`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on (HOST:PORT).
+    #[arg(long)]
+    listen: String,
+    /// Address to forward to (HOST:PORT).
+    #[arg(long)]
+    to: String,
+    /// Round-trip time added (half in each direction), e.g. 80ms.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    rtt: Duration,
+    /// Bandwidth of each direction, e.g. 100Mbit; unlimited if absent.
+    #[arg(long)]
+    bandwidth: Option<Rate>,
+    /// Flip one byte in every Nth segment towards the client (to test corruption handling).
+    #[arg(long, hide = true)]
+    corrupt_every: Option<u64>,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    let spec = LinkSpec {
+        rtt: a.rtt,
+        bandwidth: a.bandwidth,
+        corrupt_every: a.corrupt_every,
+    };
+    let link = Link::start(&a.listen, &a.to, spec).await?;
+    println!("listening on {}", link.local_addr());
+    tracing::info!(
+        to = %a.to, rtt = ?a.rtt,
+        bandwidth = %a.bandwidth.map_or("unlimited".to_string(), |r| r.to_string()),
+        "emulating WAN link"
+    );
+    super::interrupted().await;
+    let s = link.stats();
+    tracing::info!(
+        to_target = s.to_target,
+        to_client = s.to_client,
+        connections = s.connections,
+        "link stopped"
+    );
+    Ok(0)
+}

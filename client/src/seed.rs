@@ -1,0 +1,627 @@
+//! `helio seed`: replicate a disk from a source agent into the local store.
+//!
+//! 1. Plan against the store: zero chunks are recorded without a transfer, chunks already present
+//!    with the right content are kept, content held by any disk of the store is copied locally,
+//!    and each distinct remaining content is fetched once (its duplicates are copied after it lands).
+//! 2. Fetch over `streams` connections, each keeping a window of requests in flight.
+//! 3. Verify every chunk (blake3 of the decoded bytes against the hash the source read) and hand it
+//!    to one writer thread, which makes chunks durable in batches ([`blockstore::ChunkWriter`]).
+//!
+//! Anything not committed when the process dies is simply fetched by the next run.
+
+use crate::session::{fetch_manifest, Peer, SessionError};
+use crate::window::Window;
+use blockstore::{ChunkState, ChunkWriter, Replica, Store, StoreError};
+use protocol::{codec, ChunkEntry, ChunkHash, ConnError, Encoding, Frame, Geometry, Message};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use wan::{Rate, TokenBucket};
+
+/// A chunk that fails verification this many times ends the seed.
+const MAX_MISMATCHES: u32 = 3;
+
+/// What to seed and how.
+#[derive(Clone)]
+pub struct SeedOptions {
+    /// The source agent.
+    pub peer: Peer,
+    /// The disk's name.
+    pub name: String,
+    /// Cap on the WAN rate.
+    pub bandwidth: Option<Rate>,
+    /// Parallel connections.
+    pub streams: usize,
+    /// Reconnection attempts per stream before giving up on the source.
+    pub retries: u32,
+}
+
+/// Live counters, for a progress bar.
+#[derive(Debug, Default)]
+pub struct SeedProgress {
+    /// Disk size.
+    pub logical_total: AtomicU64,
+    /// Bytes accounted for (present, zero, copied or fetched).
+    pub logical_done: AtomicU64,
+    /// Bytes received from the network (payloads and headers).
+    pub wire_bytes: AtomicU64,
+    /// Chunks in the disk.
+    pub chunks_total: AtomicU64,
+    /// Chunks fetched over the network.
+    pub chunks_fetched: AtomicU64,
+    /// Chunks copied from content already in the store.
+    pub chunks_deduplicated: AtomicU64,
+    /// Zero chunks.
+    pub chunks_zero: AtomicU64,
+    /// Chunks already present from an earlier run.
+    pub chunks_present: AtomicU64,
+    /// Chunks fetched again after failing verification.
+    pub chunks_refetched: AtomicU64,
+    /// Chunks whose content differed from the manifest (image written during the seed).
+    pub chunks_changed: AtomicU64,
+}
+
+/// The outcome of a seed; `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedReport {
+    /// The disk's name.
+    pub disk: String,
+    /// Disk size in bytes.
+    pub logical_bytes: u64,
+    /// Bytes received over the network.
+    pub wire_bytes: u64,
+    /// Chunks in the disk.
+    pub chunks_total: u64,
+    /// Chunks fetched over the network.
+    pub chunks_fetched: u64,
+    /// Chunks copied locally from content already held.
+    pub chunks_deduplicated: u64,
+    /// Zero chunks (never stored, never sent).
+    pub chunks_zero: u64,
+    /// Chunks already present from an earlier run.
+    pub chunks_present: u64,
+    /// Chunks fetched again after failing verification.
+    pub chunks_refetched: u64,
+    /// Chunks whose content changed at the source since its manifest was built.
+    pub chunks_changed: u64,
+    /// Wall time.
+    pub elapsed_s: f64,
+}
+
+/// Why a seed failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// Talking to the source failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The source stayed unreachable.
+    #[error("lost the source: {0} (progress is kept; run the same command again to resume)")]
+    SourceLost(ConnError),
+    /// A chunk kept failing verification.
+    #[error("chunk {index} of {disk:?} failed verification {attempts} times: the link or the source corrupts data")]
+    Corrupt {
+        /// The disk.
+        disk: String,
+        /// The chunk.
+        index: u64,
+        /// How many times.
+        attempts: u32,
+    },
+    /// The source's manifest changed under us.
+    #[error("the source's manifest of {0:?} changed during the seed (its image was modified or rescanned); run the seed again")]
+    ManifestChanged(String),
+    /// Interrupted by the operator.
+    #[error("interrupted; progress is kept, run the same command again to resume")]
+    Interrupted,
+}
+
+enum Landing {
+    Data {
+        index: u64,
+        hash: ChunkHash,
+        data: Vec<u8>,
+        dups: Vec<u64>,
+    },
+    Zero {
+        index: u64,
+    },
+}
+
+struct Shared {
+    name: String,
+    geometry: Geometry,
+    digest: ChunkHash,
+    manifest: Vec<ChunkEntry>,
+    queue: Mutex<VecDeque<u64>>,
+    remaining: AtomicUsize,
+    dups: Mutex<HashMap<u64, Vec<u64>>>,
+    mismatches: Mutex<HashMap<u64, u32>>,
+    progress: Arc<SeedProgress>,
+    bucket: Option<TokenBucket>,
+    landing: mpsc::Sender<Landing>,
+    cancel: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a stream task panicked; its state is still consistent for us.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Seeds `opts.name` into `store`. `progress` is updated as it goes; `cancel` stops it cleanly.
+pub async fn seed(
+    store: &Store,
+    opts: SeedOptions,
+    progress: Arc<SeedProgress>,
+    cancel: CancellationToken,
+) -> Result<SeedReport, SeedError> {
+    let started = Instant::now();
+    let (mut conn, info) = opts.peer.open(&opts.name).await?;
+    let manifest = fetch_manifest(&mut conn, &info).await?;
+    drop(conn);
+    let g = info.geometry;
+    progress.logical_total.store(g.size, Ordering::Relaxed);
+    progress
+        .chunks_total
+        .store(g.chunk_count(), Ordering::Relaxed);
+
+    let replica = store.open_or_create(&opts.name, g)?;
+    let (writer, fetch, dups) = {
+        let (replica, manifest, progress) = (replica.clone(), manifest.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || plan(&replica, &manifest, &progress))
+            .await
+            .map_err(|e| StoreError::Corrupt {
+                path: store.dir().to_path_buf(),
+                detail: format!("planning task failed: {e}"),
+            })??
+    };
+    tracing::info!(disk = %opts.name, to_fetch = fetch.len(), "plan ready");
+
+    let (landing_tx, landing_rx) = mpsc::channel(64);
+    let writer_thread = {
+        let progress = progress.clone();
+        std::thread::spawn(move || land(writer, landing_rx, &progress))
+    };
+    let shared = Arc::new(Shared {
+        name: opts.name.clone(),
+        geometry: g,
+        digest: info.manifest_digest,
+        manifest,
+        remaining: AtomicUsize::new(fetch.len()),
+        queue: Mutex::new(fetch.into()),
+        dups: Mutex::new(dups),
+        mismatches: Mutex::new(HashMap::new()),
+        progress: progress.clone(),
+        bucket: opts.bandwidth.map(TokenBucket::new),
+        landing: landing_tx,
+        cancel: cancel.child_token(),
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..opts.streams.max(1) {
+        let (shared, peer, retries) = (shared.clone(), opts.peer.clone(), opts.retries);
+        tasks.spawn(async move { run_stream(&shared, &peer, retries, n).await });
+    }
+    let mut failure: Option<SeedError> = None;
+    while let Some(res) = tasks.join_next().await {
+        let res = res.unwrap_or_else(|e| {
+            Err(SeedError::SourceLost(ConnError::Closed {
+                peer: format!("stream task: {e}"),
+            }))
+        });
+        if let Err(e) = res {
+            let fatal = !matches!(e, SeedError::SourceLost(_));
+            if fatal {
+                shared.cancel.cancel();
+            }
+            if failure.is_none() || fatal {
+                failure = Some(e);
+            }
+        }
+    }
+    let remaining = shared.remaining.load(Ordering::SeqCst);
+    drop(shared); // closes the landing channel: the writer commits and ends
+    let writer_result = writer_thread.join().unwrap_or_else(|_| {
+        Err(StoreError::Corrupt {
+            path: store.dir().to_path_buf(),
+            detail: "writer thread panicked".into(),
+        })
+    });
+    let mut replica = writer_result?;
+    if remaining > 0 || cancel.is_cancelled() {
+        return Err(failure.unwrap_or(SeedError::Interrupted));
+    }
+    replica.mark_seeded(info.manifest_digest)?;
+    let p = &progress;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Ok(SeedReport {
+        disk: opts.name,
+        logical_bytes: g.size,
+        wire_bytes: get(&p.wire_bytes),
+        chunks_total: g.chunk_count(),
+        chunks_fetched: get(&p.chunks_fetched),
+        chunks_deduplicated: get(&p.chunks_deduplicated),
+        chunks_zero: get(&p.chunks_zero),
+        chunks_present: get(&p.chunks_present),
+        chunks_refetched: get(&p.chunks_refetched),
+        chunks_changed: get(&p.chunks_changed),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+type Plan = (ChunkWriter, Vec<u64>, HashMap<u64, Vec<u64>>);
+
+fn plan(
+    replica: &Replica,
+    manifest: &[ChunkEntry],
+    progress: &SeedProgress,
+) -> Result<Plan, StoreError> {
+    let g = replica.geometry();
+    let mut w = replica.writer()?;
+    let store = replica.store().clone();
+    let mut fetch = Vec::new();
+    let mut first_of: HashMap<ChunkHash, u64> = HashMap::new();
+    let mut dups: HashMap<u64, Vec<u64>> = HashMap::new();
+    let add = |a: &AtomicU64, n: u64| a.fetch_add(n, Ordering::Relaxed);
+    for (i, entry) in manifest.iter().enumerate() {
+        let index = i as u64;
+        let len = g.len(index) as u64;
+        match (*entry, w.state(index)) {
+            (ChunkEntry::Zero, Some(ChunkState::Zero)) | (ChunkEntry::Zero, None) => {
+                // A fresh replica file is sparse: recording the zero is all it takes.
+                if w.state(index).is_none() {
+                    w.put_zero(index)?;
+                }
+                add(&progress.chunks_zero, 1);
+                add(&progress.logical_done, len);
+            }
+            (ChunkEntry::Zero, Some(ChunkState::Data(_))) => {
+                w.put_zero(index)?;
+                add(&progress.chunks_zero, 1);
+                add(&progress.logical_done, len);
+            }
+            (ChunkEntry::Data(h), Some(ChunkState::Data(have))) if h == have => {
+                add(&progress.chunks_present, 1);
+                add(&progress.logical_done, len);
+            }
+            (ChunkEntry::Data(h), _) => {
+                if let Some(&first) = first_of.get(&h) {
+                    dups.entry(first).or_default().push(index);
+                    continue;
+                }
+                let copied = match store.find_content(&h)? {
+                    Some((src_id, src_index)) => w.copy_local(src_id, src_index, index, h)?,
+                    None => false,
+                };
+                if copied {
+                    add(&progress.chunks_deduplicated, 1);
+                    add(&progress.logical_done, len);
+                    first_of.insert(h, index);
+                } else {
+                    first_of.insert(h, index);
+                    fetch.push(index);
+                }
+            }
+        }
+        if w.commit_due() {
+            w.commit()?;
+        }
+    }
+    // Duplicates of content copied locally can be copied now too.
+    let own = replica.record().id;
+    dups.retain(|first, list| {
+        if fetch.binary_search(first).is_ok() {
+            return true;
+        }
+        list.retain(|&j| {
+            let ChunkEntry::Data(h) = manifest[j as usize] else {
+                return false;
+            };
+            match w.copy_local(own, *first, j, h) {
+                Ok(true) => {
+                    add(&progress.chunks_deduplicated, 1);
+                    add(&progress.logical_done, g.len(j) as u64);
+                    false
+                }
+                _ => true,
+            }
+        });
+        if !list.is_empty() {
+            // Could not copy (the local bytes failed their hash): fetch them instead.
+            fetch.extend(list.iter().copied());
+        }
+        false
+    });
+    w.commit()?;
+    Ok((w, fetch, dups))
+}
+
+fn land(
+    mut w: ChunkWriter,
+    mut rx: mpsc::Receiver<Landing>,
+    progress: &SeedProgress,
+) -> Result<Replica, StoreError> {
+    let add = |a: &AtomicU64, n: u64| a.fetch_add(n, Ordering::Relaxed);
+    let mut own: Option<u32> = None;
+    while let Some(landing) = rx.blocking_recv() {
+        match landing {
+            Landing::Zero { index } => w.put_zero(index)?,
+            Landing::Data {
+                index,
+                hash,
+                data,
+                dups,
+            } => {
+                w.put(index, hash, &data)?;
+                let id = *own.get_or_insert_with(|| w.replica().record().id);
+                for j in dups {
+                    if !w.copy_local(id, index, j, hash)? {
+                        return Err(StoreError::Corrupt {
+                            path: w.replica().data_path().clone(),
+                            detail: format!("chunk {index} did not read back as written"),
+                        });
+                    }
+                    add(&progress.chunks_deduplicated, 1);
+                    add(&progress.logical_done, data.len() as u64);
+                }
+            }
+        }
+        if w.commit_due() {
+            w.commit()?;
+        }
+    }
+    w.commit()?;
+    Ok(w.replica().clone())
+}
+
+enum PumpEnd {
+    Done,
+    Transient(ConnError, bool),
+    Fatal(SeedError),
+}
+
+async fn run_stream(shared: &Shared, peer: &Peer, retries: u32, n: usize) -> Result<(), SeedError> {
+    let mut failures = 0u32;
+    loop {
+        if shared.remaining.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        let end = match peer.open(&shared.name).await {
+            Ok((conn, info)) => {
+                if info.manifest_digest != shared.digest {
+                    return Err(SeedError::ManifestChanged(shared.name.clone()));
+                }
+                pump(shared, conn).await
+            }
+            Err(SessionError::Conn(e)) if e.is_transient() => PumpEnd::Transient(e, false),
+            Err(e) => return Err(e.into()),
+        };
+        match end {
+            PumpEnd::Done => return Ok(()),
+            PumpEnd::Fatal(e) => return Err(e),
+            PumpEnd::Transient(e, progressed) => {
+                failures = if progressed { 1 } else { failures + 1 };
+                if failures > retries {
+                    return Err(SeedError::SourceLost(e));
+                }
+                let backoff = Duration::from_millis(250 << failures.min(4));
+                tracing::warn!(stream = n, error = %e, retry_in = ?backoff, "stream lost the source; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shared.cancel.cancelled() => return Err(SeedError::Interrupted),
+                }
+            }
+        }
+    }
+}
+
+async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
+    let (mut reader, mut writer) = conn.split();
+    let cs = shared.geometry.chunk_size as u64;
+    let mut inflight: HashMap<u64, (u64, Instant)> = HashMap::new();
+    let mut window = Window::default();
+    let mut next_id = 0u64;
+    let mut since_adapt = 0u64;
+    let mut progressed = false;
+    let requeue = |inflight: &mut HashMap<u64, (u64, Instant)>| {
+        let mut q = lock(&shared.queue);
+        for (_, (index, _)) in inflight.drain() {
+            q.push_front(index);
+        }
+    };
+    loop {
+        let mut sent = false;
+        while (inflight.len() as u64 + 1) * cs <= window.bytes() {
+            let Some(index) = lock(&shared.queue).pop_front() else {
+                break;
+            };
+            next_id += 1;
+            if let Err(e) = writer
+                .feed(&Frame::new(Message::GetChunk { id: next_id, index }))
+                .await
+            {
+                lock(&shared.queue).push_front(index);
+                requeue(&mut inflight);
+                return PumpEnd::Transient(e, progressed);
+            }
+            inflight.insert(next_id, (index, Instant::now()));
+            sent = true;
+        }
+        if sent {
+            if let Err(e) = writer.flush().await {
+                requeue(&mut inflight);
+                return PumpEnd::Transient(e, progressed);
+            }
+        }
+        if inflight.is_empty() {
+            if shared.remaining.load(Ordering::SeqCst) == 0 {
+                return PumpEnd::Done;
+            }
+            // Another stream holds the last chunks; it may fail and hand them back.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                _ = shared.cancel.cancelled() => return PumpEnd::Fatal(SeedError::Interrupted),
+            }
+        }
+        let frame = tokio::select! {
+            f = reader.recv() => f,
+            _ = shared.cancel.cancelled() => {
+                requeue(&mut inflight);
+                return PumpEnd::Fatal(SeedError::Interrupted);
+            }
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                requeue(&mut inflight);
+                return PumpEnd::Transient(e, progressed);
+            }
+        };
+        let wire = frame.payload.len() as u64 + 48;
+        shared
+            .progress
+            .wire_bytes
+            .fetch_add(wire, Ordering::Relaxed);
+        match frame.msg {
+            Message::Chunk {
+                id,
+                index,
+                hash,
+                encoding,
+            } => {
+                let Some((want, sent_at)) = inflight.remove(&id) else {
+                    requeue(&mut inflight);
+                    return PumpEnd::Transient(
+                        ConnError::Malformed {
+                            peer: reader.peer().to_string(),
+                            detail: format!("reply to unknown request {id}"),
+                        },
+                        progressed,
+                    );
+                };
+                window.sample(sent_at.elapsed());
+                since_adapt += cs;
+                if since_adapt >= window.bytes() {
+                    window.adapt();
+                    since_adapt = 0;
+                }
+                if let Some(bucket) = &shared.bucket {
+                    bucket.take(wire).await;
+                }
+                if want != index {
+                    // The id was ours but the index is not what we asked: corruption in flight.
+                    if let Err(e) = mismatch(shared, want) {
+                        return PumpEnd::Fatal(e);
+                    }
+                    continue;
+                }
+                match deliver(shared, index, hash, encoding, &frame.payload).await {
+                    Ok(true) => progressed = true,
+                    Ok(false) => {}
+                    Err(e) => return PumpEnd::Fatal(e),
+                }
+            }
+            Message::Error { message, kind, .. } => {
+                return PumpEnd::Fatal(SeedError::Session(SessionError::Refused {
+                    peer: reader.peer().to_string(),
+                    kind,
+                    message,
+                }));
+            }
+            other => {
+                return PumpEnd::Fatal(SeedError::Session(SessionError::from_reply(
+                    reader.peer(),
+                    other,
+                )));
+            }
+        }
+    }
+}
+
+fn mismatch(shared: &Shared, index: u64) -> Result<(), SeedError> {
+    shared
+        .progress
+        .chunks_refetched
+        .fetch_add(1, Ordering::Relaxed);
+    let attempts = {
+        let mut m = lock(&shared.mismatches);
+        let a = m.entry(index).or_default();
+        *a += 1;
+        *a
+    };
+    tracing::warn!(disk = %shared.name, index, attempts, "chunk failed verification; fetching it again");
+    if attempts >= MAX_MISMATCHES {
+        return Err(SeedError::Corrupt {
+            disk: shared.name.clone(),
+            index,
+            attempts,
+        });
+    }
+    lock(&shared.queue).push_front(index);
+    Ok(())
+}
+
+/// Verifies and lands one chunk; `Ok(false)` when it failed verification and was requeued.
+async fn deliver(
+    shared: &Shared,
+    index: u64,
+    hash: ChunkHash,
+    encoding: Encoding,
+    payload: &[u8],
+) -> Result<bool, SeedError> {
+    let len = shared.geometry.len(index);
+    let data = match codec::decompress(encoding, payload, len) {
+        Ok(d) if encoding == Encoding::Zero || ChunkHash::of(&d) == hash => d,
+        _ => {
+            mismatch(shared, index)?;
+            return Ok(false);
+        }
+    };
+    let changed = match shared.manifest[index as usize] {
+        ChunkEntry::Data(h) => h != hash || encoding == Encoding::Zero,
+        ChunkEntry::Zero => encoding != Encoding::Zero,
+    };
+    let mut dups = lock(&shared.dups).remove(&index).unwrap_or_default();
+    if changed {
+        shared
+            .progress
+            .chunks_changed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(disk = %shared.name, index, "chunk changed at the source since its manifest; a later sync will catch up");
+        if !dups.is_empty() {
+            // Its duplicates were promised the manifest's content: fetch them themselves.
+            shared.remaining.fetch_add(dups.len(), Ordering::SeqCst);
+            lock(&shared.queue).extend(dups.drain(..));
+        }
+    }
+    let landing = if encoding == Encoding::Zero {
+        Landing::Zero { index }
+    } else {
+        Landing::Data {
+            index,
+            hash,
+            data,
+            dups,
+        }
+    };
+    if shared.landing.send(landing).await.is_err() {
+        // The writer stopped: its own error is reported by `seed`.
+        return Err(SeedError::Interrupted);
+    }
+    shared
+        .progress
+        .chunks_fetched
+        .fetch_add(1, Ordering::Relaxed);
+    shared
+        .progress
+        .logical_done
+        .fetch_add(len as u64, Ordering::Relaxed);
+    shared.remaining.fetch_sub(1, Ordering::SeqCst);
+    Ok(true)
+}

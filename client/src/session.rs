@@ -1,0 +1,123 @@
+//! One connection to a source agent, with a disk opened on it.
+
+use protocol::tls::TlsClient;
+use protocol::{connect, ChunkEntry, Conn, ConnError, DiskInfo, Frame, Message};
+
+/// How to reach a source agent.
+#[derive(Clone)]
+pub struct Peer {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// TLS material, if the link is secured.
+    pub tls: Option<TlsClient>,
+    /// Our name, sent in the hello.
+    pub agent: String,
+}
+
+/// What a source said instead of the expected reply.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Connection-level failure.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The source answered with an error.
+    #[error("source {peer} refused: {message}")]
+    Refused {
+        /// The source.
+        peer: String,
+        /// Its kind of error.
+        kind: protocol::ErrorKind,
+        /// Its message.
+        message: String,
+    },
+    /// The source answered with something unexpected.
+    #[error("source {peer} answered {what} out of protocol")]
+    Unexpected {
+        /// The source.
+        peer: String,
+        /// What came.
+        what: String,
+    },
+}
+
+impl SessionError {
+    pub(crate) fn from_reply(peer: &str, msg: Message) -> Self {
+        match msg {
+            Message::Error { kind, message, .. } => SessionError::Refused {
+                peer: peer.to_string(),
+                kind,
+                message,
+            },
+            other => SessionError::Unexpected {
+                peer: peer.to_string(),
+                what: format!("{other:?}").chars().take(80).collect(),
+            },
+        }
+    }
+}
+
+impl Peer {
+    /// Connects and opens `disk`.
+    pub async fn open(&self, disk: &str) -> Result<(Conn, DiskInfo), SessionError> {
+        let mut conn = connect(&self.addr, self.tls.as_ref(), &self.agent).await?;
+        conn.send(&Frame::new(Message::Open {
+            disk: disk.to_string(),
+        }))
+        .await?;
+        match conn.recv().await?.msg {
+            Message::Opened(info) => Ok((conn, info)),
+            other => Err(SessionError::from_reply(&self.addr, other)),
+        }
+    }
+}
+
+/// Fetches the whole manifest of the disk opened on `conn`, all pages requested at once.
+pub async fn fetch_manifest(
+    conn: &mut Conn,
+    info: &DiskInfo,
+) -> Result<Vec<ChunkEntry>, SessionError> {
+    let n = info.geometry.chunk_count();
+    let page = blockstore_page();
+    let pages = n.div_ceil(page);
+    for p in 0..pages {
+        conn.send(&Frame::new(Message::GetManifest {
+            id: p,
+            start: p * page,
+            count: page as u32,
+        }))
+        .await?;
+    }
+    let mut entries = vec![ChunkEntry::Zero; n as usize];
+    let peer = conn.peer().to_string();
+    for _ in 0..pages {
+        let frame = conn.recv().await?;
+        let Message::Manifest { start, count, .. } = frame.msg else {
+            return Err(SessionError::from_reply(&peer, frame.msg));
+        };
+        let bad = |what: &str| SessionError::Unexpected {
+            peer: peer.clone(),
+            what: format!("a manifest page that {what}"),
+        };
+        let raw = zstd::bulk::decompress(&frame.payload, count as usize * ChunkEntry::ENCODED_LEN)
+            .map_err(|_| bad("does not decompress"))?;
+        if raw.len() != count as usize * ChunkEntry::ENCODED_LEN || start + count as u64 > n {
+            return Err(bad("has the wrong size"));
+        }
+        for (i, e) in raw.chunks_exact(ChunkEntry::ENCODED_LEN).enumerate() {
+            entries[start as usize + i] =
+                ChunkEntry::decode(e).ok_or_else(|| bad("holds a malformed entry"))?;
+        }
+    }
+    if blockstore::scan::digest(&entries) != info.manifest_digest {
+        return Err(SessionError::Unexpected {
+            peer,
+            what: "a manifest that does not match its announced digest".into(),
+        });
+    }
+    Ok(entries)
+}
+
+fn blockstore_page() -> u64 {
+    // The source caps pages at this size; asking for more only wastes request ids.
+    32 * 1024
+}

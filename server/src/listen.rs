@@ -1,0 +1,79 @@
+//! Accepting agent connections: TLS when configured, and plain TCP only on loopback.
+
+use protocol::conn::Io;
+use protocol::tls::{is_loopback, TlsServer};
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Why an agent cannot listen.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Plain TCP on a reachable address.
+    #[error("refusing to listen on {0} without --tls: plain TCP is only allowed on loopback (make certificates with `helio pki`)")]
+    NeedsTls(String),
+    /// Bind failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A listening socket that yields authenticated byte streams.
+pub struct Acceptor {
+    listener: TcpListener,
+    tls: Option<TlsServer>,
+}
+
+impl Acceptor {
+    /// Binds `addr`; without `tls` only a loopback address is accepted.
+    pub async fn bind(addr: &str, tls: Option<TlsServer>) -> Result<Acceptor, ListenError> {
+        if tls.is_none() {
+            if !is_loopback(addr) {
+                return Err(ListenError::NeedsTls(addr.to_string()));
+            }
+            tracing::warn!(%addr, "listening without TLS: peers are not authenticated and data is not encrypted (loopback only)");
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ListenError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok(Acceptor { listener, tls })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Waits for the next TCP connection (the TLS handshake is left to [`Acceptor::secure`], so
+    /// that a slow peer cannot stall the accept loop).
+    pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, peer) = self.listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, peer))
+    }
+
+    /// Runs TLS on an accepted connection when configured; a refused peer is logged with the reason.
+    pub async fn secure(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Box<dyn Io>> {
+        match &self.tls {
+            None => Some(Box::new(tcp)),
+            Some(tls) => match tls.accept(tcp).await {
+                Ok(s) => Some(Box::new(s)),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "rejected peer: TLS handshake failed");
+                    None
+                }
+            },
+        }
+    }
+
+    /// A clone of the TLS configuration, for tasks that secure connections themselves.
+    pub fn tls(&self) -> Option<TlsServer> {
+        self.tls.clone()
+    }
+}

@@ -1,0 +1,304 @@
+//! The replication source: serves each disk's manifest and chunks.
+//!
+//! Every chunk is read, hashed and compressed when requested, and the hash sent is the hash of
+//! the bytes actually read. If the image changed since the manifest was built, the destination
+//! sees a chunk whose hash differs from the manifest's, never bytes mislabelled as old content.
+
+use crate::listen::Acceptor;
+use blockstore::Image;
+use bytes::Bytes;
+use protocol::codec;
+use protocol::conn::Io;
+use protocol::{
+    ChunkEntry, Conn, ConnError, DiskInfo, Encoding, ErrorKind, Frame, FrameWriter, Geometry,
+    Message,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Manifest entries per `Manifest` frame (about 1 MiB before compression).
+pub const MANIFEST_PAGE: u32 = 32 * 1024;
+/// Chunk reads in flight per connection.
+const READS_PER_CONN: usize = 32;
+
+/// A disk served by the source.
+pub struct SourceDisk {
+    /// Its name.
+    pub name: String,
+    /// The image.
+    pub image: Image,
+    /// Its geometry.
+    pub geometry: Geometry,
+    /// Its manifest.
+    pub manifest: Vec<ChunkEntry>,
+    /// blake3 over the manifest.
+    pub digest: protocol::ChunkHash,
+}
+
+impl SourceDisk {
+    /// What destinations are told about it.
+    pub fn info(&self) -> DiskInfo {
+        DiskInfo {
+            name: self.name.clone(),
+            geometry: self.geometry,
+            manifest_digest: self.digest,
+        }
+    }
+}
+
+/// The source agent.
+pub struct Source {
+    disks: HashMap<String, Arc<SourceDisk>>,
+    agent: String,
+    level: i32,
+    reads: Arc<Semaphore>,
+}
+
+impl Source {
+    /// A source serving `disks`, compressing at zstd `level`.
+    pub fn new(disks: Vec<SourceDisk>, agent: impl Into<String>, level: i32) -> Arc<Source> {
+        Arc::new(Source {
+            disks: disks
+                .into_iter()
+                .map(|d| (d.name.clone(), Arc::new(d)))
+                .collect(),
+            agent: agent.into(),
+            level,
+            // Reads hash and compress on blocking threads; more than a few per core only queues.
+            reads: Arc::new(Semaphore::new(
+                4 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
+        })
+    }
+
+    /// Serves connections until the task is dropped.
+    pub async fn serve(self: Arc<Self>, acceptor: Acceptor) {
+        let acceptor = Arc::new(acceptor);
+        loop {
+            let (tcp, peer) = match acceptor.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Some(io) = acceptor.secure(tcp, peer).await else {
+                    return;
+                };
+                if let Err(e) = this.session(io, peer.to_string()).await {
+                    match e {
+                        ConnError::Closed { .. } => tracing::debug!(%peer, "peer disconnected"),
+                        e => tracing::warn!(%peer, error = %e, "session ended"),
+                    }
+                }
+            });
+        }
+    }
+
+    async fn session(self: Arc<Self>, io: Box<dyn Io>, peer: String) -> Result<(), ConnError> {
+        let mut conn = Conn::new(io, peer.clone());
+        conn.server_hello(&self.agent).await?;
+        let (mut reader, writer) = conn.split();
+        let (tx, rx) = mpsc::channel::<Frame>(READS_PER_CONN * 2);
+        let writer_task = tokio::spawn(write_frames(writer, rx));
+        let per_conn = Arc::new(Semaphore::new(READS_PER_CONN));
+        let mut disk: Option<Arc<SourceDisk>> = None;
+        let result = loop {
+            let frame = match reader.recv().await {
+                Ok(f) => f,
+                Err(e) => break Err(e),
+            };
+            let reply = match frame.msg {
+                Message::ListDisks => {
+                    let mut list: Vec<_> = self.disks.values().map(|d| d.info()).collect();
+                    list.sort_by(|a, b| a.name.cmp(&b.name));
+                    Frame::new(Message::Disks(list))
+                }
+                Message::Open { disk: name } => match self.disks.get(&name) {
+                    Some(d) => {
+                        disk = Some(d.clone());
+                        Frame::new(Message::Opened(d.info()))
+                    }
+                    None => {
+                        let mut names: Vec<_> = self.disks.keys().cloned().collect();
+                        names.sort();
+                        error_frame(
+                            None,
+                            ErrorKind::UnknownDisk,
+                            format!(
+                                "no disk named {name:?} is served here (served: {})",
+                                names.join(", ")
+                            ),
+                        )
+                    }
+                },
+                Message::GetManifest { id, start, count } => match &disk {
+                    None => error_frame(Some(id), ErrorKind::NotOpen, "open a disk first".into()),
+                    Some(d) => manifest_page(d, id, start, count),
+                },
+                Message::GetChunk { id, index } => match &disk {
+                    None => error_frame(Some(id), ErrorKind::NotOpen, "open a disk first".into()),
+                    Some(d) if index >= d.geometry.chunk_count() => error_frame(
+                        Some(id),
+                        ErrorKind::OutOfRange,
+                        format!(
+                            "chunk {index} is beyond disk {:?} ({} chunks)",
+                            d.name,
+                            d.geometry.chunk_count()
+                        ),
+                    ),
+                    Some(d) => {
+                        // Bounded: a peer cannot queue unlimited reads.
+                        let Ok(permit) = per_conn.clone().acquire_owned().await else {
+                            break Ok(());
+                        };
+                        let (d, tx, level, reads) =
+                            (d.clone(), tx.clone(), self.level, self.reads.clone());
+                        tokio::spawn(async move {
+                            let Ok(_global) = reads.acquire_owned().await else {
+                                return;
+                            };
+                            let frame = tokio::task::spawn_blocking(move || {
+                                read_chunk(&d, id, index, level)
+                            })
+                            .await
+                            .unwrap_or_else(|e| {
+                                error_frame(
+                                    Some(id),
+                                    ErrorKind::ImageRead,
+                                    format!("read task failed: {e}"),
+                                )
+                            });
+                            let _ = tx.send(frame).await;
+                            drop(permit);
+                        });
+                        continue;
+                    }
+                },
+                Message::Ping { id } => Frame::new(Message::Pong { id }),
+                other => {
+                    tracing::warn!(%peer, message = ?other, "unexpected message; closing");
+                    let _ = tx
+                        .send(error_frame(
+                            None,
+                            ErrorKind::BadRequest,
+                            "unexpected message".into(),
+                        ))
+                        .await;
+                    break Ok(());
+                }
+            };
+            if tx.send(reply).await.is_err() {
+                break Ok(());
+            }
+        };
+        if let Err(ConnError::Malformed { detail, .. }) = &result {
+            tracing::warn!(%peer, %detail, "malformed frame; closing the connection");
+            let _ = tx
+                .send(error_frame(
+                    None,
+                    ErrorKind::BadRequest,
+                    format!("malformed frame: {detail}"),
+                ))
+                .await;
+        }
+        drop(tx);
+        let _ = writer_task.await;
+        result
+    }
+}
+
+fn error_frame(id: Option<u64>, kind: ErrorKind, message: String) -> Frame {
+    Frame::new(Message::Error { id, kind, message })
+}
+
+fn manifest_page(d: &SourceDisk, id: u64, start: u64, count: u32) -> Frame {
+    let n = d.manifest.len() as u64;
+    let count = count.min(MANIFEST_PAGE) as u64;
+    if start > n {
+        return error_frame(
+            Some(id),
+            ErrorKind::OutOfRange,
+            format!(
+                "manifest of {:?} has {n} entries, asked from {start}",
+                d.name
+            ),
+        );
+    }
+    let end = (start + count).min(n);
+    let mut raw = Vec::with_capacity((end - start) as usize * ChunkEntry::ENCODED_LEN);
+    for e in &d.manifest[start as usize..end as usize] {
+        e.encode(&mut raw);
+    }
+    let payload = match zstd::bulk::compress(&raw, 1) {
+        Ok(z) => z,
+        Err(e) => {
+            return error_frame(
+                Some(id),
+                ErrorKind::ImageRead,
+                format!("cannot compress manifest: {e}"),
+            )
+        }
+    };
+    Frame::with_payload(
+        Message::Manifest {
+            id,
+            start,
+            count: (end - start) as u32,
+        },
+        Bytes::from(payload),
+    )
+}
+
+fn read_chunk(d: &SourceDisk, id: u64, index: u64, level: i32) -> Frame {
+    let data = match d.image.read_chunk(&d.geometry, index) {
+        Ok(data) => data,
+        Err(blockstore::StoreError::Truncated { detail, .. }) => {
+            tracing::error!(disk = %d.name, index, %detail, "image is shorter than its manifest");
+            return error_frame(
+                Some(id),
+                ErrorKind::ImageTruncated,
+                format!("image of disk {:?} is shorter than its manifest ({detail}); restart the source to rescan it", d.name),
+            );
+        }
+        Err(e) => return error_frame(Some(id), ErrorKind::ImageRead, e.to_string()),
+    };
+    let (hash, encoding, payload) = match ChunkEntry::of(&data) {
+        ChunkEntry::Zero => (protocol::ChunkHash::of(&data), Encoding::Zero, Bytes::new()),
+        ChunkEntry::Data(hash) => match codec::compress(&data, level) {
+            Some(z) => (hash, Encoding::Zstd, Bytes::from(z)),
+            None => (hash, Encoding::Raw, Bytes::from(data)),
+        },
+    };
+    Frame::with_payload(
+        Message::Chunk {
+            id,
+            index,
+            hash,
+            encoding,
+        },
+        payload,
+    )
+}
+
+async fn write_frames(mut writer: FrameWriter, mut rx: mpsc::Receiver<Frame>) {
+    while let Some(frame) = rx.recv().await {
+        if writer.feed(&frame).await.is_err() {
+            return;
+        }
+        // Flush once the queue is drained, so bursts leave in few syscalls.
+        while let Ok(more) = rx.try_recv() {
+            if writer.feed(&more).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+}
