@@ -162,9 +162,7 @@ pub async fn seed(
     cancel: CancellationToken,
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
-    let (mut conn, info) = opts.peer.open(&opts.name).await?;
-    let manifest = fetch_manifest(&mut conn, &info).await?;
-    drop(conn);
+    let (info, manifest) = manifest_with_retries(&opts).await?;
     let g = info.geometry;
     progress.logical_total.store(g.size, Ordering::Relaxed);
     progress
@@ -253,6 +251,27 @@ pub async fn seed(
         chunks_changed: get(&p.chunks_changed),
         elapsed_s: started.elapsed().as_secs_f64(),
     })
+}
+
+async fn manifest_with_retries(
+    opts: &SeedOptions,
+) -> Result<(protocol::DiskInfo, Vec<ChunkEntry>), SeedError> {
+    let mut attempt = 0;
+    loop {
+        let got = match opts.peer.open(&opts.name).await {
+            Ok((mut conn, info)) => fetch_manifest(&mut conn, &info).await.map(|m| (info, m)),
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok(x) => return Ok(x),
+            Err(e) if e.is_transient() && attempt < opts.retries.max(MAX_MISMATCHES) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "cannot get the manifest; trying again");
+                tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 type Plan = (ChunkWriter, Vec<u64>, HashMap<u64, Vec<u64>>);
@@ -399,7 +418,11 @@ async fn run_stream(shared: &Shared, peer: &Peer, retries: u32, n: usize) -> Res
                 }
                 pump(shared, conn).await
             }
-            Err(SessionError::Conn(e)) if e.is_transient() => PumpEnd::Transient(e, false),
+            Err(SessionError::Conn(e))
+                if e.is_transient() || matches!(e, ConnError::Malformed { .. }) =>
+            {
+                PumpEnd::Transient(e, false)
+            }
             Err(e) => return Err(e.into()),
         };
         match end {

@@ -30,6 +30,14 @@ pub enum SessionError {
         /// Its message.
         message: String,
     },
+    /// The manifest did not match the digest announced with it.
+    #[error("the manifest of {disk:?} from {peer} does not match its announced digest (corrupted in transit?)")]
+    ManifestCorrupt {
+        /// The source.
+        peer: String,
+        /// The disk.
+        disk: String,
+    },
     /// The source answered with something unexpected.
     #[error("source {peer} answered {what} out of protocol")]
     Unexpected {
@@ -41,6 +49,15 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// True when the same request may succeed if tried again (network trouble, corruption).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SessionError::Conn(e) => e.is_transient() || matches!(e, ConnError::Malformed { .. }),
+            SessionError::ManifestCorrupt { .. } => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn from_reply(peer: &str, msg: Message) -> Self {
         match msg {
             Message::Error { kind, message, .. } => SessionError::Refused {
@@ -109,9 +126,9 @@ pub async fn fetch_manifest(
         }
     }
     if blockstore::scan::digest(&entries) != info.manifest_digest {
-        return Err(SessionError::Unexpected {
+        return Err(SessionError::ManifestCorrupt {
             peer,
-            what: "a manifest that does not match its announced digest".into(),
+            disk: info.name.clone(),
         });
     }
     Ok(entries)

@@ -107,6 +107,7 @@ impl Source {
         let (tx, rx) = mpsc::channel::<Frame>(READS_PER_CONN * 2);
         let writer_task = tokio::spawn(write_frames(writer, rx));
         let per_conn = Arc::new(Semaphore::new(READS_PER_CONN));
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut disk: Option<Arc<SourceDisk>> = None;
         let result = loop {
             let frame = match reader.recv().await {
@@ -159,6 +160,7 @@ impl Source {
                         };
                         let (d, tx, level, reads) =
                             (d.clone(), tx.clone(), self.level, self.reads.clone());
+                        let served = served.clone();
                         tokio::spawn(async move {
                             let Ok(_global) = reads.acquire_owned().await else {
                                 return;
@@ -174,7 +176,9 @@ impl Source {
                                     format!("read task failed: {e}"),
                                 )
                             });
-                            let _ = tx.send(frame).await;
+                            if tx.send(frame).await.is_ok() {
+                                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             drop(permit);
                         });
                         continue;
@@ -209,6 +213,12 @@ impl Source {
         }
         drop(tx);
         let _ = writer_task.await;
+        tracing::info!(
+            %peer,
+            disk = disk.as_ref().map_or("-", |d| d.name.as_str()),
+            served_chunks = served.load(std::sync::atomic::Ordering::Relaxed),
+            "session closed"
+        );
         result
     }
 }

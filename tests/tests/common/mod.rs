@@ -1,0 +1,218 @@
+//! Helpers for end-to-end tests: run the real `helio` binary, start agents, read their reports.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The `helio` binary next to this test executable (built by `cargo build --bins`).
+pub fn helio_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory");
+    let bin = dir.join("helio");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --workspace --bins` before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `helio ARGS` to completion.
+pub fn helio(args: &[&str]) -> Output {
+    Command::new(helio_bin())
+        .args(args)
+        .env("HELIO_LOG", "info")
+        .output()
+        .expect("run helio")
+}
+
+/// Runs `helio ARGS`, requiring success; returns stdout.
+pub fn helio_ok(args: &[&str]) -> String {
+    let out = helio(args);
+    assert!(
+        out.status.success(),
+        "helio {args:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The JSON object on the last line of stdout.
+pub fn last_json(stdout: &str) -> serde_json::Value {
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line:?}"))
+}
+
+/// Reads a u64 field of a JSON report.
+pub fn field(v: &serde_json::Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no numeric field {name} in {v}"))
+}
+
+/// A helio process that listens (source, wan-proxy, export), killed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    /// The address it printed.
+    pub addr: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `helio ARGS` and waits (up to 120 s) for its `listening on ADDR` line.
+    pub fn start(args: &[&str], log: &Path) -> Agent {
+        let stderr = std::fs::File::create(log).expect("log file");
+        let mut child = Command::new(helio_bin())
+            .args(args)
+            .env("HELIO_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn helio");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => Agent {
+                child: Some(child),
+                addr,
+                log: log.to_path_buf(),
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "helio {args:?} did not start listening:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Stops it with SIGTERM and returns its log.
+    pub fn stop(mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A sample image: `helio sample-image` (random, zero and text regions).
+pub fn sample_image(path: &Path, size: &str, seed: u64) {
+    helio_ok(&[
+        "sample-image",
+        "--out",
+        path.to_str().unwrap(),
+        "--size",
+        size,
+        "--seed",
+        &seed.to_string(),
+    ]);
+}
+
+/// A copy of `base` with `replace` of its regions rewritten.
+pub fn derived_image(base: &Path, path: &Path, replace: f64, seed: u64) {
+    helio_ok(&[
+        "sample-image",
+        "--out",
+        path.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--replace",
+        &replace.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+}
+
+/// Starts a source agent on loopback serving `disks` (path, name).
+pub fn source(dir: &Path, disks: &[(&Path, &str)], extra: &[&str]) -> Agent {
+    let state = dir.join(format!("state-{}", rand::random::<u32>()));
+    let mut args: Vec<String> = vec![
+        "source".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--state".into(),
+        state.display().to_string(),
+    ];
+    for (p, n) in disks {
+        args.extend([
+            "--image".into(),
+            p.display().to_string(),
+            "--name".into(),
+            n.to_string(),
+        ]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Agent::start(
+        &refs,
+        &dir.join(format!("source-{}.log", rand::random::<u32>())),
+    )
+}
+
+/// True when two files have equal contents, by the system's `cmp`.
+pub fn cmp(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("run cmp")
+        .success()
+}
+
+/// Sum of `key=N` fields over the lines of a log.
+pub fn sum_log_field(log: &str, key: &str) -> u64 {
+    let pat = format!("{key}=");
+    log.lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(&pat)))
+        .filter_map(|v| v.trim_matches('"').parse::<u64>().ok())
+        .sum()
+}
