@@ -57,6 +57,16 @@ pub enum StoreError {
         /// Where the data ran out.
         detail: String,
     },
+    /// The store's volume is nearly full.
+    #[error("store {path} has only {free} bytes free and keeps {reserve} for its metadata: free some space or use a larger volume; what was stored so far is kept")]
+    Full {
+        /// The store.
+        path: PathBuf,
+        /// Free bytes.
+        free: u64,
+        /// Bytes kept back.
+        reserve: u64,
+    },
     /// A disk's shape changed incompatibly.
     #[error("disk {name:?}: {detail}")]
     Geometry {

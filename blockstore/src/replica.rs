@@ -154,6 +154,7 @@ impl Replica {
             pending_bytes: 0,
             oldest: None,
             sources: HashMap::new(),
+            unchecked: u64::MAX,
         })
     }
 }
@@ -162,6 +163,11 @@ impl Replica {
 const COMMIT_BYTES: u64 = 64 << 20;
 const COMMIT_CHUNKS: usize = 2048;
 const COMMIT_AGE: Duration = Duration::from_millis(500);
+/// Free space kept for RocksDB (WAL, flushes, reopening): a RocksDB that meets ENOSPC may
+/// refuse to open again, so the data files must never take the last of the volume.
+pub const SPACE_RESERVE: u64 = 32 << 20;
+/// Bytes written between free-space checks.
+const SPACE_CHECK_EVERY: u64 = 4 << 20;
 
 /// Lands chunks in one replica. Bytes are written at once; their records are committed in
 /// batches after an `fdatasync`, so a recorded chunk is always durable. Chunks written but not
@@ -174,9 +180,34 @@ pub struct ChunkWriter {
     pending_bytes: u64,
     oldest: Option<Instant>,
     sources: HashMap<u32, Arc<File>>,
+    unchecked: u64,
 }
 
 impl ChunkWriter {
+    /// Fails with [`StoreError::Full`] before `len` more bytes would eat into the reserve.
+    fn ensure_space(&mut self, len: u64) -> Result<()> {
+        self.unchecked = self.unchecked.saturating_add(len);
+        if self.unchecked < SPACE_CHECK_EVERY {
+            return Ok(());
+        }
+        self.unchecked = 0;
+        let dir = self.replica.store.dir();
+        let st = nix::sys::statvfs::statvfs(dir).map_err(|e| StoreError::Io {
+            what: "cannot check free space of",
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if free < SPACE_RESERVE + SPACE_CHECK_EVERY {
+            return Err(StoreError::Full {
+                path: dir.to_path_buf(),
+                free,
+                reserve: SPACE_RESERVE,
+            });
+        }
+        Ok(())
+    }
+
     /// The replica written to.
     pub fn replica(&self) -> &Replica {
         &self.replica
@@ -210,6 +241,7 @@ impl ChunkWriter {
 
     /// Writes chunk `index` with `data`, whose hash the caller has verified to be `hash`.
     pub fn put(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
+        self.ensure_space(data.len() as u64)?;
         let g = self.replica.record.geometry;
         self.replica
             .file
@@ -254,6 +286,7 @@ impl ChunkWriter {
         };
         let g = self.replica.record.geometry;
         let len = g.len(index);
+        self.ensure_space(len as u64)?;
         // Source chunks may have other geometry; the content hash fixes the length.
         let src_offset = src_index * self.chunk_size_of(src_id)? as u64;
         let mut buf = vec![0u8; len];

@@ -187,20 +187,20 @@ impl Store {
     /// Where content `hash` is held durably, if anywhere.
     pub fn find_content(&self, hash: &ChunkHash) -> Result<Option<(u32, u64)>> {
         let db = self.db();
-        let iter = db.db.iterator_cf(
+        let mut iter = db.db.iterator_cf(
             db.cf(CONTENT),
             rocksdb::IteratorMode::From(&hash.0, rocksdb::Direction::Forward),
         );
-        for item in iter {
-            let (k, _) = item.map_err(|e| db.err(e))?;
-            if k.len() != 44 || k[..32] != hash.0 {
-                break;
-            }
-            // Invariant: the slices are exactly 4 and 8 bytes (length checked above).
-            let id = u32::from_be_bytes(k[32..36].try_into().expect("4 bytes"));
-            let index = u64::from_be_bytes(k[36..44].try_into().expect("8 bytes"));
-            return Ok(Some((id, index)));
+        let Some(item) = iter.next() else {
+            return Ok(None);
+        };
+        let (k, _) = item.map_err(|e| db.err(e))?;
+        if k.len() != 44 || k[..32] != hash.0 {
+            return Ok(None);
         }
-        Ok(None)
+        // Invariant: the slices are exactly 4 and 8 bytes (length checked above).
+        let id = u32::from_be_bytes(k[32..36].try_into().expect("4 bytes"));
+        let index = u64::from_be_bytes(k[36..44].try_into().expect("8 bytes"));
+        Ok(Some((id, index)))
     }
 }

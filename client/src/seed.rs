@@ -145,6 +145,8 @@ struct Shared {
     mismatches: Mutex<HashMap<u64, u32>>,
     progress: Arc<SeedProgress>,
     bucket: Option<TokenBucket>,
+    /// Average wire bytes per fetched chunk, to charge the bandwidth cap before asking.
+    wire_per_chunk: AtomicU64,
     landing: mpsc::Sender<Landing>,
     cancel: CancellationToken,
 }
@@ -197,6 +199,7 @@ pub async fn seed(
         mismatches: Mutex::new(HashMap::new()),
         progress: progress.clone(),
         bucket: opts.bandwidth.map(TokenBucket::new),
+        wire_per_chunk: AtomicU64::new(g.chunk_size as u64),
         landing: landing_tx,
         cancel: cancel.child_token(),
     });
@@ -214,11 +217,18 @@ pub async fn seed(
             }))
         });
         if let Err(e) = res {
-            let fatal = !matches!(e, SeedError::SourceLost(_));
+            // A fatal error stops the other streams, which then report Interrupted: keep the
+            // cause, not the echo.
+            let fatal = !matches!(e, SeedError::SourceLost(_) | SeedError::Interrupted);
             if fatal {
                 shared.cancel.cancel();
             }
-            if failure.is_none() || fatal {
+            let replaces = match &failure {
+                None => true,
+                Some(SeedError::Interrupted) | Some(SeedError::SourceLost(_)) => fatal,
+                Some(_) => false,
+            };
+            if replaces {
                 failure = Some(e);
             }
         }
@@ -447,34 +457,52 @@ async fn run_stream(shared: &Shared, peer: &Peer, retries: u32, n: usize) -> Res
 async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
     let (mut reader, mut writer) = conn.split();
     let cs = shared.geometry.chunk_size as u64;
-    let mut inflight: HashMap<u64, (u64, Instant)> = HashMap::new();
+    // id -> (chunk index, when asked, wire bytes charged to the cap)
+    let mut inflight: HashMap<u64, (u64, Instant, u64)> = HashMap::new();
     let mut window = Window::default();
     let mut next_id = 0u64;
     let mut since_adapt = 0u64;
     let mut progressed = false;
-    let requeue = |inflight: &mut HashMap<u64, (u64, Instant)>| {
+    let requeue = |inflight: &mut HashMap<u64, (u64, Instant, u64)>| {
         let mut q = lock(&shared.queue);
-        for (_, (index, _)) in inflight.drain() {
+        for (_, (index, _, charged)) in inflight.drain() {
             q.push_front(index);
+            if let Some(bucket) = &shared.bucket {
+                bucket.settle(-(charged as i64));
+            }
         }
     };
     loop {
+        // Ask for as much as the window and the bandwidth cap allow. The cap is charged when
+        // asking, so the source never sends faster than it allows (pacing reads instead would
+        // let socket buffers carry bursts across the link).
         let mut sent = false;
+        let mut paced: Option<tokio::time::Instant> = None;
         while (inflight.len() as u64 + 1) * cs <= window.bytes() {
+            let charge = shared.wire_per_chunk.load(Ordering::Relaxed);
+            if let Some(bucket) = &shared.bucket {
+                let wait = bucket.wait_for(charge);
+                if !wait.is_zero() {
+                    paced = Some(tokio::time::Instant::now() + wait);
+                    break;
+                }
+            }
             let Some(index) = lock(&shared.queue).pop_front() else {
                 break;
             };
+            if let Some(bucket) = &shared.bucket {
+                bucket.settle(charge as i64);
+            }
             next_id += 1;
+            inflight.insert(next_id, (index, Instant::now(), charge));
+            sent = true;
             if let Err(e) = writer
                 .feed(&Frame::new(Message::GetChunk { id: next_id, index }))
                 .await
             {
-                lock(&shared.queue).push_front(index);
                 requeue(&mut inflight);
                 return PumpEnd::Transient(e, progressed);
             }
-            inflight.insert(next_id, (index, Instant::now()));
-            sent = true;
         }
         if sent {
             if let Err(e) = writer.flush().await {
@@ -482,18 +510,17 @@ async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
                 return PumpEnd::Transient(e, progressed);
             }
         }
-        if inflight.is_empty() {
+        if inflight.is_empty() && paced.is_none() {
             if shared.remaining.load(Ordering::SeqCst) == 0 {
                 return PumpEnd::Done;
             }
             // Another stream holds the last chunks; it may fail and hand them back.
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
-                _ = shared.cancel.cancelled() => return PumpEnd::Fatal(SeedError::Interrupted),
-            }
+            paced = Some(tokio::time::Instant::now() + Duration::from_millis(20));
         }
+        let wake = paced.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let frame = tokio::select! {
-            f = reader.recv() => f,
+            f = reader.recv(), if !inflight.is_empty() => f,
+            _ = tokio::time::sleep_until(wake), if paced.is_some() => continue,
             _ = shared.cancel.cancelled() => {
                 requeue(&mut inflight);
                 return PumpEnd::Fatal(SeedError::Interrupted);
@@ -518,12 +545,13 @@ async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
                 hash,
                 encoding,
             } => {
-                let Some((want, sent_at)) = inflight.remove(&id) else {
+                let Some((want, sent_at, charged)) = inflight.remove(&id) else {
                     requeue(&mut inflight);
+                    let detail = format!("reply to unknown request {id}");
                     return PumpEnd::Transient(
                         ConnError::Malformed {
                             peer: reader.peer().to_string(),
-                            detail: format!("reply to unknown request {id}"),
+                            detail,
                         },
                         progressed,
                     );
@@ -535,8 +563,13 @@ async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
                     since_adapt = 0;
                 }
                 if let Some(bucket) = &shared.bucket {
-                    bucket.take(wire).await;
+                    bucket.settle(wire as i64 - charged as i64);
                 }
+                // Smoothed (gain 1/16) so one incompressible chunk does not swing the charge.
+                let avg = shared.wire_per_chunk.load(Ordering::Relaxed);
+                shared
+                    .wire_per_chunk
+                    .store((avg * 15 + wire) / 16, Ordering::Relaxed);
                 if want != index {
                     // The id was ours but the index is not what we asked: corruption in flight.
                     if let Err(e) = mismatch(shared, want) {
@@ -551,8 +584,9 @@ async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
                 }
             }
             Message::Error { message, kind, .. } => {
+                let peer = reader.peer().to_string();
                 return PumpEnd::Fatal(SeedError::Session(SessionError::Refused {
-                    peer: reader.peer().to_string(),
+                    peer,
                     kind,
                     message,
                 }));

@@ -42,6 +42,26 @@ impl TokenBucket {
         }
     }
 
+    /// How long until `bytes` could be taken without waiting (nothing is taken).
+    pub fn wait_for(&self, bytes: u64) -> Duration {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = *s;
+        let refilled = (tokens + last.elapsed().as_secs_f64() * self.rate).min(self.burst);
+        let short = bytes as f64 - refilled;
+        if short <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(short / self.rate)
+        }
+    }
+
+    /// Corrects an earlier estimate: `delta` more bytes were used than taken (negative: fewer,
+    /// and the difference is credited back, up to the burst).
+    pub fn settle(&self, delta: i64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = (s.0 - delta as f64).min(self.burst);
+    }
+
     /// Waits until `bytes` may be used.
     pub async fn take(&self, bytes: u64) {
         let wait = self.reserve(bytes);
