@@ -98,7 +98,13 @@ impl ConnError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ConnError::Connect { .. } | ConnError::Io { .. } | ConnError::Closed { .. }
+            ConnError::Connect { .. }
+                | ConnError::Io { .. }
+                | ConnError::Closed { .. }
+                | ConnError::NotHeliotrope {
+                    source: HelloError::Corrupt,
+                    ..
+                }
         )
     }
 }

@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// Eight bytes that open every heliotrope connection.
 pub const MAGIC: &[u8; 8] = b"HELIOTRP";
-const FIXED_LEN: usize = 8 + 4 + 1;
+const FIXED_LEN: usize = 8 + 4 + 1 + 4;
 
 /// A parsed hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,9 @@ pub enum HelloError {
         "the peer does not speak the heliotrope protocol (no HELIOTRP magic in its first frame)"
     )]
     BadMagic,
+    /// The hello fails its checksum: damaged in transit.
+    #[error("the peer's hello fails its checksum (corrupted in transit)")]
+    Corrupt,
 }
 
 impl Hello {
@@ -47,6 +50,7 @@ impl Hello {
         b.put_slice(MAGIC);
         b.put_u32(self.version);
         b.put_u8(u8::from(self.accepted));
+        b.put_slice(&check(&b[..13], self.text.as_bytes()));
         b.put_slice(self.text.as_bytes());
         b.freeze()
     }
@@ -55,6 +59,9 @@ impl Hello {
     pub fn decode(frame: &[u8]) -> Result<Self, HelloError> {
         if frame.len() < FIXED_LEN || &frame[..8] != MAGIC {
             return Err(HelloError::BadMagic);
+        }
+        if frame[13..17] != check(&frame[..13], &frame[FIXED_LEN..]) {
+            return Err(HelloError::Corrupt);
         }
         let version = u32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
         Ok(Hello {
@@ -65,6 +72,21 @@ impl Hello {
     }
 }
 
+/// Four bytes of blake3 over the fixed fields and the text: without it a flipped bit in the
+/// version would read as a peer of another version.
+fn check(fixed: &[u8], text: &[u8]) -> [u8; 4] {
+    let mut h = blake3::Hasher::new();
+    h.update(fixed);
+    h.update(text);
+    let d = h.finalize();
+    [
+        d.as_bytes()[0],
+        d.as_bytes()[1],
+        d.as_bytes()[2],
+        d.as_bytes()[3],
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,11 +94,14 @@ mod tests {
     #[test]
     fn hello_round_trips_and_rejects_garbage() {
         let h = Hello::ours(true, "agent-a");
-        assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        assert_eq!(Hello::decode(&h.encode()), Ok(h.clone()));
         assert_eq!(
             Hello::decode(b"GET / HTTP/1.1\r\n"),
             Err(HelloError::BadMagic)
         );
         assert_eq!(Hello::decode(b"HELIO"), Err(HelloError::BadMagic));
+        let mut flipped = h.encode().to_vec();
+        flipped[10] ^= 4;
+        assert_eq!(Hello::decode(&flipped), Err(HelloError::Corrupt));
     }
 }

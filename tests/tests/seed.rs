@@ -191,7 +191,8 @@ fn resume_after_kill_9_fetches_no_stored_chunk_again() {
 fn byte_flipped_in_flight_is_caught_and_refetched() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.img");
-    sample_image(&img, "16MiB", 9);
+    // About 24 MB cross the link at one flipped byte per 4 MB: some six corruptions.
+    sample_image(&img, "48MiB", 9);
     let src = source(dir.path(), &[(&img, "a")], &[]);
     let proxy = Agent::start(
         &[
@@ -201,7 +202,7 @@ fn byte_flipped_in_flight_is_caught_and_refetched() {
             "--to",
             &src.addr,
             "--corrupt-every",
-            "5",
+            "4000000",
         ],
         &dir.path().join("proxy.log"),
     );
@@ -236,7 +237,7 @@ fn every_segment_corrupted_fails_with_a_clear_error() {
             "--to",
             &src.addr,
             "--corrupt-every",
-            "1",
+            "2000",
         ],
         &dir.path().join("proxy.log"),
     );

@@ -27,7 +27,9 @@ pub struct LinkSpec {
     pub rtt: Duration,
     /// Bandwidth of each direction; `None` for unlimited.
     pub bandwidth: Option<Rate>,
-    /// Flip one byte in every Nth segment towards the client (for corruption tests).
+    /// Flip one byte per N bytes towards the client, on average (for corruption tests). Random
+    /// rather than periodic, and by volume rather than per read: a fixed period resonates with
+    /// a pipelined protocol's window, and read sizes depend on timing.
     pub corrupt_every: Option<u64>,
 }
 
@@ -109,7 +111,12 @@ impl Link {
             to_target: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            segments_to_client: AtomicU64::new(0),
+            // Seeded per link: a fixed sequence would corrupt the same segments on every run.
+            segments_to_client: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            ),
             wires: [Wire::new(&spec), Wire::new(&spec)],
             spec,
         });
@@ -179,6 +186,14 @@ impl Drop for Link {
     }
 }
 
+/// A well-mixed hash of a counter (SplitMix64), for corruption that looks random.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 async fn forward(shared: Arc<Shared>, client: TcpStream) {
     let Ok(target) = TcpStream::connect(&shared.target).await else {
         tracing::debug!(target = %shared.target, "link: target unreachable, dropping client");
@@ -221,11 +236,14 @@ async fn direction(
                 let deliver = wire.book(n, &shared.spec);
                 if to_client {
                     if let Some(every) = shared.spec.corrupt_every {
-                        if n >= 1024
-                            && shared.segments_to_client.fetch_add(1, Ordering::Relaxed) % every
-                                == every - 1
-                        {
+                        let roll = shared.segments_to_client.fetch_add(1, Ordering::Relaxed);
+                        if splitmix(roll) % every.max(1) < n as u64 {
                             buf[n / 2] ^= 0x5a;
+                            tracing::info!(
+                                segment = roll,
+                                bytes = n,
+                                "link: corrupted one byte in flight"
+                            );
                         }
                     }
                 }

@@ -18,7 +18,7 @@ pub struct Args {
     /// Bandwidth of each direction, e.g. 100Mbit; unlimited if absent.
     #[arg(long)]
     bandwidth: Option<Rate>,
-    /// Flip one byte in every Nth segment towards the client (to test corruption handling).
+    /// Flip one byte per N bytes towards the client, on average (to test corruption handling).
     #[arg(long, hide = true)]
     corrupt_every: Option<u64>,
 }
