@@ -155,6 +155,7 @@ impl Replica {
             oldest: None,
             sources: HashMap::new(),
             unchecked: u64::MAX,
+            syncing: None,
         })
     }
 }
@@ -181,6 +182,8 @@ pub struct ChunkWriter {
     oldest: Option<Instant>,
     sources: HashMap<u32, Arc<File>>,
     unchecked: u64,
+    /// The batch being made durable in the background, if any.
+    syncing: Option<std::thread::JoinHandle<Result<usize>>>,
 }
 
 impl ChunkWriter {
@@ -326,23 +329,51 @@ impl ChunkWriter {
             || self.oldest.is_some_and(|t| t.elapsed() >= COMMIT_AGE)
     }
 
-    /// Makes pending chunks durable and records them; returns how many were committed.
+    /// Makes pending chunks durable and records them, waiting until it is done; returns how
+    /// many chunks were committed since the last wait.
     pub fn commit(&mut self) -> Result<usize> {
+        self.commit_in_background()?;
+        self.wait_for_sync()
+    }
+
+    /// Starts making pending chunks durable on another thread, so writing goes on meanwhile.
+    /// At most one batch is in flight: this first waits for the previous one.
+    pub fn commit_in_background(&mut self) -> Result<usize> {
+        let done = self.wait_for_sync()?;
         if self.pending.is_empty() {
-            return Ok(0);
+            return Ok(done);
         }
-        // Order matters: bytes durable first, then the records that vouch for them.
-        self.replica
-            .file
-            .sync_data()
-            .map_err(io_err("cannot sync replica", &self.replica.path))?;
         let batch = std::mem::take(&mut self.batch);
-        self.replica.store.db().write_sync(batch)?;
         let n = self.pending.len();
         self.pending.clear();
         self.pending_bytes = 0;
         self.oldest = None;
-        Ok(n)
+        let (file, path, store) = (
+            self.replica.file.clone(),
+            self.replica.path.clone(),
+            self.replica.store.clone(),
+        );
+        self.syncing = Some(std::thread::spawn(move || {
+            // Order matters: bytes durable first, then the records that vouch for them. Bytes
+            // written meanwhile for the next batch may be synced too, which is harmless.
+            file.sync_data()
+                .map_err(io_err("cannot sync replica", &path))?;
+            store.db().write_sync(batch)?;
+            Ok(n)
+        }));
+        Ok(done)
+    }
+
+    fn wait_for_sync(&mut self) -> Result<usize> {
+        match self.syncing.take() {
+            None => Ok(0),
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(StoreError::Corrupt {
+                    path: self.replica.path.clone(),
+                    detail: "commit thread panicked".into(),
+                })
+            }),
+        }
     }
 }
 

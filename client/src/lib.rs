@@ -10,4 +10,4 @@ pub mod seed;
 pub mod session;
 pub mod window;
 
-pub use seed::{seed, SeedError, SeedOptions, SeedProgress, SeedReport};
+pub use seed::{seed, Compress, SeedError, SeedOptions, SeedProgress, SeedReport};

@@ -38,7 +38,37 @@ pub struct SeedOptions {
     pub streams: usize,
     /// Reconnection attempts per stream before giving up on the source.
     pub retries: u32,
+    /// When chunks travel compressed.
+    pub compress: Compress,
 }
+
+/// When chunk payloads are compressed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Compress {
+    /// On a WAN (round trip of 2 ms or more, or a bandwidth cap): there the link is the
+    /// bottleneck and zstd multiplies it; on a LAN the CPU is, and compression only costs.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compress::Auto),
+            "always" => Ok(Compress::Always),
+            "never" => Ok(Compress::Never),
+            _ => Err(format!("{s:?}: expected auto, always or never")),
+        }
+    }
+}
+
+/// Round trips at or above this mean a WAN, where compression pays.
+const WAN_RTT: Duration = Duration::from_millis(2);
 
 /// Live counters, for a progress bar.
 #[derive(Debug, Default)]
@@ -145,6 +175,7 @@ struct Shared {
     mismatches: Mutex<HashMap<u64, u32>>,
     progress: Arc<SeedProgress>,
     bucket: Option<TokenBucket>,
+    compress: Compress,
     /// Average wire bytes per fetched chunk, to charge the bandwidth cap before asking.
     wire_per_chunk: AtomicU64,
     landing: mpsc::Sender<Landing>,
@@ -199,6 +230,7 @@ pub async fn seed(
         mismatches: Mutex::new(HashMap::new()),
         progress: progress.clone(),
         bucket: opts.bandwidth.map(TokenBucket::new),
+        compress: opts.compress,
         wire_per_chunk: AtomicU64::new(g.chunk_size as u64),
         landing: landing_tx,
         cancel: cancel.child_token(),
@@ -402,7 +434,7 @@ fn land(
             }
         }
         if w.commit_due() {
-            w.commit()?;
+            w.commit_in_background()?;
         }
     }
     w.commit()?;
@@ -454,7 +486,34 @@ async fn run_stream(shared: &Shared, peer: &Peer, retries: u32, n: usize) -> Res
     }
 }
 
-async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
+/// Decides compression for a stream: a few pings tell a LAN from a WAN.
+async fn wants_compression(shared: &Shared, conn: &mut protocol::Conn) -> Result<bool, ConnError> {
+    match shared.compress {
+        Compress::Always => return Ok(true),
+        Compress::Never => return Ok(false),
+        Compress::Auto if shared.bucket.is_some() => return Ok(true),
+        Compress::Auto => {}
+    }
+    let mut best = Duration::MAX;
+    for id in 0..3 {
+        let t = Instant::now();
+        conn.send(&Frame::new(Message::Ping { id })).await?;
+        if !matches!(conn.recv().await?.msg, Message::Pong { .. }) {
+            return Err(ConnError::Malformed {
+                peer: conn.peer().to_string(),
+                detail: "no pong to a ping".into(),
+            });
+        }
+        best = best.min(t.elapsed());
+    }
+    Ok(best >= WAN_RTT)
+}
+
+async fn pump(shared: &Shared, mut conn: protocol::Conn) -> PumpEnd {
+    let compress = match wants_compression(shared, &mut conn).await {
+        Ok(c) => c,
+        Err(e) => return PumpEnd::Transient(e, false),
+    };
     let (mut reader, mut writer) = conn.split();
     let cs = shared.geometry.chunk_size as u64;
     // id -> (chunk index, when asked, wire bytes charged to the cap)
@@ -497,7 +556,11 @@ async fn pump(shared: &Shared, conn: protocol::Conn) -> PumpEnd {
             inflight.insert(next_id, (index, Instant::now(), charge));
             sent = true;
             if let Err(e) = writer
-                .feed(&Frame::new(Message::GetChunk { id: next_id, index }))
+                .feed(&Frame::new(Message::GetChunk {
+                    id: next_id,
+                    index,
+                    compress,
+                }))
                 .await
             {
                 requeue(&mut inflight);

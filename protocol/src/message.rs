@@ -85,6 +85,8 @@ pub enum Message {
         id: u64,
         /// Chunk index.
         index: u64,
+        /// Compress the payload (worth it on a WAN; on a LAN the CPU costs more than it saves).
+        compress: bool,
     },
     /// A chunk; payload encoded as `encoding` says.
     Chunk {

@@ -142,7 +142,11 @@ impl Source {
                     None => error_frame(Some(id), ErrorKind::NotOpen, "open a disk first".into()),
                     Some(d) => manifest_page(d, id, start, count),
                 },
-                Message::GetChunk { id, index } => match &disk {
+                Message::GetChunk {
+                    id,
+                    index,
+                    compress,
+                } => match &disk {
                     None => error_frame(Some(id), ErrorKind::NotOpen, "open a disk first".into()),
                     Some(d) if index >= d.geometry.chunk_count() => error_frame(
                         Some(id),
@@ -158,8 +162,8 @@ impl Source {
                         let Ok(permit) = per_conn.clone().acquire_owned().await else {
                             break Ok(());
                         };
-                        let (d, tx, level, reads) =
-                            (d.clone(), tx.clone(), self.level, self.reads.clone());
+                        let level = compress.then_some(self.level);
+                        let (d, tx, reads) = (d.clone(), tx.clone(), self.reads.clone());
                         let served = served.clone();
                         tokio::spawn(async move {
                             let Ok(_global) = reads.acquire_owned().await else {
@@ -265,7 +269,7 @@ fn manifest_page(d: &SourceDisk, id: u64, start: u64, count: u32) -> Frame {
     )
 }
 
-fn read_chunk(d: &SourceDisk, id: u64, index: u64, level: i32) -> Frame {
+fn read_chunk(d: &SourceDisk, id: u64, index: u64, level: Option<i32>) -> Frame {
     let data = match d.image.read_chunk(&d.geometry, index) {
         Ok(data) => data,
         Err(blockstore::StoreError::Truncated { detail, .. }) => {
@@ -280,7 +284,7 @@ fn read_chunk(d: &SourceDisk, id: u64, index: u64, level: i32) -> Frame {
     };
     let (hash, encoding, payload) = match ChunkEntry::of(&data) {
         ChunkEntry::Zero => (protocol::ChunkHash::of(&data), Encoding::Zero, Bytes::new()),
-        ChunkEntry::Data(hash) => match codec::compress(&data, level) {
+        ChunkEntry::Data(hash) => match level.and_then(|l| codec::compress(&data, l)) {
             Some(z) => (hash, Encoding::Zstd, Bytes::from(z)),
             None => (hash, Encoding::Raw, Bytes::from(data)),
         },

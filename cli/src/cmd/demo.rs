@@ -122,6 +122,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             bandwidth: None,
             streams: 4,
             retries: 4,
+            compress: client::Compress::Auto,
         };
         let r = seed_with_progress(&store, opts, CancellationToken::new()).await?;
         super::seed::print_report(&r);

@@ -35,6 +35,9 @@ pub struct Args {
     /// Reconnection attempts per stream before giving up on the source.
     #[arg(long, default_value_t = 4)]
     retries: u32,
+    /// Compress chunks on the wire: auto (on a WAN: 2 ms+ round trip or --bandwidth), always, never.
+    #[arg(long, default_value = "auto")]
+    compress: client::Compress,
     /// Print a JSON report as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -88,6 +91,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         bandwidth: a.bandwidth,
         streams: a.streams.clamp(1, 64),
         retries: a.retries,
+        compress: a.compress,
     };
     let cancel = CancellationToken::new();
     let watcher = {
