@@ -18,14 +18,21 @@ pub enum ChunkState {
     Zero,
     /// Present with this content.
     Data(ChunkHash),
+    /// Written at the destination (by an NBD client): local content, authoritative, never
+    /// to be overwritten by data from the source.
+    Written,
 }
 
 impl ChunkState {
     fn encode(&self) -> [u8; 33] {
         let mut v = [0u8; 33];
-        if let ChunkState::Data(h) = self {
-            v[0] = 1;
-            v[1..].copy_from_slice(&h.0);
+        match self {
+            ChunkState::Zero => {}
+            ChunkState::Data(h) => {
+                v[0] = 1;
+                v[1..].copy_from_slice(&h.0);
+            }
+            ChunkState::Written => v[0] = 2,
         }
         v
     }
@@ -38,6 +45,7 @@ impl ChunkState {
                 h.copy_from_slice(&raw[1..]);
                 Some(ChunkState::Data(ChunkHash(h)))
             }
+            (33, Some(2)) => Some(ChunkState::Written),
             _ => None,
         }
     }
@@ -254,6 +262,18 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// Records that chunk `index` was written locally (its bytes are already in the file).
+    pub fn mark_written(&mut self, index: u64) {
+        if self.state(index) != Some(ChunkState::Written) {
+            self.record(index, ChunkState::Written, 0);
+        }
+    }
+
+    /// Records chunk `index` as zeros without touching the file (the caller punched it).
+    pub fn mark_zero(&mut self, index: u64) {
+        self.record(index, ChunkState::Zero, 0);
+    }
+
     /// Records chunk `index` as zeros, punching out any data it held.
     pub fn put_zero(&mut self, index: u64) -> Result<()> {
         if matches!(self.state(index), Some(ChunkState::Data(_))) {
@@ -377,7 +397,8 @@ impl ChunkWriter {
     }
 }
 
-fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Deallocates a range so it reads as zeros (writing zeros where holes are not supported).
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use nix::fcntl::{fallocate, FallocateFlags};
     let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
     match fallocate(

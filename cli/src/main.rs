@@ -21,6 +21,10 @@ enum Command {
     Source(cmd::source::Args),
     /// Replicate a disk from a source agent into a local store (pre-seeding).
     Seed(cmd::seed::Args),
+    /// Serve a replica over NBD; with --from, absent chunks are fetched on demand.
+    Export(cmd::export::Args),
+    /// Report on a running export (present/absent bytes, copy rate, fetch latency).
+    Status(cmd::status::Args),
     /// Write a replica out as a raw (sparse) image.
     Materialize(cmd::materialize::Args),
     /// Re-hash a replica, optionally comparing it with an image; non-zero exit on any mismatch.
@@ -66,6 +70,8 @@ fn main() {
         match cli.command {
             Command::Source(a) => cmd::source::run(a).await,
             Command::Seed(a) => cmd::seed::run(a).await,
+            Command::Export(a) => cmd::export::run(a).await,
+            Command::Status(a) => cmd::status::run(a),
             Command::Materialize(a) => cmd::materialize::run(a),
             Command::Verify(a) => cmd::verify::run(a),
             Command::Pki(c) => cmd::pki::run(c),

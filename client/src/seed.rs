@@ -342,7 +342,7 @@ fn plan(
                 add(&progress.chunks_zero, 1);
                 add(&progress.logical_done, len);
             }
-            (ChunkEntry::Zero, Some(ChunkState::Data(_))) => {
+            (ChunkEntry::Zero, Some(ChunkState::Data(_) | ChunkState::Written)) => {
                 w.put_zero(index)?;
                 add(&progress.chunks_zero, 1);
                 add(&progress.logical_done, len);

@@ -88,6 +88,20 @@ impl Peer {
     }
 }
 
+/// The smallest of three request round trips on `conn`: tells a LAN from a WAN.
+pub async fn round_trip(conn: &mut Conn) -> Result<std::time::Duration, SessionError> {
+    let mut best = std::time::Duration::MAX;
+    for id in 0..3 {
+        let t = std::time::Instant::now();
+        conn.send(&Frame::new(Message::Ping { id })).await?;
+        match conn.recv().await?.msg {
+            Message::Pong { .. } => best = best.min(t.elapsed()),
+            other => return Err(SessionError::from_reply(conn.peer(), other)),
+        }
+    }
+    Ok(best)
+}
+
 /// Fetches the whole manifest of the disk opened on `conn`, all pages requested at once.
 pub async fn fetch_manifest(
     conn: &mut Conn,

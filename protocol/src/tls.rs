@@ -136,6 +136,14 @@ impl TlsServer {
         })
     }
 
+    /// Runs the server handshake over an already-open stream (NBD's STARTTLS).
+    pub async fn accept_io(
+        &self,
+        io: Box<dyn crate::conn::Io>,
+    ) -> io::Result<tokio_rustls::server::TlsStream<Box<dyn crate::conn::Io>>> {
+        self.acceptor.accept(io).await
+    }
+
     /// Runs the server handshake; an error names rustls's reason (e.g. an unknown issuer).
     pub async fn accept(
         &self,

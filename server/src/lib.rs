@@ -3,8 +3,13 @@
 //! - [`source`]: the replication source (`helio source`): serves manifests and chunks of its
 //!   images to destination agents over the replication protocol.
 //! - [`listen`]: accepting connections, with mutual TLS, and the loopback-only rule without it.
+//! - [`export`]: a store replica as an NBD device: on-demand fetch, background copy, local
+//!   writes, status (`helio export`, `helio status`).
+//! - [`nbd`]: the NBD server (protocol, handshake, transmission, listeners).
 
+pub mod export;
 pub mod listen;
+pub mod nbd;
 pub mod source;
 
 pub use listen::{Acceptor, ListenError};

@@ -40,12 +40,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let mut i = 0u64;
     let n = g.chunk_count();
     while i < n {
-        if !matches!(states[i as usize], Some(ChunkState::Data(_))) {
+        if !matches!(
+            states[i as usize],
+            Some(ChunkState::Data(_) | ChunkState::Written)
+        ) {
             i += 1;
             continue;
         }
         let start = i;
-        while i < n && matches!(states[i as usize], Some(ChunkState::Data(_))) {
+        while i < n
+            && matches!(
+                states[i as usize],
+                Some(ChunkState::Data(_) | ChunkState::Written)
+            )
+        {
             i += 1;
         }
         let off = g.offset(start);

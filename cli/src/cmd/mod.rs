@@ -1,11 +1,13 @@
 //! One module per subcommand.
 
 pub mod demo;
+pub mod export;
 pub mod materialize;
 pub mod pki;
 pub mod sample_image;
 pub mod seed;
 pub mod source;
+pub mod status;
 pub mod verify;
 pub mod wan_proxy;
 

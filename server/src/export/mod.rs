@@ -1,0 +1,698 @@
+//! `helio export`: a replica in the store served as an NBD device, complete or filling in.
+//!
+//! With a source (`--from`), a read of an absent chunk fetches it at once on a priority
+//! connection that the background copier never queues behind; concurrent reads of one chunk
+//! share one fetch; sequential readers get read-ahead; the background copier pulls everything
+//! else, pausing while reads wait, and releases the source when the replica is complete.
+//!
+//! Ordering rule (xNBD's, and the classic bug when broken): a local write marks its chunks
+//! written *before* touching the file, under the chunk's lock; a fetch that lands afterwards
+//! finds the mark under the same lock and is discarded, so older source data never overwrites
+//! a newer local write. A partial write to an absent chunk fetches the chunk first.
+//!
+//! Durability: fetched chunks and local-write marks are recorded in batches after an
+//! `fdatasync` ([`blockstore::ChunkWriter`]); FLUSH and FUA sync the file and commit the marks
+//! before answering, so an acknowledged write survives `kill -9`.
+
+pub mod status;
+
+use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+use crate::nbd::{Device, DeviceError, Extent};
+use blockstore::{ChunkState, ChunkWriter, Replica, Store};
+use client::fetch::{FetchError, Fetched, Fetcher};
+use client::session::Peer;
+use protocol::{ChunkEntry, Geometry};
+use status::ExportStats;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use wan::{Rate, TokenBucket};
+
+const ABSENT: u8 = 0;
+const ZERO: u8 = 1;
+const DATA: u8 = 2;
+const WRITTEN: u8 = 3;
+const STRIPES: usize = 1024;
+/// Background fetches in flight.
+const BACKGROUND_IN_FLIGHT: usize = 48;
+
+/// How an export behaves.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// How long a read of an absent chunk keeps retrying an unreachable source before EIO.
+    pub fetch_timeout: Duration,
+    /// Cap on the background copier's WAN rate.
+    pub bandwidth: Option<Rate>,
+    /// Compress chunks on the wire.
+    pub compress: bool,
+}
+
+/// Why an export cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] blockstore::StoreError),
+    /// The source failed.
+    #[error(transparent)]
+    Session(#[from] client::session::SessionError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a task panicked mid-operation; the state it guards is still sound
+    // (chunk states are only advanced after their bytes are written).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Outcome = Option<Result<(), DeviceError>>;
+
+struct Remote {
+    addr: String,
+    demand: Fetcher,
+    background: Fetcher,
+    inflight: Mutex<HashMap<u64, watch::Sender<Outcome>>>,
+    timeout: Duration,
+    bucket: Option<TokenBucket>,
+    waiting_reads: AtomicUsize,
+    released: AtomicBool,
+}
+
+/// A replica served over NBD.
+pub struct ReplicaDevice {
+    name: String,
+    replica: Replica,
+    file: Arc<File>,
+    g: Geometry,
+    read_only: bool,
+    states: Vec<AtomicU8>,
+    absent: AtomicU64,
+    written: AtomicU64,
+    stripes: Vec<Mutex<()>>,
+    records: Mutex<ChunkWriter>,
+    remote: Option<Remote>,
+    last_read_end: AtomicU64,
+    /// Live counters.
+    pub stats: ExportStats,
+}
+
+fn encode_state(s: Option<ChunkState>) -> u8 {
+    match s {
+        None => ABSENT,
+        Some(ChunkState::Zero) => ZERO,
+        Some(ChunkState::Data(_)) => DATA,
+        Some(ChunkState::Written) => WRITTEN,
+    }
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> DeviceError + '_ {
+    move |e| {
+        if e.raw_os_error() == Some(libc_enospc()) {
+            DeviceError::nospc(format!("{what}: {e}"))
+        } else {
+            DeviceError::io(format!("{what}: {e}"))
+        }
+    }
+}
+
+fn libc_enospc() -> i32 {
+    nix::errno::Errno::ENOSPC as i32
+}
+
+fn store_err(e: blockstore::StoreError) -> DeviceError {
+    match e {
+        blockstore::StoreError::Full { .. } => DeviceError::nospc(e.to_string()),
+        e => DeviceError::io(e.to_string()),
+    }
+}
+
+impl ReplicaDevice {
+    /// Opens disk `name` of `store`; with `source`, absent chunks come from that agent.
+    pub async fn open(
+        store: &Store,
+        name: &str,
+        source: Option<Peer>,
+        opts: &ExportOptions,
+    ) -> Result<Arc<ReplicaDevice>, ExportError> {
+        let (replica, remote, manifest) = match source {
+            None => (store.replica(name)?, None, None),
+            Some(peer) => {
+                let (mut conn, info) = peer.open(name).await?;
+                let manifest = client::session::fetch_manifest(&mut conn, &info).await?;
+                drop(conn);
+                let replica = store.open_or_create(name, info.geometry)?;
+                let remote = Remote {
+                    addr: peer.addr.clone(),
+                    demand: Fetcher::new(peer.clone(), info.clone(), opts.compress),
+                    background: Fetcher::new(peer, info, opts.compress),
+                    inflight: Mutex::new(HashMap::new()),
+                    timeout: opts.fetch_timeout,
+                    bucket: opts.bandwidth.map(TokenBucket::new),
+                    waiting_reads: AtomicUsize::new(0),
+                    released: AtomicBool::new(false),
+                };
+                (replica, Some(remote), Some(manifest))
+            }
+        };
+        let g = replica.geometry();
+        let mut records = replica.writer()?;
+        let mut states: Vec<u8> = replica.states()?.into_iter().map(encode_state).collect();
+        if let Some(manifest) = &manifest {
+            // Zero chunks need no transfer: record them now.
+            for (i, e) in manifest.iter().enumerate() {
+                if states[i] == ABSENT && *e == ChunkEntry::Zero {
+                    blockstore::replica::punch_hole(
+                        replica.file(),
+                        g.offset(i as u64),
+                        g.len(i as u64) as u64,
+                    )
+                    .map_err(|e| blockstore::StoreError::Io {
+                        what: "cannot punch",
+                        path: replica.data_path().clone(),
+                        source: e,
+                    })?;
+                    records.mark_zero(i as u64);
+                    states[i] = ZERO;
+                }
+            }
+            records.commit()?;
+        }
+        let absent = states.iter().filter(|&&s| s == ABSENT).count() as u64;
+        let written = states.iter().filter(|&&s| s == WRITTEN).count() as u64;
+        Ok(Arc::new(ReplicaDevice {
+            name: name.to_string(),
+            file: replica.file().clone(),
+            replica,
+            g,
+            read_only: opts.read_only,
+            states: states.into_iter().map(AtomicU8::new).collect(),
+            absent: AtomicU64::new(absent),
+            written: AtomicU64::new(written),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            records: Mutex::new(records),
+            remote,
+            last_read_end: AtomicU64::new(u64::MAX),
+            stats: ExportStats::default(),
+        }))
+    }
+
+    /// The disk's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Chunks not yet local.
+    pub fn absent_chunks(&self) -> u64 {
+        self.absent.load(Ordering::SeqCst)
+    }
+
+    /// True when every chunk is local.
+    pub fn is_complete(&self) -> bool {
+        self.absent_chunks() == 0
+    }
+
+    /// The store holding the replica.
+    pub fn store(&self) -> &Store {
+        self.replica.store()
+    }
+
+    fn state(&self, i: u64) -> u8 {
+        self.states[i as usize].load(Ordering::SeqCst)
+    }
+
+    fn stripe(&self, i: u64) -> usize {
+        (i as usize) % STRIPES
+    }
+
+    /// Lands a fetched chunk unless the chunk was written (or landed) meanwhile.
+    fn land(&self, index: u64, f: &Fetched) -> Result<bool, DeviceError> {
+        let _guard = lock(&self.stripes[self.stripe(index)]);
+        if self.state(index) != ABSENT {
+            if self.state(index) == WRITTEN {
+                self.stats.discarded_stale.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(false);
+        }
+        let mut rec = lock(&self.records);
+        if f.zero {
+            blockstore::replica::punch_hole(&self.file, self.g.offset(index), f.data.len() as u64)
+                .map_err(io_err("cannot punch replica"))?;
+            rec.mark_zero(index);
+            self.states[index as usize].store(ZERO, Ordering::SeqCst);
+        } else {
+            rec.put(index, f.hash, &f.data).map_err(store_err)?;
+            self.states[index as usize].store(DATA, Ordering::SeqCst);
+        }
+        self.absent.fetch_sub(1, Ordering::SeqCst);
+        if rec.commit_due() {
+            rec.commit_in_background().map_err(store_err)?;
+        }
+        Ok(true)
+    }
+
+    /// Makes every completed write durable, with its records.
+    fn sync(&self) -> Result<(), DeviceError> {
+        let mut rec = lock(&self.records);
+        rec.commit().map_err(store_err)?;
+        // Writes to chunks already marked leave nothing pending: sync their bytes anyway.
+        self.file.sync_data().map_err(io_err("cannot sync replica"))
+    }
+
+    /// Ensures chunks `range` are local, fetching absent ones (all at once) on the priority path.
+    async fn ensure(
+        self: &Arc<Self>,
+        range: std::ops::Range<u64>,
+        only_partial: Option<(u64, u64)>,
+    ) -> Result<(), DeviceError> {
+        let mut need = Vec::new();
+        for i in range {
+            if self.state(i) != ABSENT {
+                continue;
+            }
+            if let Some((off, len)) = only_partial {
+                let (cs, ce) = (self.g.offset(i), self.g.offset(i) + self.g.len(i) as u64);
+                if off <= cs && off + len >= ce {
+                    continue; // fully overwritten: no need for the old bytes
+                }
+            }
+            need.push(i);
+        }
+        if need.is_empty() {
+            return Ok(());
+        }
+        let Some(remote) = &self.remote else {
+            return Err(DeviceError::io(format!(
+                "chunk {} of {:?} is absent and this export has no source (--from)",
+                need[0], self.name
+            )));
+        };
+        remote.waiting_reads.fetch_add(1, Ordering::SeqCst);
+        let start = Instant::now();
+        let deadline = start + remote.timeout;
+        let results = futures::future::join_all(
+            need.iter()
+                .map(|&i| self.clone().demand(i, true, Some(deadline))),
+        )
+        .await;
+        remote.waiting_reads.fetch_sub(1, Ordering::SeqCst);
+        self.stats.demand_wait(start.elapsed().as_micros() as u64);
+        results.into_iter().collect()
+    }
+
+    /// Fetches chunk `index` unless already local, sharing a fetch in flight.
+    async fn demand(
+        self: Arc<Self>,
+        index: u64,
+        priority: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(), DeviceError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        loop {
+            if self.state(index) != ABSENT {
+                return Ok(());
+            }
+            let mut rx = {
+                let mut m = lock(&remote.inflight);
+                match m.get(&index) {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        m.insert(index, tx);
+                        tokio::spawn(self.clone().fetch_once(index, priority));
+                        rx
+                    }
+                }
+            };
+            let outcome = match rx.wait_for(|o| o.is_some()).await {
+                Ok(v) => v.clone().unwrap_or(Ok(())),
+                Err(_) => Err(DeviceError::io("fetch task vanished")),
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(e) => match deadline {
+                    Some(d) if Instant::now() < d => {
+                        tokio::time::sleep(Duration::from_millis(100).min(d - Instant::now())).await;
+                    }
+                    _ => {
+                        return Err(DeviceError::io(format!(
+                            "chunk {index} of {:?} is not local and the source {} cannot provide it: {}",
+                            self.name, remote.addr, e.message
+                        )))
+                    }
+                },
+            }
+        }
+    }
+
+    async fn fetch_once(self: Arc<Self>, index: u64, priority: bool) {
+        // Invariant: only called when remote is set.
+        let Some(remote) = &self.remote else { return };
+        let fetcher = if priority {
+            &remote.demand
+        } else {
+            &remote.background
+        };
+        let result = match fetcher.fetch(index).await {
+            Ok(f) => {
+                self.stats
+                    .wire_bytes
+                    .fetch_add(f.wire_bytes, Ordering::Relaxed);
+                let this = self.clone();
+                let len = f.data.len() as u64;
+                match tokio::task::spawn_blocking(move || this.land(index, &f)).await {
+                    Ok(Ok(landed)) => {
+                        if landed && !priority {
+                            self.stats.background_chunks.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .background_bytes
+                                .fetch_add(len, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(DeviceError::io(format!("landing task failed: {e}"))),
+                }
+            }
+            Err(e @ FetchError::Refused(_)) => Err(DeviceError::io(e.to_string())),
+            Err(e) => Err(DeviceError::io(e.to_string())),
+        };
+        if let Some(tx) = lock(&remote.inflight).remove(&index) {
+            let _ = tx.send(Some(result));
+        }
+    }
+
+    /// Pulls every absent chunk, yielding to reads, until the replica is complete; then
+    /// releases the source. Retries forever while the source is away.
+    pub async fn background_copy(self: Arc<Self>) {
+        let Some(remote) = &self.remote else { return };
+        let slots = Arc::new(tokio::sync::Semaphore::new(BACKGROUND_IN_FLIGHT));
+        let mut pause = Duration::from_millis(200);
+        while !self.is_complete() {
+            let failures = Arc::new(AtomicU64::new(0));
+            for index in 0..self.g.chunk_count() {
+                if self.state(index) != ABSENT {
+                    continue;
+                }
+                // Reads waiting on the source go first.
+                while remote.waiting_reads.load(Ordering::SeqCst) > 0 {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+                if let Some(bucket) = &remote.bucket {
+                    bucket.take(self.g.len(index) as u64 / 2).await;
+                }
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (this, failed) = (self.clone(), failures.clone());
+                tokio::spawn(async move {
+                    if this.demand(index, false, None).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                });
+                if failures.load(Ordering::Relaxed) > 0 {
+                    break; // the source is away: wait, then start a new pass
+                }
+            }
+            let _ = slots
+                .acquire_many(BACKGROUND_IN_FLIGHT as u32)
+                .await
+                .map(|p| drop(p));
+            if failures.load(Ordering::Relaxed) > 0 {
+                tracing::warn!(disk = %self.name, source = %remote.addr, retry_in = ?pause, "background copy cannot reach the source; will retry");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            } else {
+                pause = Duration::from_millis(200);
+            }
+        }
+        if let Err(e) = tokio::task::spawn_blocking({
+            let this = self.clone();
+            move || this.sync()
+        })
+        .await
+        .unwrap_or_else(|e| Err(DeviceError::io(e.to_string())))
+        {
+            tracing::error!(disk = %self.name, error = %e, "cannot sync the completed replica");
+        }
+        remote.demand.close().await;
+        remote.background.close().await;
+        remote.released.store(true, Ordering::SeqCst);
+        tracing::info!(disk = %self.name, source = %remote.addr, "replica complete; source connections released");
+    }
+
+    /// A status snapshot.
+    pub fn status(&self, nbd: &str, background_rate: f64) -> status::Status {
+        let mut absent_bytes = 0;
+        for i in 0..self.g.chunk_count() {
+            if self.state(i) == ABSENT {
+                absent_bytes += self.g.len(i) as u64;
+            }
+        }
+        let waits = lock(&self.stats.recent_waits).clone();
+        let fetches = self.stats.demand_fetches.load(Ordering::Relaxed);
+        let complete = absent_bytes == 0;
+        status::Status {
+            disk: self.name.clone(),
+            pid: std::process::id(),
+            nbd: nbd.to_string(),
+            source: self.remote.as_ref().map(|r| r.addr.clone()),
+            size_bytes: self.g.size,
+            present_bytes: self.g.size - absent_bytes,
+            absent_bytes,
+            written_bytes: self.written.load(Ordering::Relaxed) * self.g.chunk_size as u64,
+            background_rate,
+            eta_s: (!complete && background_rate > 0.0)
+                .then(|| absent_bytes as f64 / background_rate),
+            on_demand_fetches: fetches,
+            on_demand_mean_ms: if fetches > 0 {
+                self.stats.demand_wait_us.load(Ordering::Relaxed) as f64 / fetches as f64 / 1000.0
+            } else {
+                0.0
+            },
+            on_demand_p50_ms: status::percentile_ms(&waits, 0.5),
+            on_demand_p99_ms: status::percentile_ms(&waits, 0.99),
+            wire_bytes: self.stats.wire_bytes.load(Ordering::Relaxed),
+            complete: complete
+                && self
+                    .remote
+                    .as_ref()
+                    .is_none_or(|r| r.released.load(Ordering::SeqCst)),
+            updated_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+
+    fn lock_stripes(&self, range: std::ops::Range<u64>) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        let mut ids: Vec<usize> = range.map(|i| self.stripe(i)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Sorted order: two writers never wait on each other's stripes in a cycle.
+        ids.into_iter().map(|s| lock(&self.stripes[s])).collect()
+    }
+
+    fn mark(&self, i: u64, new: u8, rec: &mut ChunkWriter) {
+        let old = self.states[i as usize].swap(new, Ordering::SeqCst);
+        if old == ABSENT {
+            self.absent.fetch_sub(1, Ordering::SeqCst);
+        }
+        if old != WRITTEN && new == WRITTEN {
+            self.written.fetch_add(1, Ordering::Relaxed);
+        }
+        if old == WRITTEN && new != WRITTEN {
+            self.written.fetch_sub(1, Ordering::Relaxed);
+        }
+        match new {
+            ZERO => rec.mark_zero(i),
+            _ => rec.mark_written(i),
+        }
+    }
+
+    fn apply_write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let range = self.g.chunks_touching(offset, data.len() as u64);
+        let _guards = self.lock_stripes(range.clone());
+        {
+            let mut rec = lock(&self.records);
+            // Marked before the bytes move: a fetch landing later sees the mark and is dropped.
+            for i in range {
+                if self.state(i) != WRITTEN {
+                    self.mark(i, WRITTEN, &mut rec);
+                }
+            }
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_err("cannot write replica"))
+    }
+
+    fn apply_zero(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), DeviceError> {
+        let range = self.g.chunks_touching(offset, len);
+        let _guards = self.lock_stripes(range.clone());
+        let mut rec = lock(&self.records);
+        for i in range {
+            let (cs, cl) = (self.g.offset(i), self.g.len(i) as u64);
+            let s = offset.max(cs);
+            let e = (offset + len).min(cs + cl);
+            let whole = s == cs && e == cs + cl;
+            if whole && !no_hole {
+                self.mark(i, ZERO, &mut rec);
+                blockstore::replica::punch_hole(&self.file, s, e - s)
+                    .map_err(io_err("cannot punch replica"))?;
+            } else {
+                if self.state(i) != WRITTEN {
+                    self.mark(i, WRITTEN, &mut rec);
+                }
+                if no_hole {
+                    self.file
+                        .write_all_at(&vec![0u8; (e - s) as usize], s)
+                        .map_err(io_err("cannot write replica"))?;
+                } else {
+                    blockstore::replica::punch_hole(&self.file, s, e - s)
+                        .map_err(io_err("cannot punch replica"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ReplicaDevice) -> Result<T, DeviceError> + Send + 'static,
+    ) -> Result<T, DeviceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .unwrap_or_else(|e| Err(DeviceError::io(format!("I/O task failed: {e}"))))
+    }
+}
+
+/// The NBD face of a replica. Wrapped in a newtype so the device methods can take `Arc<Self>`.
+pub struct Exported(pub Arc<ReplicaDevice>);
+
+impl Device for Exported {
+    fn size(&self) -> u64 {
+        self.0.g.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.0.read_only
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
+        let dev = &self.0;
+        let range = dev.g.chunks_touching(offset, len as u64);
+        if dev.remote.is_some() {
+            // Sequential reader: fetch ahead of it while it consumes this request.
+            if dev
+                .last_read_end
+                .swap(offset + len as u64, Ordering::Relaxed)
+                == offset
+            {
+                let ahead = (range.end - range.start).clamp(4, 32) * 2;
+                for i in range.end..(range.end + ahead).min(dev.g.chunk_count()) {
+                    if dev.state(i) == ABSENT {
+                        tokio::spawn(dev.clone().demand(i, true, None));
+                    }
+                }
+            }
+            dev.ensure(range, None).await?;
+        } else if range.clone().any(|i| dev.state(i) == ABSENT) {
+            dev.ensure(range, None).await?;
+        }
+        dev.blocking(move |d| {
+            let mut buf = vec![0u8; len as usize];
+            d.file
+                .read_exact_at(&mut buf, offset)
+                .map_err(io_err("cannot read replica"))?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        let dev = &self.0;
+        let len = data.len() as u64;
+        dev.ensure(dev.g.chunks_touching(offset, len), Some((offset, len)))
+            .await?;
+        dev.blocking(move |d| {
+            d.apply_write(offset, &data)?;
+            if fua {
+                d.sync()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        let dev = &self.0;
+        dev.ensure(
+            dev.g.chunks_touching(offset, len as u64),
+            Some((offset, len as u64)),
+        )
+        .await?;
+        dev.blocking(move |d| {
+            d.apply_zero(offset, len as u64, no_hole)?;
+            if fua {
+                d.sync()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
+        self.write_zeroes(offset, len, false, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.0.blocking(|d| d.sync()).await
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        let dev = &self.0;
+        dev.ensure(dev.g.chunks_touching(offset, len as u64), None)
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
+        let dev = &self.0;
+        let end = offset + len as u64;
+        let mut out: Vec<Extent> = Vec::new();
+        for i in dev.g.chunks_touching(offset, len as u64) {
+            let s = offset.max(dev.g.offset(i));
+            let e = end.min(dev.g.offset(i) + dev.g.len(i) as u64);
+            let flags = if dev.state(i) == ZERO {
+                STATE_HOLE | STATE_ZERO
+            } else {
+                0
+            };
+            match out.last_mut() {
+                Some(last)
+                    if last.flags == flags && last.length as u64 + (e - s) <= u32::MAX as u64 =>
+                {
+                    last.length += (e - s) as u32
+                }
+                _ => out.push(Extent {
+                    length: (e - s) as u32,
+                    flags,
+                }),
+            }
+        }
+        Ok(out)
+    }
+}

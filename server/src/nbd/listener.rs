@@ -1,0 +1,148 @@
+//! Where an NBD export listens: `unix:PATH` (created mode 0600) or `HOST:PORT`.
+
+use super::device::Device;
+use super::handshake::{negotiate, Export};
+use super::transmission::serve;
+use crate::listen::ListenError;
+use protocol::conn::Io;
+use protocol::tls::{is_loopback, TlsServer};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::{TcpListener, UnixListener};
+
+/// An NBD listening address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// `HOST:PORT`.
+    Tcp(String),
+}
+
+impl std::str::FromStr for NbdAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a socket path, e.g. unix:/run/helio/web-01.sock".into()),
+            Some(p) => Ok(NbdAddr::Unix(PathBuf::from(p))),
+            None if s.contains(':') => Ok(NbdAddr::Tcp(s.to_string())),
+            None => Err(format!("{s:?}: expected unix:PATH or HOST:PORT")),
+        }
+    }
+}
+
+/// A bound NBD listener.
+pub enum NbdListener {
+    /// Unix socket.
+    Unix(UnixListener, PathBuf),
+    /// TCP.
+    Tcp(TcpListener),
+}
+
+impl NbdListener {
+    /// Binds; a TCP address off loopback needs TLS (clients then use STARTTLS).
+    pub async fn bind(addr: &NbdAddr, tls: bool) -> Result<NbdListener, ListenError> {
+        let bind_err = |source| ListenError::Bind {
+            addr: format!("{addr:?}"),
+            source,
+        };
+        match addr {
+            NbdAddr::Unix(path) => {
+                // A stale socket from a killed export would make bind fail.
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                // Bind under a temporary name, restrict it, then rename: the socket is never
+                // reachable with looser permissions.
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                let l = UnixListener::bind(&tmp).map_err(bind_err)?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                    .map_err(bind_err)?;
+                std::fs::rename(&tmp, path).map_err(bind_err)?;
+                Ok(NbdListener::Unix(l, path.clone()))
+            }
+            NbdAddr::Tcp(a) => {
+                if !tls && !is_loopback(a) {
+                    return Err(ListenError::NeedsTls(a.clone()));
+                }
+                Ok(NbdListener::Tcp(
+                    TcpListener::bind(a).await.map_err(bind_err)?,
+                ))
+            }
+        }
+    }
+
+    /// What clients dial: `unix:PATH` or the bound `HOST:PORT`.
+    pub fn describe(&self) -> String {
+        match self {
+            NbdListener::Unix(_, p) => format!("unix:{}", p.display()),
+            NbdListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Box<dyn Io>, String)> {
+        match self {
+            NbdListener::Unix(l, p) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::new(s), format!("unix:{}", p.display())))
+            }
+            NbdListener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Box::new(s), peer.to_string()))
+            }
+        }
+    }
+
+    /// Serves `exports` until the task is dropped.
+    pub async fn run<D: Device>(self, exports: Vec<Export<D>>, tls: Option<TlsServer>) {
+        let exports = Arc::new(exports);
+        let tls = tls.map(Arc::new);
+        loop {
+            let (io, peer) = match self.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (exports, tls) = (exports.clone(), tls.clone());
+            tokio::spawn(async move {
+                match negotiate(io, &exports, tls.as_deref(), &peer).await {
+                    Ok(Some(neg)) => {
+                        tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured, "NBD client connected");
+                        if let Err(e) = serve(neg, peer.clone()).await {
+                            tracing::debug!(%peer, error = %e, "NBD connection ended");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%peer, error = %e, "NBD negotiation failed"),
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<NbdAddr>(),
+            Ok(NbdAddr::Unix("/tmp/x.sock".into()))
+        );
+        assert_eq!(
+            "127.0.0.1:10809".parse::<NbdAddr>(),
+            Ok(NbdAddr::Tcp("127.0.0.1:10809".into()))
+        );
+        assert!("unix:".parse::<NbdAddr>().is_err());
+        assert!("nonsense".parse::<NbdAddr>().is_err());
+    }
+}
