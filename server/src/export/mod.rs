@@ -424,7 +424,7 @@ impl ReplicaDevice {
             let _ = slots
                 .acquire_many(BACKGROUND_IN_FLIGHT as u32)
                 .await
-                .map(|p| drop(p));
+                .map(drop);
             if failures.load(Ordering::Relaxed) > 0 {
                 tracing::warn!(disk = %self.name, source = %remote.addr, retry_in = ?pause, "background copy cannot reach the source; will retry");
                 tokio::time::sleep(pause).await;
