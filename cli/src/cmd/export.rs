@@ -94,11 +94,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     copier.abort();
     status_task.abort();
     let d = dev.clone();
-    tokio::task::spawn_blocking(move || {
-        let _ = server::nbd::Device::flush(&Exported(d));
-    })
-    .await
-    .ok();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || d.sync()).await {
+        tracing::error!(disk = %a.name, error = %e, "final sync failed");
+    }
     let _ = std::fs::write(
         status::path(&a.store, &a.name),
         serde_json::to_vec(&dev.status(&where_, 0.0))?,

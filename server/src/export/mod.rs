@@ -256,7 +256,7 @@ impl ReplicaDevice {
     }
 
     /// Makes every completed write durable, with its records.
-    fn sync(&self) -> Result<(), DeviceError> {
+    pub fn sync(&self) -> Result<(), DeviceError> {
         let mut rec = lock(&self.records);
         rec.commit().map_err(store_err)?;
         // Writes to chunks already marked leave nothing pending: sync their bytes anyway.
