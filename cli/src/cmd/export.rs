@@ -86,6 +86,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     }];
     let serve = tokio::spawn(listener.run(exports, tls));
     let copier = tokio::spawn(dev.clone().background_copy());
+    // Published before "listening on", so `helio status` works as soon as clients can connect.
+    status::write(&a.store, &dev.status(&where_, 0.0))
+        .with_context(|| format!("cannot write the status file in {}", a.store.display()))?;
     let status_task = tokio::spawn(publish_status(dev.clone(), a.store.clone(), where_.clone()));
     tracing::info!(disk = %a.name, nbd = %where_, absent_chunks = dev.absent_chunks(), source = a.from.as_deref().unwrap_or("-"), "exporting");
     println!("listening on {where_}");
@@ -112,7 +115,6 @@ async fn publish_status(dev: Arc<ReplicaDevice>, store: PathBuf, nbd: String) {
     );
     let mut rate = 0.0;
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let now = (
             std::time::Instant::now(),
             dev.stats.background_bytes.load(Ordering::Relaxed),
@@ -129,5 +131,6 @@ async fn publish_status(dev: Arc<ReplicaDevice>, store: PathBuf, nbd: String) {
         if let Err(e) = status::write(&store, &s) {
             tracing::warn!(error = %e, "cannot write the status file");
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

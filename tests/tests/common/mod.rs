@@ -216,3 +216,102 @@ pub fn sum_log_field(log: &str, key: &str) -> u64 {
         .filter_map(|v| v.trim_matches('"').parse::<u64>().ok())
         .sum()
 }
+
+/// The NBD URI of export `name` on unix socket `sock`.
+pub fn nbd_uri(sock: &Path, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}
+
+/// Starts `helio export` on a unix socket in `dir`; returns the agent and the socket path.
+pub fn export(dir: &Path, store: &Path, name: &str, extra: &[&str]) -> (Agent, PathBuf) {
+    let sock = dir.join(format!("{name}-{}.sock", rand::random::<u32>()));
+    let nbd = format!("unix:{}", sock.display());
+    let mut args = vec![
+        "export",
+        "--store",
+        store.to_str().unwrap(),
+        "--name",
+        name,
+        "--nbd",
+        &nbd,
+    ];
+    args.extend_from_slice(extra);
+    let log = dir.join(format!("export-{}.log", rand::random::<u32>()));
+    (Agent::start(&args, &log), sock)
+}
+
+/// Runs `qemu-io -f raw` with commands against `uri`; returns (success, combined output).
+/// qemu-io reports failed commands in its output, so callers check both.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg("raw");
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let out = c
+        .arg(uri)
+        .output()
+        .expect("run qemu-io (apt-get install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
+    (out.status.success() && !failed, text)
+}
+
+/// Runs a command, requiring success; returns stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helio status --json` of a running export.
+pub fn status(store: &Path, name: &str) -> serde_json::Value {
+    last_json(&helio_ok(&[
+        "status",
+        "--store",
+        store.to_str().unwrap(),
+        "--name",
+        name,
+        "--json",
+    ]))
+}
+
+/// Polls until `helio status` says complete (panics after `secs`).
+pub fn wait_complete(store: &Path, name: &str, secs: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(raw) = std::fs::read(store.join("status").join(format!("{name}.json"))) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&raw) {
+                if v["complete"] == serde_json::Value::Bool(true) {
+                    return v;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export of {name} not complete after {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,456 @@
+//! `helio export` against clients we did not write: qemu-img, qemu-io, nbdinfo, nbdcopy, fio,
+//! and libnbd's Python binding.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+fn seeded(dir: &Path, size: &str, seed: u64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let img = dir.join("a.img");
+    sample_image(&img, size, seed);
+    let src = source(dir, &[(&img, "a")], &[]);
+    let store = dir.join("store");
+    helio_ok(&[
+        "seed",
+        "--from",
+        &src.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    (img, store)
+}
+
+#[test]
+fn complete_replica_serves_qemu_img_nbdinfo_and_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = seeded(dir.path(), "16MiB", 21);
+    let (exp, sock) = export(dir.path(), &store, "a", &[]);
+    let uri = nbd_uri(&sock, "a");
+    let mode = std::fs::metadata(&sock)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o600, "the NBD socket must be private");
+
+    let out = dir.path().join("out.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        cmp(&img, &out),
+        "qemu-img convert of the export differs from the image"
+    );
+
+    // nbdinfo --map: every hole it reports reads as zeros in the image, and there are holes.
+    let map: serde_json::Value =
+        serde_json::from_str(&run_ok("nbdinfo", &["--map", "--json", &uri])).unwrap();
+    let data = std::fs::read(&img).unwrap();
+    let mut holes = 0;
+    for e in map.as_array().unwrap() {
+        let (off, len, ty) = (
+            e["offset"].as_u64().unwrap() as usize,
+            e["length"].as_u64().unwrap() as usize,
+            e["type"].as_u64().unwrap(),
+        );
+        if ty & 1 != 0 {
+            holes += 1;
+            assert!(
+                data[off..off + len].iter().all(|&b| b == 0),
+                "hole at {off}+{len} holds data"
+            );
+        }
+    }
+    assert!(
+        holes > 0,
+        "no holes reported for an image with zero regions: {map}"
+    );
+
+    // Aligned and unaligned writes, read back, then across a restart of the export.
+    let cmds = [
+        "write -P 0x11 65536 65536",
+        "write -P 0x22 1000 3000",
+        "write -z 131072 65536",
+        "flush",
+    ];
+    let (ok, text) = qemu_io(&uri, &cmds);
+    assert!(ok, "{text}");
+    let checks = [
+        "read -P 0x11 65536 65536",
+        "read -P 0x22 1000 3000",
+        "read -P 0 131072 65536",
+    ];
+    let (ok, text) = qemu_io(&uri, &checks);
+    assert!(ok, "{text}");
+    exp.stop();
+    let (_exp, sock) = export(dir.path(), &store, "a", &[]);
+    let (ok, text) = qemu_io(&nbd_uri(&sock, "a"), &checks);
+    assert!(ok, "writes lost across an export restart: {text}");
+    // Bytes around the unaligned write are the image's.
+    let (ok, text) = qemu_io(
+        &nbd_uri(&sock, "a"),
+        &[
+            &format!("read -P {} 999 1", data[999]),
+            &format!("read -P {} 4000 1", data[4000]),
+        ],
+    );
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn nbdcopy_with_four_connections_and_fio_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = seeded(dir.path(), "32MiB", 22);
+    let (_exp, sock) = export(dir.path(), &store, "a", &[]);
+    let uri = nbd_uri(&sock, "a");
+    let out = dir.path().join("copy.raw");
+    run_ok(
+        "nbdcopy",
+        &["-C", "4", "--requests", "16", &uri, out.to_str().unwrap()],
+    );
+    assert!(
+        cmp(&img, &out),
+        "nbdcopy with 4 connections read wrong data"
+    );
+
+    let fio = run_ok(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--output-format=json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&fio[fio.find('{').unwrap()..]).unwrap();
+    assert_eq!(
+        report["jobs"][0]["error"].as_u64(),
+        Some(0),
+        "fio reported an error: {fio}"
+    );
+}
+
+#[test]
+fn reads_of_absent_chunks_fetch_on_demand_through_a_wan() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "16MiB", 23);
+    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let proxy = Agent::start(
+        &[
+            "wan-proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            &src.addr,
+            "--rtt",
+            "20ms",
+            "--bandwidth",
+            "200Mbit",
+        ],
+        &dir.path().join("proxy.log"),
+    );
+    let store = dir.path().join("store");
+    // A slow background copier, so reads find chunks absent.
+    let (_exp, sock) = export(
+        dir.path(),
+        &store,
+        "a",
+        &["--from", &proxy.addr, "--bandwidth", "1MiB/s"],
+    );
+    let data = std::fs::read(&img).unwrap();
+    let uri = nbd_uri(&sock, "a");
+    let off = 12 * 1024 * 1024 + 4096;
+    let (ok, text) = qemu_io(&uri, &[&format!("read -P {} {off} 1", data[off])]);
+    assert!(ok, "{text}");
+    let out = dir.path().join("out.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        cmp(&img, &out),
+        "data fetched on demand differs from the source image"
+    );
+    let st = status(&store, "a");
+    assert!(
+        st["on_demand_fetches"].as_u64().unwrap() > 0,
+        "no read waited for a fetch: {st}"
+    );
+    assert!(
+        st["on_demand_p50_ms"].as_f64().unwrap() >= 20.0,
+        "a fetch through a 20 ms RTT link took less than one RTT: {st}"
+    );
+}
+
+#[test]
+fn write_during_background_copy_survives_its_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "8MiB", 24);
+    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let store = dir.path().join("store");
+    let (_exp, sock) = export(
+        dir.path(),
+        &store,
+        "a",
+        &["--from", &src.addr, "--bandwidth", "2MiB/s"],
+    );
+    let uri = nbd_uri(&sock, "a");
+    // Unaligned across a chunk boundary, a whole chunk, zeroes, all near the end (copied last).
+    let cmds = [
+        "write -P 0x5a 7000000 70000",
+        "write -P 0x6b 7340032 65536",
+        "write -z 7667712 4096",
+        "flush",
+    ];
+    let (ok, text) = qemu_io(&uri, &cmds);
+    assert!(ok, "{text}");
+    let st = status(&store, "a");
+    assert_eq!(
+        st["complete"], false,
+        "copy finished before the writes: the test proves nothing: {st}"
+    );
+    wait_complete(&store, "a", 90);
+    let mut expected = std::fs::read(&img).unwrap();
+    expected[7000000..7070000].fill(0x5a);
+    expected[7340032..7340032 + 65536].fill(0x6b);
+    expected[7667712..7667712 + 4096].fill(0);
+    let out = dir.path().join("out.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    let got = std::fs::read(&out).unwrap();
+    let first_bad = got.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(
+        first_bad, None,
+        "replica differs from image+writes at byte {first_bad:?}"
+    );
+}
+
+#[test]
+fn source_killed_mid_copy_fails_absent_reads_only_then_copy_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "8MiB", 25);
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let start_source = |log: &str| {
+        Agent::start(
+            &[
+                "source",
+                "--listen",
+                &listen,
+                "--state",
+                state.to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--name",
+                "a",
+            ],
+            &dir.path().join(log),
+        )
+    };
+    let src = start_source("src1.log");
+    let store = dir.path().join("store");
+    let (_exp, sock) = export(
+        dir.path(),
+        &store,
+        "a",
+        &[
+            "--from",
+            &listen,
+            "--bandwidth",
+            "512KiB/s",
+            "--fetch-timeout",
+            "2s",
+        ],
+    );
+    let uri = nbd_uri(&sock, "a");
+    let data = std::fs::read(&img).unwrap();
+    // Chunk 0 fetched now; the end of the disk stays absent at this rate.
+    let (ok, text) = qemu_io(&uri, &[&format!("read -P {} 0 1", data[0])]);
+    assert!(ok, "{text}");
+    src.kill9();
+
+    let (ok, text) = qemu_io(&uri, &[&format!("read -P {} 0 65536", data[0])]);
+    assert!(
+        ok && !text.contains("Input/output"),
+        "a present chunk failed without its source: {text}"
+    );
+    let far = 8 * 1024 * 1024 - 65536;
+    let started = std::time::Instant::now();
+    let (ok, text) = qemu_io(&uri, &[&format!("read {far} 4096")]);
+    assert!(
+        !ok && text.contains("Input/output error"),
+        "an absent chunk did not fail with EIO: {text}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "EIO came before the fetch timeout"
+    );
+
+    let _src2 = start_source("src2.log");
+    wait_complete(&store, "a", 120);
+    let out = dir.path().join("out.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(cmp(&img, &out), "the resumed copy differs from the image");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_of_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "8MiB", 26);
+    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let store = dir.path().join("store");
+    let (exp, sock) = export(
+        dir.path(),
+        &store,
+        "a",
+        &["--from", &src.addr, "--bandwidth", "1MiB/s"],
+    );
+    let (ok, text) = qemu_io(
+        &nbd_uri(&sock, "a"),
+        &[
+            "write -P 0x3c 5000000 100000",
+            "flush",
+            "write -P 0x4d -f 6000000 4096",
+        ],
+    );
+    assert!(ok, "{text}");
+    exp.kill9();
+    let (_exp, sock) = export(dir.path(), &store, "a", &["--from", &src.addr]);
+    let (ok, text) = qemu_io(
+        &nbd_uri(&sock, "a"),
+        &["read -P 0x3c 5000000 100000", "read -P 0x4d 6000000 4096"],
+    );
+    assert!(ok, "acknowledged writes lost after kill -9: {text}");
+    wait_complete(&store, "a", 60);
+    let (ok, text) = qemu_io(&nbd_uri(&sock, "a"), &["read -P 0x3c 5000000 100000"]);
+    assert!(ok, "the background copy overwrote a local write: {text}");
+}
+
+#[test]
+fn readonly_export_refuses_writes_with_eperm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, store) = seeded(dir.path(), "4MiB", 27);
+    let (_exp, sock) = export(dir.path(), &store, "a", &["--readonly"]);
+    let uri = nbd_uri(&sock, "a");
+    assert!(run_ok("nbdinfo", &[&uri]).contains("is_read_only: true"));
+    let code = libnbd(
+        &uri,
+        "
+try:
+    h.pwrite(b'x' * 512, 0)
+    print('WROTE')
+except nbd.Error as e:
+    print('ERRNO', e.errno)
+",
+    );
+    assert!(
+        code.contains("ERRNO EPERM") || code.contains("ERRNO 1"),
+        "write to a read-only export: {code}"
+    );
+}
+
+/// Runs a libnbd Python snippet with `h` connected to `uri` (client-side checks off, so the
+/// server's own checks are exercised).
+fn libnbd(uri: &str, body: &str) -> String {
+    let script = format!(
+        "import nbd, errno\nh = nbd.NBD()\nh.set_strict_mode(0)\nh.connect_uri({uri:?})\n{body}\nh.shutdown()\n"
+    );
+    run_ok("/usr/bin/python3", &["-c", &script])
+}
+
+#[test]
+fn out_of_range_and_malformed_requests_get_errors_not_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, store) = seeded(dir.path(), "4MiB", 28);
+    let (_exp, sock) = export(dir.path(), &store, "a", &[]);
+    let uri = nbd_uri(&sock, "a");
+    let size = 4 * 1024 * 1024;
+    let out = libnbd(
+        &uri,
+        &format!(
+            "
+def err(f):
+    try:
+        f()
+        return 'OK'
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+print('read', err(lambda: h.pread(512, {size} - 256)))
+print('write', err(lambda: h.pwrite(b'y' * 512, {size})))
+print('trim', err(lambda: h.trim(4096, {size})))
+print('zero', err(lambda: h.zero(4096, {size})))
+print('inrange', err(lambda: h.pread(512, 0)))
+"
+        ),
+    );
+    assert!(out.contains("read EINVAL"), "{out}");
+    assert!(out.contains("write ENOSPC"), "{out}");
+    assert!(out.contains("trim EINVAL"), "{out}");
+    assert!(out.contains("zero ENOSPC"), "{out}");
+    assert!(out.contains("inrange OK"), "{out}");
+
+    // Garbage instead of a handshake, and a bad request magic: the server drops those
+    // connections and keeps serving.
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let _ = s.write_all(b"\x00\x00\x00\x03this is not an NBD option at all");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    drop(s);
+    run_ok("nbdinfo", &[&uri]);
+}
