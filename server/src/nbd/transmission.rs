@@ -53,25 +53,22 @@ fn error_reply(structured: bool, handle: u64, err: &DeviceError) -> Vec<u8> {
     b
 }
 
-fn read_reply(structured: bool, handle: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+/// A reply: its header bytes and, for reads, the data sent after them without a copy.
+type Reply = (Vec<u8>, Vec<u8>);
+
+fn read_reply(structured: bool, handle: u64, offset: u64, data: Vec<u8>) -> Reply {
     if !structured {
-        return simple_reply(handle, 0, data);
+        return (simple_reply(handle, 0, &[]), data);
     }
-    let mut b = Vec::with_capacity(28 + data.len());
+    let mut b = Vec::with_capacity(28);
     if data.is_empty() {
         chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
     } else {
-        chunk_header(
-            &mut b,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_OFFSET_DATA,
-            handle,
-            8 + data.len() as u32,
-        );
+        let len = 8 + data.len() as u32;
+        chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, len);
         b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(data);
     }
-    b
+    (b, data)
 }
 
 fn block_status_reply(handle: u64, extents: &[Extent]) -> Vec<u8> {
@@ -156,14 +153,16 @@ pub async fn serve<D: Device>(neg: Negotiated<D>, peer: String) -> io::Result<()
     } = neg;
     let dev = export.device.clone();
     let (mut rd, wr) = tokio::io::split(io);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT * 2);
+    let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT * 2);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 * 1024, wr);
-        while let Some(reply) = rx.recv().await {
-            w.write_all(&reply).await?;
+        while let Some((head, data)) = rx.recv().await {
+            w.write_all(&head).await?;
+            w.write_all(&data).await?;
             // Flush once nothing else is ready: bursts of replies leave in few syscalls.
-            while let Ok(more) = rx.try_recv() {
-                w.write_all(&more).await?;
+            while let Ok((head, data)) = rx.try_recv() {
+                w.write_all(&head).await?;
+                w.write_all(&data).await?;
             }
             w.flush().await?;
         }
@@ -205,7 +204,9 @@ pub async fn serve<D: Device>(neg: Negotiated<D>, peer: String) -> io::Result<()
                         req.length
                     ),
                 );
-                let _ = tx.send(error_reply(structured, req.handle, &err)).await;
+                let _ = tx
+                    .send((error_reply(structured, req.handle, &err), Vec::new()))
+                    .await;
                 continue;
             }
             payload = vec![0u8; req.length as usize];
@@ -216,7 +217,7 @@ pub async fn serve<D: Device>(neg: Negotiated<D>, peer: String) -> io::Result<()
         if let Err(err) = check(&req, size, read_only, base_allocation) {
             tracing::debug!(%peer, handle = req.handle, error = %err, "refused request");
             if tx
-                .send(error_reply(structured, req.handle, &err))
+                .send((error_reply(structured, req.handle, &err), Vec::new()))
                 .await
                 .is_err()
             {
@@ -238,7 +239,7 @@ pub async fn serve<D: Device>(neg: Negotiated<D>, peer: String) -> io::Result<()
 }
 
 async fn finish(
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Reply>,
     writer: tokio::task::JoinHandle<io::Result<()>>,
     slots: Arc<Semaphore>,
     result: io::Result<()>,
@@ -250,16 +251,17 @@ async fn finish(
     result
 }
 
-async fn handle<D: Device>(dev: &D, req: Request, payload: Vec<u8>, structured: bool) -> Vec<u8> {
+async fn handle<D: Device>(dev: &D, req: Request, payload: Vec<u8>, structured: bool) -> Reply {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let done = |r: Result<(), DeviceError>| match r {
-        Ok(()) => simple_reply(req.handle, 0, &[]),
-        Err(e) => error_reply(structured, req.handle, &e),
+        Ok(()) => (simple_reply(req.handle, 0, &[]), Vec::new()),
+        Err(e) => (error_reply(structured, req.handle, &e), Vec::new()),
     };
+    let header = |h: Vec<u8>| (h, Vec::new());
     match req.kind {
         CMD_READ => match dev.read(req.offset, req.length).await {
-            Ok(data) => read_reply(structured, req.handle, req.offset, &data),
-            Err(e) => error_reply(structured, req.handle, &e),
+            Ok(data) => read_reply(structured, req.handle, req.offset, data),
+            Err(e) => header(error_reply(structured, req.handle, &e)),
         },
         CMD_WRITE => done(dev.write(req.offset, payload, fua).await),
         CMD_WRITE_ZEROES => done(
@@ -279,16 +281,16 @@ async fn handle<D: Device>(dev: &D, req: Request, payload: Vec<u8>, structured: 
                 if req.flags & CMD_FLAG_REQ_ONE != 0 {
                     extents.truncate(1);
                 }
-                block_status_reply(req.handle, &extents)
+                header(block_status_reply(req.handle, &extents))
             }
-            Err(e) => error_reply(structured, req.handle, &e),
+            Err(e) => header(error_reply(structured, req.handle, &e)),
         },
         // Invariant: `check` refused every other command.
-        _ => error_reply(
+        _ => header(error_reply(
             structured,
             req.handle,
             &invalid(EINVAL, "unknown command".into()),
-        ),
+        )),
     }
 }
 
