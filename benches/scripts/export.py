@@ -89,7 +89,9 @@ def bench_ondemand(d, img, rows):
     qs, ks = d / "q2.sock", d / "k.sock"
     for s in (qs, ks):
         s.unlink(missing_ok=True)
-    q = Listener(["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-r", "-k", str(qs), str(img)], d / "qemu-nbd2.log", socket=qs)
+    # -e 8: nbdkit opens one upstream connection per client connection, and qemu-nbd without
+    # it serves one at a time (nbdcopy then hangs).
+    q = Listener(["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-r", "-e", "8", "-k", str(qs), str(img)], d / "qemu-nbd2.log", socket=qs)
     k = Listener(["nbdkit", "-f", "-U", str(ks), "--filter=cache", "nbd", f"socket={qs}", "export=disk", "cache-on-read=true"], d / "nbdkit.log", socket=ks)
     tk = nbdcopy_null(f"nbd+unix:///?socket={ks}")
     k.stop()
@@ -129,9 +131,8 @@ def bench_wan(d, size, rows, rtt_ms=50, bw="1Gbit"):
     # 3. Present-block reads during the background copy vs idle.
     store = fresh(d / "store-wan-p99")
     e, hs = export(d, store, "disk", "--from", proxy.addr, "--bandwidth", "64KiB/s", tag="wp99")
-    timed(["nbdcopy", uri(hs, "disk"), "null:", "--queue-size=16777216"], ) if False else None
     # Make the first 32 MiB present, then restart with an uncapped copier.
-    timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", "--image-opts", f"driver=raw,file.driver=nbd,file.path={hs},file.export=disk,size=33554432", str(d / "head.raw")])
+    timed(["qemu-io", "-f", "raw", "-c", "read 0 16M", "-c", "read 16M 16M", uri(hs, "disk")])
     e.stop()
     e, hs = export(d, store, "disk", "--from", proxy.addr, tag="wp99b")
     _, _, busy = fio(uri(hs, "disk"), 1, secs=4, size="32M")
