@@ -142,6 +142,12 @@ impl Fetcher {
 
     /// Fetches and verifies chunk `index`.
     pub async fn fetch(&self, index: u64) -> Result<Fetched, FetchError> {
+        let frame = self.request(index).await?;
+        self.verify(index, frame)
+    }
+
+    /// Asks for chunk `index` and waits for its reply, unverified (see [`Fetcher::verify`]).
+    pub async fn request(&self, index: u64) -> Result<Frame, FetchError> {
         let link = self.link().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -161,14 +167,19 @@ impl Fetcher {
             self.drop_link(&link).await;
             return Err(FetchError::Unreachable(e.to_string()));
         }
-        let frame = match rx.await {
-            Ok(Ok(f)) => f,
+        match rx.await {
+            Ok(Ok(f)) => Ok(f),
             Ok(Err(e)) => {
                 self.drop_link(&link).await;
-                return Err(e);
+                Err(e)
             }
-            Err(_) => return Err(FetchError::Unreachable("connection closed".into())),
-        };
+            Err(_) => Err(FetchError::Unreachable("connection closed".into())),
+        }
+    }
+
+    /// Decodes and verifies the reply to a request for chunk `index` (CPU work: decompression
+    /// and blake3, which callers may move off latency-sensitive threads).
+    pub fn verify(&self, index: u64, frame: Frame) -> Result<Fetched, FetchError> {
         let wire_bytes = frame.payload.len() as u64 + 48;
         match frame.msg {
             Message::Chunk {

@@ -460,29 +460,72 @@ fn tcp_export_needs_tls_and_serves_libnbd_over_starttls() {
     let dir = tempfile::tempdir().unwrap();
     let (img, store) = seeded(dir.path(), "4MiB", 29);
     let d = |p: &str| dir.path().join(p).display().to_string();
-    let refused = helio(&["export", "--store", &d("store"), "--name", "a", "--nbd", "0.0.0.0:0"]);
+    let refused = helio(&[
+        "export",
+        "--store",
+        &d("store"),
+        "--name",
+        "a",
+        "--nbd",
+        "0.0.0.0:0",
+    ]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("without --tls"));
 
     helio_ok(&["pki", "init", &d("ca")]);
-    helio_ok(&["pki", "issue", "--ca", &d("ca"), "--name", "exp", "--out", &d("exp")]);
-    helio_ok(&["pki", "issue", "--ca", &d("ca"), "--name", "cli", "--out", &d("cli")]);
+    helio_ok(&[
+        "pki",
+        "issue",
+        "--ca",
+        &d("ca"),
+        "--name",
+        "exp",
+        "--out",
+        &d("exp"),
+    ]);
+    helio_ok(&[
+        "pki",
+        "issue",
+        "--ca",
+        &d("ca"),
+        "--name",
+        "cli",
+        "--out",
+        &d("cli"),
+    ]);
     // libnbd (GnuTLS) wants its own file names.
     let gnutls = dir.path().join("gnutls");
     std::fs::create_dir(&gnutls).unwrap();
-    for (from, to) in [("ca.pem", "ca-cert.pem"), ("cert.pem", "client-cert.pem"), ("key.pem", "client-key.pem")] {
+    for (from, to) in [
+        ("ca.pem", "ca-cert.pem"),
+        ("cert.pem", "client-cert.pem"),
+        ("key.pem", "client-key.pem"),
+    ] {
         std::fs::copy(dir.path().join("cli").join(from), gnutls.join(to)).unwrap();
     }
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let _exp = Agent::start(
-        &["export", "--store", store.to_str().unwrap(), "--name", "a", "--nbd", &listen, "--tls", &d("exp")],
+        &[
+            "export",
+            "--store",
+            store.to_str().unwrap(),
+            "--name",
+            "a",
+            "--nbd",
+            &listen,
+            "--tls",
+            &d("exp"),
+        ],
         &dir.path().join("exp.log"),
     );
     let out = dir.path().join("out.raw");
     let tls_uri = format!("nbds://{listen}/a?tls-certificates={}", gnutls.display());
     run_ok("nbdcopy", &[&tls_uri, out.to_str().unwrap()]);
     assert!(cmp(&img, &out), "data over STARTTLS differs");
-    let plain = std::process::Command::new("nbdinfo").arg(format!("nbd://{listen}/a")).output().unwrap();
+    let plain = std::process::Command::new("nbdinfo")
+        .arg(format!("nbd://{listen}/a"))
+        .output()
+        .unwrap();
     assert!(!plain.status.success(), "a client without TLS was served");
 }

@@ -14,12 +14,13 @@
 //! `fdatasync` ([`blockstore::ChunkWriter`]); FLUSH and FUA sync the file and commit the marks
 //! before answering, so an acknowledged write survives `kill -9`.
 
+mod lowprio;
 pub mod status;
 
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::{Device, DeviceError, Extent};
 use blockstore::{ChunkState, ChunkWriter, Replica, Store};
-use client::fetch::{FetchError, Fetched, Fetcher};
+use client::fetch::{Fetched, Fetcher};
 use client::session::Peer;
 use protocol::{ChunkEntry, Geometry};
 use status::ExportStats;
@@ -83,6 +84,8 @@ struct Remote {
     bucket: Option<TokenBucket>,
     waiting_reads: AtomicUsize,
     released: AtomicBool,
+    /// Where background chunks are verified and landed, below the reads' priority.
+    low: lowprio::LowPriority,
 }
 
 /// A replica served over NBD.
@@ -157,6 +160,13 @@ impl ReplicaDevice {
                     bucket: opts.bandwidth.map(TokenBucket::new),
                     waiting_reads: AtomicUsize::new(0),
                     released: AtomicBool::new(false),
+                    low: lowprio::LowPriority::start("helio-copier").map_err(|e| {
+                        blockstore::StoreError::Io {
+                            what: "cannot start the copier thread for",
+                            path: store.dir().to_path_buf(),
+                            source: e,
+                        }
+                    })?,
                 };
                 (replica, Some(remote), Some(manifest))
             }
@@ -361,29 +371,48 @@ impl ReplicaDevice {
         } else {
             &remote.background
         };
-        let result = match fetcher.fetch(index).await {
-            Ok(f) => {
-                self.stats
-                    .wire_bytes
-                    .fetch_add(f.wire_bytes, Ordering::Relaxed);
-                let this = self.clone();
-                let len = f.data.len() as u64;
-                match tokio::task::spawn_blocking(move || this.land(index, &f)).await {
-                    Ok(Ok(landed)) => {
-                        if landed && !priority {
-                            self.stats.background_chunks.fetch_add(1, Ordering::Relaxed);
-                            self.stats
-                                .background_bytes
-                                .fetch_add(len, Ordering::Relaxed);
-                        }
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(e),
-                    Err(e) => Err(DeviceError::io(format!("landing task failed: {e}"))),
-                }
-            }
-            Err(e @ FetchError::Refused(_)) => Err(DeviceError::io(e.to_string())),
+        let result = match fetcher.request(index).await {
             Err(e) => Err(DeviceError::io(e.to_string())),
+            Ok(frame) => {
+                let this = self.clone();
+                // Decode, verify and land: for a waiting read at once, for the background copy
+                // on the low-priority thread so that it never delays reads.
+                let work = move || -> Result<(bool, u64, u64), DeviceError> {
+                    let Some(remote) = &this.remote else {
+                        return Err(DeviceError::io("no source"));
+                    };
+                    let fetcher = if priority {
+                        &remote.demand
+                    } else {
+                        &remote.background
+                    };
+                    let f = fetcher
+                        .verify(index, frame)
+                        .map_err(|e| DeviceError::io(e.to_string()))?;
+                    let landed = this.land(index, &f)?;
+                    Ok((landed, f.data.len() as u64, f.wire_bytes))
+                };
+                let out = if priority {
+                    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+                        Err(DeviceError::io(format!("landing task failed: {e}")))
+                    })
+                } else {
+                    remote
+                        .low
+                        .run(work)
+                        .await
+                        .unwrap_or_else(|| Err(DeviceError::io("copier thread is gone")))
+                };
+                out.map(|(landed, len, wire)| {
+                    self.stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+                    if landed && !priority {
+                        self.stats.background_chunks.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .background_bytes
+                            .fetch_add(len, Ordering::Relaxed);
+                    }
+                })
+            }
         };
         if let Some(tx) = lock(&remote.inflight).remove(&index) {
             let _ = tx.send(Some(result));
