@@ -6,6 +6,7 @@
 //! move when it is written, so a block device is always rescanned.
 
 use crate::db::Db;
+use crate::dirty::{self, DirtyLog};
 use crate::error::Result;
 use crate::image::Image;
 use crate::scan;
@@ -53,7 +54,18 @@ impl Catalog {
     /// Opens (creating) the catalog in `dir`.
     pub fn open(dir: &Path) -> Result<Catalog> {
         Ok(Catalog {
-            db: Db::open(dir, &[IMAGES, MANIFEST], LAYOUT_VERSION)?,
+            db: Db::open(
+                dir,
+                &[
+                    IMAGES,
+                    MANIFEST,
+                    dirty::STAMPS,
+                    dirty::ACTIVITY,
+                    dirty::REPLICAS,
+                    dirty::GENS,
+                ],
+                LAYOUT_VERSION,
+            )?,
         })
     }
 
@@ -166,6 +178,14 @@ impl Catalog {
         let stamp = bincode::serialize(stamp).expect("stamp serialises");
         batch.put_cf(self.db.cf(IMAGES), name, stamp);
         self.db.write_sync(batch)
+    }
+
+    /// The dirty-tracking state of disk `name`.
+    pub fn dirty(&self, name: &str) -> DirtyLog<'_> {
+        DirtyLog {
+            db: &self.db,
+            disk: name.to_string(),
+        }
     }
 
     /// Records new entries for chunks of `name` (the image was written while served).

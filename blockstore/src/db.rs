@@ -86,6 +86,13 @@ impl Db {
         self.write_sync(b)
     }
 
+    /// Writes one key in family `cf`, synced.
+    pub fn put_cf_sync(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut b = rocksdb::WriteBatch::default();
+        b.put_cf(self.cf(cf), key, value);
+        self.write_sync(b)
+    }
+
     /// Writes a batch atomically and durably.
     pub fn write_sync(&self, batch: rocksdb::WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();

@@ -22,6 +22,7 @@ pub(crate) const DISKS: &str = "disks";
 pub(crate) const CHUNKS: &str = "chunks";
 pub(crate) const CONTENT: &str = "content";
 const NEXT_ID: &[u8] = b"next_disk_id";
+const STORE_ID: &[u8] = b"store_id";
 
 /// A disk held in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,7 @@ pub struct DiskRecord {
 
 pub(crate) struct Inner {
     pub(crate) db: Db,
+    id: [u8; 16],
     pub(crate) dir: PathBuf,
     id_lock: Mutex<()>,
 }
@@ -68,13 +70,31 @@ impl Store {
         std::fs::create_dir_all(dir.join("data"))
             .map_err(io_err("cannot create store directory", dir))?;
         let db = Db::open(&dir.join("meta"), &[DISKS, CHUNKS, CONTENT], LAYOUT_VERSION)?;
+        // A random id names this store to sources, which track what each replica lacks.
+        let id = match db.db.get(STORE_ID).map_err(|e| db.err(e))? {
+            Some(v) => v
+                .as_slice()
+                .try_into()
+                .map_err(|_| db.corrupt("store id is not 16 bytes"))?,
+            None => {
+                let id: [u8; 16] = rand::random();
+                db.put_sync(STORE_ID, &id)?;
+                id
+            }
+        };
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
+                id,
                 dir: dir.to_path_buf(),
                 id_lock: Mutex::new(()),
             }),
         })
+    }
+
+    /// The store's id, as sources know this replica.
+    pub fn id(&self) -> [u8; 16] {
+        self.inner.id
     }
 
     /// The store's directory.

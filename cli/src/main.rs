@@ -21,6 +21,8 @@ enum Command {
     Source(cmd::source::Args),
     /// Replicate a disk from a source agent into a local store (pre-seeding).
     Seed(cmd::seed::Args),
+    /// Ship what the source wrote since the last round (incremental disk pre-copy).
+    Sync(cmd::sync::Args),
     /// Serve a replica over NBD; with --from, absent chunks are fetched on demand.
     Export(cmd::export::Args),
     /// Report on a running export (present/absent bytes, copy rate, fetch latency).
@@ -70,6 +72,7 @@ fn main() {
         match cli.command {
             Command::Source(a) => cmd::source::run(a).await,
             Command::Seed(a) => cmd::seed::run(a).await,
+            Command::Sync(a) => cmd::sync::run(a).await,
             Command::Export(a) => cmd::export::run(a).await,
             Command::Status(a) => cmd::status::run(a),
             Command::Materialize(a) => cmd::materialize::run(a),

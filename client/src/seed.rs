@@ -167,7 +167,8 @@ enum Landing {
 struct Shared {
     name: String,
     geometry: Geometry,
-    digest: ChunkHash,
+    /// The manifest digest streams must find, when the transfer depends on it.
+    digest: Option<ChunkHash>,
     manifest: Vec<ChunkEntry>,
     queue: Mutex<VecDeque<u64>>,
     remaining: AtomicUsize,
@@ -195,17 +196,45 @@ pub async fn seed(
     cancel: CancellationToken,
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
-    let (info, manifest) = manifest_with_retries(&opts).await?;
+    let (info, manifest) = manifest_with_retries(&opts, store.id()).await?;
+    let mut report = transfer(store, &opts, &info, manifest, None, progress, cancel, true).await?;
+    store
+        .replica(&opts.name)?
+        .mark_seeded(info.manifest_digest)?;
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Plans and fetches chunks of `opts.name` into `store`: every chunk of `manifest`, or only
+/// those listed in `only` (a sync round). With `check_digest`, streams refuse a source whose
+/// manifest changed meanwhile (a live disk's does, and sync rounds carry their own list).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn transfer(
+    store: &Store,
+    opts: &SeedOptions,
+    info: &protocol::DiskInfo,
+    manifest: Vec<ChunkEntry>,
+    only: Option<Vec<u64>>,
+    progress: Arc<SeedProgress>,
+    cancel: CancellationToken,
+    check_digest: bool,
+) -> Result<SeedReport, SeedError> {
+    let started = Instant::now();
     let g = info.geometry;
-    progress.logical_total.store(g.size, Ordering::Relaxed);
-    progress
-        .chunks_total
-        .store(g.chunk_count(), Ordering::Relaxed);
+    let (total, count) = match &only {
+        None => (g.size, g.chunk_count()),
+        Some(list) => (
+            list.iter().map(|&i| g.len(i) as u64).sum(),
+            list.len() as u64,
+        ),
+    };
+    progress.logical_total.store(total, Ordering::Relaxed);
+    progress.chunks_total.store(count, Ordering::Relaxed);
 
     let replica = store.open_or_create(&opts.name, g)?;
     let (writer, fetch, dups) = {
         let (replica, manifest, progress) = (replica.clone(), manifest.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || plan(&replica, &manifest, &progress))
+        tokio::task::spawn_blocking(move || plan(&replica, &manifest, only.as_deref(), &progress))
             .await
             .map_err(|e| StoreError::Corrupt {
                 path: store.dir().to_path_buf(),
@@ -222,7 +251,7 @@ pub async fn seed(
     let shared = Arc::new(Shared {
         name: opts.name.clone(),
         geometry: g,
-        digest: info.manifest_digest,
+        digest: check_digest.then_some(info.manifest_digest),
         manifest,
         remaining: AtomicUsize::new(fetch.len()),
         queue: Mutex::new(fetch.into()),
@@ -273,18 +302,17 @@ pub async fn seed(
             detail: "writer thread panicked".into(),
         })
     });
-    let mut replica = writer_result?;
+    writer_result?;
     if remaining > 0 || cancel.is_cancelled() {
         return Err(failure.unwrap_or(SeedError::Interrupted));
     }
-    replica.mark_seeded(info.manifest_digest)?;
     let p = &progress;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     Ok(SeedReport {
-        disk: opts.name,
-        logical_bytes: g.size,
+        disk: opts.name.clone(),
+        logical_bytes: total,
         wire_bytes: get(&p.wire_bytes),
-        chunks_total: g.chunk_count(),
+        chunks_total: count,
         chunks_fetched: get(&p.chunks_fetched),
         chunks_deduplicated: get(&p.chunks_deduplicated),
         chunks_zero: get(&p.chunks_zero),
@@ -297,11 +325,21 @@ pub async fn seed(
 
 async fn manifest_with_retries(
     opts: &SeedOptions,
+    replica: [u8; 16],
 ) -> Result<(protocol::DiskInfo, Vec<ChunkEntry>), SeedError> {
     let mut attempt = 0;
     loop {
         let got = match opts.peer.open(&opts.name).await {
-            Ok((mut conn, info)) => fetch_manifest(&mut conn, &info).await.map(|m| (info, m)),
+            Ok((mut conn, _)) => {
+                async {
+                    // Registering first makes a tracking source bring the manifest up to date and
+                    // remember this replica's starting point for later sync rounds.
+                    crate::session::register(&mut conn, replica).await?;
+                    let info = crate::session::reopen_info(&mut conn, &opts.name).await?;
+                    fetch_manifest(&mut conn, &info).await.map(|m| (info, m))
+                }
+                .await
+            }
             Err(e) => Err(e),
         };
         match got {
@@ -321,6 +359,7 @@ type Plan = (ChunkWriter, Vec<u64>, HashMap<u64, Vec<u64>>);
 fn plan(
     replica: &Replica,
     manifest: &[ChunkEntry],
+    only: Option<&[u64]>,
     progress: &SeedProgress,
 ) -> Result<Plan, StoreError> {
     let g = replica.geometry();
@@ -330,8 +369,16 @@ fn plan(
     let mut first_of: HashMap<ChunkHash, u64> = HashMap::new();
     let mut dups: HashMap<u64, Vec<u64>> = HashMap::new();
     let add = |a: &AtomicU64, n: u64| a.fetch_add(n, Ordering::Relaxed);
-    for (i, entry) in manifest.iter().enumerate() {
-        let index = i as u64;
+    let all: Vec<u64>;
+    let indexes = match only {
+        Some(list) => list,
+        None => {
+            all = (0..manifest.len() as u64).collect();
+            &all
+        }
+    };
+    for &index in indexes {
+        let entry = &manifest[index as usize];
         let len = g.len(index) as u64;
         match (*entry, w.state(index)) {
             (ChunkEntry::Zero, Some(ChunkState::Zero)) | (ChunkEntry::Zero, None) => {
@@ -455,7 +502,7 @@ async fn run_stream(shared: &Shared, peer: &Peer, retries: u32, n: usize) -> Res
         }
         let end = match peer.open(&shared.name).await {
             Ok((conn, info)) => {
-                if info.manifest_digest != shared.digest {
+                if shared.digest.is_some_and(|d| d != info.manifest_digest) {
                     return Err(SeedError::ManifestChanged(shared.name.clone()));
                 }
                 pump(shared, conn).await

@@ -88,6 +88,29 @@ impl Peer {
     }
 }
 
+/// Registers this replica (a destination store's id) for the disk opened on `conn`.
+pub async fn register(conn: &mut Conn, replica: [u8; 16]) -> Result<u64, SessionError> {
+    conn.send(&Frame::new(Message::Register { replica }))
+        .await?;
+    match conn.recv().await?.msg {
+        Message::Registered { generation } => Ok(generation),
+        other => Err(SessionError::from_reply(conn.peer(), other)),
+    }
+}
+
+/// Opens `disk` again on `conn`, for its current description (a tracking source refreshes
+/// its manifest on `Register`).
+pub async fn reopen_info(conn: &mut Conn, disk: &str) -> Result<DiskInfo, SessionError> {
+    conn.send(&Frame::new(Message::Open {
+        disk: disk.to_string(),
+    }))
+    .await?;
+    match conn.recv().await?.msg {
+        Message::Opened(info) => Ok(info),
+        other => Err(SessionError::from_reply(conn.peer(), other)),
+    }
+}
+
 /// The smallest of three request round trips on `conn`: tells a LAN from a WAN.
 pub async fn round_trip(conn: &mut Conn) -> Result<std::time::Duration, SessionError> {
     let mut best = std::time::Duration::MAX;

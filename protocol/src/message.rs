@@ -45,6 +45,10 @@ pub enum ErrorKind {
     ImageTruncated,
     /// The request made no sense in this state.
     BadRequest,
+    /// The disk is served without write tracking (no `--nbd` at the source).
+    NotTracked,
+    /// The replica never registered (seeded) with this source.
+    NotRegistered,
 }
 
 /// A request or reply header.
@@ -98,6 +102,52 @@ pub enum Message {
         hash: ChunkHash,
         /// Payload encoding.
         encoding: Encoding,
+    },
+    /// A destination replica (its store's id) starts seeding: the source refreshes the
+    /// manifest and tracks writes for this replica from now on.
+    Register {
+        /// The destination store's id.
+        replica: [u8; 16],
+    },
+    /// Reply to `Register`.
+    Registered {
+        /// The generation the replica starts from.
+        generation: u64,
+    },
+    /// Starts a sync round: cut a generation and list what the replica lacks.
+    SyncBegin {
+        /// The destination store's id.
+        replica: [u8; 16],
+    },
+    /// The round's chunks; payload: zstd of `count` × (`u64` index, 33-byte entry).
+    SyncPlan {
+        /// The generation this round brings the replica to.
+        generation: u64,
+        /// The generation the replica had.
+        since: u64,
+        /// Number of chunks.
+        count: u32,
+    },
+    /// The replica holds the round's chunks durably.
+    SyncDone {
+        /// The destination store's id.
+        replica: [u8; 16],
+        /// The round's generation.
+        generation: u64,
+    },
+    /// Reply to `SyncDone`.
+    SyncDoneOk,
+    /// How much the replica lacks now, without cutting a generation.
+    DirtyQuery {
+        /// The destination store's id.
+        replica: [u8; 16],
+    },
+    /// Reply to `DirtyQuery`.
+    Dirty {
+        /// Chunks written since the replica's generation.
+        chunks: u64,
+        /// Their bytes.
+        bytes: u64,
     },
     /// Round-trip probe.
     Ping {

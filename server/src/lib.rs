@@ -5,12 +5,15 @@
 //! - [`listen`]: accepting connections, with mutual TLS, and the loopback-only rule without it.
 //! - [`export`]: a store replica as an NBD device: on-demand fetch, background copy, local
 //!   writes, status (`helio export`, `helio status`).
+//! - [`tracked`]: write tracking at the source: the NBD device a running VM writes through, and
+//!   the generations that tell each sync round what to ship.
 //! - [`nbd`]: the NBD server (protocol, handshake, transmission, listeners).
 
 pub mod export;
 pub mod listen;
 pub mod nbd;
 pub mod source;
+pub mod tracked;
 
 pub use listen::{Acceptor, ListenError};
 pub use source::{Source, SourceDisk};

@@ -5,6 +5,7 @@
 //! sees a chunk whose hash differs from the manifest's, never bytes mislabelled as old content.
 
 use crate::listen::Acceptor;
+use crate::tracked::Tracker;
 use blockstore::Image;
 use bytes::Bytes;
 use protocol::codec;
@@ -14,7 +15,7 @@ use protocol::{
     Message,
 };
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Manifest entries per `Manifest` frame (about 1 MiB before compression).
@@ -30,10 +31,32 @@ pub struct SourceDisk {
     pub image: Image,
     /// Its geometry.
     pub geometry: Geometry,
-    /// Its manifest.
-    pub manifest: Vec<ChunkEntry>,
-    /// blake3 over the manifest.
+    /// Its manifest, kept current for chunks written through the tracked NBD export.
+    pub manifest: RwLock<Manifest>,
+    /// Write tracking, when the disk is served to its VM through `--nbd`.
+    pub tracker: Option<Arc<Tracker>>,
+}
+
+/// A manifest and what it is current to.
+pub struct Manifest {
+    /// One entry per chunk.
+    pub entries: Vec<ChunkEntry>,
+    /// blake3 over the entries.
     pub digest: protocol::ChunkHash,
+    /// Writes stamped with this generation or earlier are reflected in the entries.
+    pub generation: u64,
+}
+
+impl Manifest {
+    /// A manifest of `entries`, current to `generation`.
+    pub fn new(entries: Vec<ChunkEntry>, generation: u64) -> Manifest {
+        let digest = blockstore::scan::digest(&entries);
+        Manifest {
+            entries,
+            digest,
+            generation,
+        }
+    }
 }
 
 impl SourceDisk {
@@ -42,7 +65,7 @@ impl SourceDisk {
         DiskInfo {
             name: self.name.clone(),
             geometry: self.geometry,
-            manifest_digest: self.digest,
+            manifest_digest: read_lock(&self.manifest).digest,
         }
     }
 }
@@ -189,6 +212,30 @@ impl Source {
                     }
                 },
                 Message::Ping { id } => Frame::new(Message::Pong { id }),
+                msg @ (Message::Register { .. }
+                | Message::SyncBegin { .. }
+                | Message::SyncDone { .. }
+                | Message::DirtyQuery { .. }) => match &disk {
+                    None => error_frame(None, ErrorKind::NotOpen, "open a disk first".into()),
+                    Some(d) => {
+                        let d = d.clone();
+                        // Untracked disks answer Register with generation 0: seeding works
+                        // without tracking, only sync needs it.
+                        if matches!(msg, Message::Register { .. }) && d.tracker.is_none() {
+                            Frame::new(Message::Registered { generation: 0 })
+                        } else {
+                            tokio::task::spawn_blocking(move || d.sync_request(msg))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    error_frame(
+                                        None,
+                                        ErrorKind::ImageRead,
+                                        format!("sync task failed: {e}"),
+                                    )
+                                })
+                        }
+                    }
+                },
                 other => {
                     tracing::warn!(%peer, message = ?other, "unexpected message; closing");
                     let _ = tx
@@ -227,12 +274,131 @@ impl Source {
     }
 }
 
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Poisoned only if a writer panicked; entries are replaced whole, so still consistent.
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SourceDisk {
+    /// Re-reads and re-hashes `chunks`, updating the manifest; returns their new entries.
+    fn refresh(&self, chunks: &[u64], generation: u64) -> Result<Vec<(u64, ChunkEntry)>, String> {
+        let mut fresh = Vec::with_capacity(chunks.len());
+        for &c in chunks {
+            let data = self
+                .image
+                .read_chunk(&self.geometry, c)
+                .map_err(|e| e.to_string())?;
+            fresh.push((c, ChunkEntry::of(&data)));
+        }
+        let mut m = write_lock(&self.manifest);
+        for (c, e) in &fresh {
+            m.entries[*c as usize] = *e;
+        }
+        m.digest = blockstore::scan::digest(&m.entries);
+        m.generation = m.generation.max(generation);
+        Ok(fresh)
+    }
+
+    /// Handles the sync-related requests of a tracked disk (blocking: reads and hashes).
+    fn sync_request(&self, msg: Message) -> Frame {
+        let Some(t) = &self.tracker else {
+            return error_frame(
+                None,
+                ErrorKind::NotTracked,
+                format!("disk {:?} is served without write tracking: start `helio source` with --nbd and let the VM write through it", self.name),
+            );
+        };
+        let fail = |e: String| error_frame(None, ErrorKind::ImageRead, e);
+        let not_registered = || {
+            error_frame(
+                None,
+                ErrorKind::NotRegistered,
+                format!("this replica of {:?} is not registered with the source: seed it first (`helio seed`)", self.name),
+            )
+        };
+        match msg {
+            Message::Register { replica } => {
+                let cut = match t.cut() {
+                    Ok(c) => c,
+                    Err(e) => return fail(e.message),
+                };
+                let since = read_lock(&self.manifest).generation;
+                if let Err(e) = self.refresh(&t.written_between(since, cut), cut) {
+                    return fail(e);
+                }
+                match t.set_synced(&replica, cut) {
+                    Ok(()) => Frame::new(Message::Registered { generation: cut }),
+                    Err(e) => fail(e.message),
+                }
+            }
+            Message::SyncBegin { replica } => {
+                let since = match t.synced(&replica) {
+                    Ok(Some(g)) => g,
+                    Ok(None) => return not_registered(),
+                    Err(e) => return fail(e.message),
+                };
+                let cut = match t.cut() {
+                    Ok(c) => c,
+                    Err(e) => return fail(e.message),
+                };
+                let fresh = match self.refresh(&t.written_between(since, cut), cut) {
+                    Ok(f) => f,
+                    Err(e) => return fail(e),
+                };
+                let mut raw = Vec::with_capacity(fresh.len() * (8 + ChunkEntry::ENCODED_LEN));
+                for (c, e) in &fresh {
+                    raw.extend_from_slice(&c.to_be_bytes());
+                    e.encode(&mut raw);
+                }
+                match zstd::bulk::compress(&raw, 1) {
+                    Ok(z) => Frame::with_payload(
+                        Message::SyncPlan {
+                            generation: cut,
+                            since,
+                            count: fresh.len() as u32,
+                        },
+                        Bytes::from(z),
+                    ),
+                    Err(e) => fail(format!("cannot compress the sync plan: {e}")),
+                }
+            }
+            Message::SyncDone {
+                replica,
+                generation,
+            } => {
+                let current = t.synced(&replica).ok().flatten().unwrap_or(0);
+                match t.set_synced(&replica, generation.max(current)) {
+                    Ok(()) => Frame::new(Message::SyncDoneOk),
+                    Err(e) => fail(e.message),
+                }
+            }
+            Message::DirtyQuery { replica } => match t.synced(&replica) {
+                Ok(Some(g)) => {
+                    let chunks = t.written_since(g);
+                    Frame::new(Message::Dirty {
+                        chunks,
+                        bytes: chunks * self.geometry.chunk_size as u64,
+                    })
+                }
+                Ok(None) => not_registered(),
+                Err(e) => fail(e.message),
+            },
+            _ => fail("not a sync request".into()),
+        }
+    }
+}
+
 fn error_frame(id: Option<u64>, kind: ErrorKind, message: String) -> Frame {
     Frame::new(Message::Error { id, kind, message })
 }
 
 fn manifest_page(d: &SourceDisk, id: u64, start: u64, count: u32) -> Frame {
-    let n = d.manifest.len() as u64;
+    let m = read_lock(&d.manifest);
+    let n = m.entries.len() as u64;
     let count = count.min(MANIFEST_PAGE) as u64;
     if start > n {
         return error_frame(
@@ -246,7 +412,7 @@ fn manifest_page(d: &SourceDisk, id: u64, start: u64, count: u32) -> Frame {
     }
     let end = (start + count).min(n);
     let mut raw = Vec::with_capacity((end - start) as usize * ChunkEntry::ENCODED_LEN);
-    for e in &d.manifest[start as usize..end as usize] {
+    for e in &m.entries[start as usize..end as usize] {
         e.encode(&mut raw);
     }
     let payload = match zstd::bulk::compress(&raw, 1) {

@@ -90,9 +90,10 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         .map(|(n, p, _)| (p.clone(), n.to_string()))
         .collect();
     let state = dir.join("source-state");
-    let loaded =
-        tokio::task::spawn_blocking(move || super::source::load_disks(&state, &images, 64 * 1024))
-            .await??;
+    let loaded = tokio::task::spawn_blocking(move || {
+        super::source::load_disks(&state, &images, 64 * 1024, false)
+    })
+    .await??;
     let acceptor =
         Acceptor::bind("127.0.0.1:0", super::tls_server(Some(&pki.join("source")))?).await?;
     let source_addr = acceptor.local_addr()?;

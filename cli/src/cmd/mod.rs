@@ -8,6 +8,7 @@ pub mod sample_image;
 pub mod seed;
 pub mod source;
 pub mod status;
+pub mod sync;
 pub mod verify;
 pub mod wan_proxy;
 

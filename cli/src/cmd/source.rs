@@ -30,6 +30,10 @@ pub struct Args {
     /// Chunk size, a power of two from 4KiB to 1MiB.
     #[arg(long, default_value = "64KiB")]
     chunk_size: String,
+    /// Also serve the disks to the local VM over NBD (unix:PATH or HOST:PORT), tracking every
+    /// write for `helio sync`. The NBD export name is the disk name.
+    #[arg(long)]
+    nbd: Option<server::nbd::listener::NbdAddr>,
     /// zstd level for chunks on the wire (negative levels are faster still).
     #[arg(long, default_value_t = protocol::codec::DEFAULT_LEVEL, allow_hyphen_values = true)]
     compress_level: i32,
@@ -40,9 +44,12 @@ pub fn load_disks(
     state: &Path,
     images: &[(PathBuf, String)],
     chunk_size: u64,
+    track: bool,
 ) -> anyhow::Result<Vec<SourceDisk>> {
-    let catalog = Catalog::open(state)
-        .with_context(|| format!("cannot open source state {}", state.display()))?;
+    let catalog = Arc::new(
+        Catalog::open(state)
+            .with_context(|| format!("cannot open source state {}", state.display()))?,
+    );
     let mut disks = Vec::new();
     for (path, name) in images {
         check_name(name)?;
@@ -61,13 +68,23 @@ pub fn load_disks(
             manifest = if origin == ManifestOrigin::Reused { "reused" } else { "scanned" },
             "serving disk"
         );
-        let digest = blockstore::scan::digest(&manifest);
+        let tracker = if track {
+            Some(Arc::new(server::tracked::Tracker::load(
+                catalog.clone(),
+                name,
+                geometry,
+            )?))
+        } else {
+            None
+        };
+        // The scan saw every write stamped before this start.
+        let generation = tracker.as_ref().map_or(0, |t| t.generation() - 1);
         disks.push(SourceDisk {
             name: name.clone(),
             image,
             geometry,
-            manifest,
-            digest,
+            manifest: std::sync::RwLock::new(server::source::Manifest::new(manifest, generation)),
+            tracker,
         });
     }
     Ok(disks)
@@ -96,8 +113,28 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     }
     let tls = super::tls_server(a.tls.as_deref())?;
     let state = a.state.clone();
-    let disks =
-        tokio::task::spawn_blocking(move || load_disks(&state, &pairs, chunk_size)).await??;
+    let track = a.nbd.is_some();
+    let disks = tokio::task::spawn_blocking(move || load_disks(&state, &pairs, chunk_size, track))
+        .await??;
+    let mut exports = Vec::new();
+    for d in &disks {
+        if let (Some(t), Some(_)) = (&d.tracker, &a.nbd) {
+            let dev = server::tracked::TrackedImage::open(d.image.path(), d.geometry, t.clone())
+                .with_context(|| format!("cannot open {} for writing", d.image.path().display()))?;
+            exports.push(server::nbd::handshake::Export {
+                name: d.name.clone(),
+                device: Arc::new(dev),
+            });
+        }
+    }
+    let nbd_task = match &a.nbd {
+        Some(addr) => {
+            let listener = server::nbd::listener::NbdListener::bind(addr, false).await?;
+            println!("nbd on {}", listener.describe());
+            Some(tokio::spawn(listener.run(exports, None)))
+        }
+        None => None,
+    };
     let acceptor = Acceptor::bind(&a.listen, tls).await?;
     let addr = acceptor.local_addr()?;
     let source = Source::new(disks, "helio-source", a.compress_level);
@@ -106,6 +143,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let serve = tokio::spawn(Arc::clone(&source).serve(acceptor));
     super::interrupted().await;
     serve.abort();
+    if let Some(t) = nbd_task {
+        t.abort();
+    }
     tracing::info!("source stopped");
     Ok(0)
 }

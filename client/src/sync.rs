@@ -1,0 +1,212 @@
+//! `helio sync`: incremental rounds of disk pre-copy.
+//!
+//! One round: the source cuts a generation and lists the chunks written since this replica's
+//! last round (with fresh hashes); they are fetched like a seed (verified, compressed,
+//! deduplicated, landed durably); only then is the round confirmed, so the source advances the
+//! replica. A chunk written during the round belongs to the next generation and comes next time.
+//!
+//! `until_converged` repeats rounds until what is left is at most `max_dirty`, and stops, with
+//! both rates named, when the disk is written at least as fast as rounds can ship it.
+
+use crate::seed::{transfer, SeedError, SeedOptions, SeedProgress};
+use crate::session::SessionError;
+use blockstore::Store;
+use protocol::{ChunkEntry, Frame, Message};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Rounds at most, as Xen's pre-copy.
+pub const MAX_ROUNDS: usize = 30;
+
+/// How to sync.
+#[derive(Clone)]
+pub struct SyncOptions {
+    /// Source, disk, link options (as for seeding).
+    pub seed: SeedOptions,
+    /// Repeat rounds until converged or diverging.
+    pub until_converged: bool,
+    /// Remaining dirty bytes at which the disk counts as converged.
+    pub max_dirty: u64,
+}
+
+/// One round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    /// Bytes of the chunks the round shipped (chunk granularity).
+    pub dirty_bytes: u64,
+    /// Bytes that crossed the network.
+    pub wire_bytes: u64,
+    /// Wall time.
+    pub elapsed_s: f64,
+    /// Bytes dirtied per second while the round ran.
+    pub dirty_rate: f64,
+    /// Dirty bytes shipped per second.
+    pub transfer_rate: f64,
+    /// Chunks shipped.
+    pub chunks: u64,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    /// The disk.
+    pub disk: String,
+    /// Each round.
+    pub rounds: Vec<Round>,
+    /// Bytes written at the source since the last round's cut.
+    pub remaining_dirty_bytes: u64,
+    /// Remaining dirty bytes are at most `max_dirty`.
+    pub converged: bool,
+    /// Why the rounds stopped.
+    pub stopped: String,
+}
+
+fn dirty_query(conn_reply: Message, peer: &str) -> Result<u64, SessionError> {
+    match conn_reply {
+        Message::Dirty { bytes, .. } => Ok(bytes),
+        other => Err(SessionError::from_reply(peer, other)),
+    }
+}
+
+/// Runs sync rounds of `opts.seed.name` into `store`.
+pub async fn sync(
+    store: &Store,
+    opts: SyncOptions,
+    cancel: CancellationToken,
+) -> Result<SyncReport, SeedError> {
+    let replica = store.id();
+    let peer = &opts.seed.peer;
+    let name = &opts.seed.name;
+    let mut rounds: Vec<Round> = Vec::new();
+    let stopped;
+    let mut remaining;
+    loop {
+        let started = Instant::now();
+        let (mut conn, info) = peer.open(name).await?;
+        conn.send(&Frame::new(Message::SyncBegin { replica }))
+            .await
+            .map_err(SessionError::from)?;
+        let frame = conn.recv().await.map_err(SessionError::from)?;
+        let Message::SyncPlan {
+            generation, count, ..
+        } = frame.msg
+        else {
+            return Err(SessionError::from_reply(conn.peer(), frame.msg).into());
+        };
+        let n = count as usize;
+        let raw = zstd::bulk::decompress(&frame.payload, n * (8 + ChunkEntry::ENCODED_LEN))
+            .map_err(|_| SessionError::Unexpected {
+                peer: peer.addr.clone(),
+                what: "a sync plan that does not decompress".into(),
+            })?;
+        let g = info.geometry;
+        let mut manifest = vec![ChunkEntry::Zero; g.chunk_count() as usize];
+        let mut list = Vec::with_capacity(n);
+        for rec in raw.chunks_exact(8 + ChunkEntry::ENCODED_LEN) {
+            // Invariant: chunks_exact gives 8 + 33 bytes.
+            let index = u64::from_be_bytes(rec[..8].try_into().expect("8 bytes"));
+            let entry = ChunkEntry::decode(&rec[8..]);
+            match (entry, manifest.get_mut(index as usize)) {
+                (Some(e), Some(slot)) => {
+                    *slot = e;
+                    list.push(index);
+                }
+                _ => {
+                    return Err(SessionError::Unexpected {
+                        peer: peer.addr.clone(),
+                        what: format!(
+                            "a sync plan naming chunk {index} malformed or beyond the disk"
+                        ),
+                    }
+                    .into())
+                }
+            }
+        }
+        list.sort_unstable();
+        let dirty_bytes: u64 = list.iter().map(|&i| g.len(i) as u64).sum();
+        let progress = Arc::new(SeedProgress::default());
+        let report = transfer(
+            store,
+            &opts.seed,
+            &info,
+            manifest,
+            Some(list),
+            progress,
+            cancel.clone(),
+            false,
+        )
+        .await?;
+        // Only now, with the chunks durable, may the source advance this replica.
+        let (mut conn, _) = peer.open(name).await?;
+        conn.send(&Frame::new(Message::SyncDone {
+            replica,
+            generation,
+        }))
+        .await
+        .map_err(SessionError::from)?;
+        match conn.recv().await.map_err(SessionError::from)?.msg {
+            Message::SyncDoneOk => {}
+            other => return Err(SessionError::from_reply(conn.peer(), other).into()),
+        }
+        conn.send(&Frame::new(Message::DirtyQuery { replica }))
+            .await
+            .map_err(SessionError::from)?;
+        remaining = dirty_query(
+            conn.recv().await.map_err(SessionError::from)?.msg,
+            &peer.addr,
+        )?;
+        let elapsed = started.elapsed().as_secs_f64().max(1e-6);
+        let round = Round {
+            dirty_bytes,
+            wire_bytes: report.wire_bytes,
+            elapsed_s: elapsed,
+            dirty_rate: remaining as f64 / elapsed,
+            transfer_rate: dirty_bytes as f64 / elapsed,
+            chunks: count as u64,
+        };
+        tracing::info!(
+            disk = %name, round = rounds.len() + 1, dirty_bytes, wire_bytes = round.wire_bytes,
+            elapsed_s = format!("{elapsed:.2}"), remaining, "sync round done"
+        );
+        rounds.push(round.clone());
+        if !opts.until_converged {
+            stopped = "one round".to_string();
+            break;
+        }
+        if remaining <= opts.max_dirty {
+            stopped = format!(
+                "converged: {remaining} dirty bytes left, at most {} wanted",
+                opts.max_dirty
+            );
+            break;
+        }
+        // d/r >= 1 over a round that had real work: another round would ship as much or more.
+        if rounds.len() >= 2 && round.dirty_bytes > 0 && round.dirty_rate >= round.transfer_rate {
+            stopped = format!(
+                "not converging: the disk is dirtied at {:.1} MB/s and rounds ship {:.1} MB/s (d/r = {:.2} >= 1); \
+                 pause the VM or throttle its writes, then run a final round",
+                round.dirty_rate / 1e6,
+                round.transfer_rate / 1e6,
+                round.dirty_rate / round.transfer_rate
+            );
+            break;
+        }
+        if rounds.len() >= MAX_ROUNDS {
+            stopped =
+                format!("stopped after {MAX_ROUNDS} rounds with {remaining} dirty bytes left");
+            break;
+        }
+        if cancel.is_cancelled() {
+            return Err(SeedError::Interrupted);
+        }
+    }
+    Ok(SyncReport {
+        disk: name.clone(),
+        converged: remaining <= opts.max_dirty,
+        remaining_dirty_bytes: remaining,
+        rounds,
+        stopped,
+    })
+}

@@ -1,0 +1,288 @@
+//! Write tracking at the source: the NBD device a running VM writes through, and the tracker
+//! that remembers, durably, which chunks each write touched.
+//!
+//! Ordering: the activity log covers an extent *before* a write touches it (crash safety), and
+//! chunks are stamped with the current generation *after* the write lands. A sync round cuts
+//! the generation and then reads: a write that lands before the cut is read by that round, and
+//! one stamped after the cut carries the next generation, so no write is ever marked synced
+//! before its bytes were shipped.
+
+use crate::nbd::{Device, DeviceError, Extent};
+use blockstore::dirty::EXTENT_CHUNKS;
+use blockstore::Catalog;
+use protocol::Geometry;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Activity-log extents kept hot across flushes before the log is trimmed.
+const HOT_LIMIT: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which chunks of one disk were written, in which generation.
+pub struct Tracker {
+    catalog: Arc<Catalog>,
+    disk: String,
+    geometry: Geometry,
+    generation: AtomicU64,
+    stamps: Vec<AtomicU64>,
+    hot: Mutex<HashSet<u64>>,
+    unflushed: Mutex<HashMap<u64, u64>>,
+    /// Serialises generation cuts (and their catalog writes).
+    cut: Mutex<()>,
+}
+
+impl Tracker {
+    /// Loads the disk's tracking state (recovering from a crash if the log says so).
+    pub fn load(
+        catalog: Arc<Catalog>,
+        disk: &str,
+        geometry: Geometry,
+    ) -> blockstore::error::Result<Tracker> {
+        let loaded = catalog.dirty(disk).load(geometry.chunk_count())?;
+        Ok(Tracker {
+            disk: disk.to_string(),
+            geometry,
+            generation: AtomicU64::new(loaded.generation),
+            stamps: loaded.stamps.into_iter().map(AtomicU64::new).collect(),
+            hot: Mutex::new(HashSet::new()),
+            unflushed: Mutex::new(HashMap::new()),
+            cut: Mutex::new(()),
+            catalog,
+        })
+    }
+
+    fn store_err(e: blockstore::StoreError) -> DeviceError {
+        DeviceError::io(format!("dirty tracking failed: {e}"))
+    }
+
+    /// Before a write: makes sure the activity log covers the chunks (synced when it grows).
+    pub fn before_write(&self, chunks: std::ops::Range<u64>) -> Result<(), DeviceError> {
+        let extents: Vec<u64> = {
+            let hot = lock(&self.hot);
+            let first = chunks.start / EXTENT_CHUNKS;
+            let last = chunks.end.saturating_sub(1) / EXTENT_CHUNKS;
+            (first..=last).filter(|e| !hot.contains(e)).collect()
+        };
+        if extents.is_empty() {
+            return Ok(());
+        }
+        self.catalog
+            .dirty(&self.disk)
+            .activate(&extents)
+            .map_err(Self::store_err)?;
+        lock(&self.hot).extend(extents);
+        Ok(())
+    }
+
+    /// After a write landed: stamps its chunks with the current generation.
+    pub fn after_write(&self, chunks: std::ops::Range<u64>) {
+        let g = self.generation.load(Ordering::SeqCst);
+        let mut unflushed = lock(&self.unflushed);
+        for c in chunks {
+            if let Some(s) = self.stamps.get(c as usize) {
+                s.fetch_max(g, Ordering::SeqCst);
+                unflushed.insert(c, s.load(Ordering::SeqCst));
+            }
+        }
+    }
+
+    /// At FLUSH: persists exact stamps; trims the activity log when it has grown large.
+    pub fn flush(&self) -> Result<(), DeviceError> {
+        let stamps: Vec<(u64, u64)> = lock(&self.unflushed).drain().collect();
+        let retire: Vec<u64> = {
+            let mut hot = lock(&self.hot);
+            if hot.len() > HOT_LIMIT {
+                hot.drain().collect()
+            } else {
+                Vec::new()
+            }
+        };
+        if stamps.is_empty() && retire.is_empty() {
+            return Ok(());
+        }
+        self.catalog
+            .dirty(&self.disk)
+            .persist(&stamps, &retire)
+            .map_err(Self::store_err)
+    }
+
+    /// Cuts a generation: returns the generation that closes (writes stamped with it or
+    /// earlier belong to this round); later writes get the next one.
+    pub fn cut(&self) -> Result<u64, DeviceError> {
+        let _g = lock(&self.cut);
+        let closing = self.generation.load(Ordering::SeqCst);
+        // Persisted first: after a crash, stamps must keep growing past every cut taken.
+        self.catalog
+            .dirty(&self.disk)
+            .set_generation(closing + 1)
+            .map_err(Self::store_err)?;
+        self.generation.store(closing + 1, Ordering::SeqCst);
+        Ok(closing)
+    }
+
+    /// Chunks written after generation `since` up to and including `until`.
+    pub fn written_between(&self, since: u64, until: u64) -> Vec<u64> {
+        (0..self.geometry.chunk_count())
+            .filter(|&c| {
+                let s = self.stamps[c as usize].load(Ordering::SeqCst);
+                s > since && s <= until
+            })
+            .collect()
+    }
+
+    /// Chunks written after generation `since` (as of now).
+    pub fn written_since(&self, since: u64) -> u64 {
+        self.stamps
+            .iter()
+            .filter(|s| s.load(Ordering::SeqCst) > since)
+            .count() as u64
+    }
+
+    /// The generation new writes get.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The replica's synced generation, if registered.
+    pub fn synced(&self, replica: &[u8; 16]) -> Result<Option<u64>, DeviceError> {
+        self.catalog
+            .dirty(&self.disk)
+            .synced(replica)
+            .map_err(Self::store_err)
+    }
+
+    /// Records a replica's synced generation.
+    pub fn set_synced(&self, replica: &[u8; 16], generation: u64) -> Result<(), DeviceError> {
+        self.catalog
+            .dirty(&self.disk)
+            .set_synced(replica, generation)
+            .map_err(Self::store_err)
+    }
+}
+
+/// The source image served to its own VM over NBD, with every write tracked.
+pub struct TrackedImage {
+    file: File,
+    size: u64,
+    geometry: Geometry,
+    tracker: Arc<Tracker>,
+}
+
+impl TrackedImage {
+    /// Opens `path` for writing.
+    pub fn open(
+        path: &std::path::Path,
+        geometry: Geometry,
+        tracker: Arc<Tracker>,
+    ) -> std::io::Result<TrackedImage> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(TrackedImage {
+            file,
+            size: geometry.size,
+            geometry,
+            tracker,
+        })
+    }
+
+    fn io(what: &'static str) -> impl Fn(std::io::Error) -> DeviceError {
+        move |e| DeviceError::io(format!("{what}: {e}"))
+    }
+
+    fn sync(&self) -> Result<(), DeviceError> {
+        // Image bytes first, then the stamps that say they changed.
+        self.file
+            .sync_data()
+            .map_err(Self::io("cannot sync image"))?;
+        self.tracker.flush()
+    }
+
+    fn tracked_write(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        write: impl FnOnce(&File) -> std::io::Result<()>,
+    ) -> Result<(), DeviceError> {
+        let chunks = self.geometry.chunks_touching(offset, len);
+        self.tracker.before_write(chunks.clone())?;
+        write(&self.file).map_err(Self::io("cannot write image"))?;
+        self.tracker.after_write(chunks);
+        if fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Device for TrackedImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(Self::io("cannot read image"))?;
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        tokio::task::block_in_place(|| {
+            self.tracked_write(offset, data.len() as u64, fua, |f| {
+                f.write_all_at(&data, offset)
+            })
+        })
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        tokio::task::block_in_place(|| {
+            self.tracked_write(offset, len as u64, fua, |f| {
+                if no_hole {
+                    f.write_all_at(&vec![0u8; len as usize], offset)
+                } else {
+                    blockstore::replica::punch_hole(f, offset, len as u64)
+                }
+            })
+        })
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
+        self.write_zeroes(offset, len, false, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        tokio::task::block_in_place(|| self.sync())
+    }
+
+    async fn cache(&self, _offset: u64, _len: u32) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    async fn block_status(&self, _offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
+        // The source's allocation is not tracked; everything is reported as data.
+        Ok(vec![Extent {
+            length: len,
+            flags: 0,
+        }])
+    }
+}
