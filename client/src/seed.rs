@@ -760,7 +760,7 @@ async fn deliver(
             .progress
             .chunks_changed
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(disk = %shared.name, index, "chunk changed at the source since its manifest; a later sync will catch up");
+        tracing::debug!(disk = %shared.name, index, "chunk changed at the source since its manifest; a later sync will catch up");
         if !dups.is_empty() {
             // Its duplicates were promised the manifest's content: fetch them themselves.
             shared.remaining.fetch_add(dups.len(), Ordering::SeqCst);

@@ -315,3 +315,27 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A source agent that also serves its disk to "the VM" on a unix socket, tracking writes.
+/// Returns the agent and the NBD URI. `state` is reused across restarts.
+pub fn tracking_source(dir: &Path, img: &Path, state: &Path, listen: &str) -> (Agent, String) {
+    let sock = dir.join(format!("vm-{}.sock", rand::random::<u32>()));
+    let nbd = format!("unix:{}", sock.display());
+    let agent = Agent::start(
+        &[
+            "source",
+            "--listen",
+            listen,
+            "--state",
+            state.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--name",
+            "a",
+            "--nbd",
+            &nbd,
+        ],
+        &dir.join(format!("tsrc-{}.log", rand::random::<u32>())),
+    );
+    (agent, nbd_uri(&sock, "a"))
+}

@@ -1,0 +1,284 @@
+//! Dirty tracking at the source and `helio sync` rounds, with qemu-io as the VM's writer.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn sync_json(from: &str, store: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "sync",
+        "--from",
+        from,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    last_json(&helio_ok(&args))
+}
+
+fn verify_equal(store: &Path, img: &Path) {
+    helio_ok(&[
+        "verify",
+        "--store",
+        store.to_str().unwrap(),
+        "--name",
+        "a",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+}
+
+fn random_file(dir: &Path, len: usize) -> std::path::PathBuf {
+    let p = dir.join(format!("rand-{}.bin", rand::random::<u32>()));
+    let mut buf = vec![0u8; len];
+    blake3::Hasher::new_keyed(&rand::random())
+        .finalize_xof()
+        .fill(&mut buf);
+    std::fs::write(&p, buf).unwrap();
+    p
+}
+
+#[test]
+fn scattered_writes_are_shipped_exactly_and_the_replica_equals_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "32MiB", 41);
+    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let store = dir.path().join("store");
+    helio_ok(&[
+        "seed",
+        "--from",
+        &src.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+
+    let data = random_file(dir.path(), 200_000);
+    let d = data.to_str().unwrap();
+    // Chunks touched (64 KiB): 3_000_000..3_200_000 -> 45..48 (4), 20_000_000+100 (1),
+    // 30_000_000..30_000_000+65536 -> 457..458 (2): 7 chunks.
+    let cmds = [
+        format!("write -s {d} 3000000 200000"),
+        "write -P 0x77 20000000 100".to_string(),
+        format!("write -s {d} 30000000 65536"),
+        "flush".to_string(),
+    ];
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let (ok, text) = qemu_io(&vm, &refs);
+    assert!(ok, "{text}");
+
+    let r = sync_json(&src.addr, &store, &[]);
+    let round = &r["rounds"][0];
+    assert_eq!(round["chunks"].as_u64(), Some(7), "{r}");
+    assert_eq!(round["dirty_bytes"].as_u64(), Some(7 * 65536), "{r}");
+    assert_eq!(r["remaining_dirty_bytes"].as_u64(), Some(0));
+    assert_eq!(r["converged"], true);
+    verify_equal(&store, &img);
+    // Nothing written since: the next round ships nothing.
+    let again = sync_json(&src.addr, &store, &[]);
+    assert_eq!(again["rounds"][0]["chunks"].as_u64(), Some(0), "{again}");
+}
+
+#[test]
+fn kill_9_of_the_source_between_writes_and_sync_loses_no_extent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "16MiB", 42);
+    let state = dir.path().join("state");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (src, vm) = tracking_source(dir.path(), &img, &state, &listen);
+    let store = dir.path().join("store");
+    helio_ok(&[
+        "seed",
+        "--from",
+        &src.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let data = random_file(dir.path(), 100_000);
+    let cmds = [
+        format!("write -s {} 5000000 100000", data.display()),
+        "write -P 0x21 12000000 512".into(),
+        "flush".into(),
+    ];
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let (ok, text) = qemu_io(&vm, &refs);
+    assert!(ok, "{text}");
+    src.kill9();
+
+    let (src2, _vm2) = tracking_source(dir.path(), &img, &state, &listen);
+    let r = sync_json(&src2.addr, &store, &[]);
+    assert!(
+        r["rounds"][0]["chunks"].as_u64().unwrap() >= 3,
+        "writes before the crash were not shipped: {r}"
+    );
+    verify_equal(&store, &img);
+}
+
+#[test]
+fn two_destinations_sync_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "16MiB", 43);
+    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let (s1, s2) = (dir.path().join("store1"), dir.path().join("store2"));
+    for s in [&s1, &s2] {
+        helio_ok(&[
+            "seed",
+            "--from",
+            &src.addr,
+            "--name",
+            "a",
+            "--store",
+            s.to_str().unwrap(),
+        ]);
+    }
+    let (ok, text) = qemu_io(&vm, &["write -P 0x01 0 65536", "flush"]);
+    assert!(ok, "{text}");
+    let r1 = sync_json(&src.addr, &s1, &[]);
+    assert_eq!(r1["rounds"][0]["chunks"].as_u64(), Some(1), "{r1}");
+    let (ok, text) = qemu_io(&vm, &["write -P 0x02 1048576 65536", "flush"]);
+    assert!(ok, "{text}");
+    // The second destination never synced: it lacks both writes.
+    let r2 = sync_json(&src.addr, &s2, &[]);
+    assert_eq!(r2["rounds"][0]["chunks"].as_u64(), Some(2), "{r2}");
+    // The first lacks only the second write.
+    let r1 = sync_json(&src.addr, &s1, &[]);
+    assert_eq!(r1["rounds"][0]["chunks"].as_u64(), Some(1), "{r1}");
+    verify_equal(&s1, &img);
+    verify_equal(&s2, &img);
+}
+
+#[test]
+fn a_writer_faster_than_the_link_is_reported_as_not_converging() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "16MiB", 44);
+    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let store = dir.path().join("store");
+    helio_ok(&[
+        "seed",
+        "--from",
+        &src.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    // A writer rewriting an 8 MiB working set with fresh data at about 20 MB/s for at most 40 s
+    // (killed once sync returns), against rounds capped at 2 MiB/s.
+    const WRITER: &str = r#"
+import nbd, os, sys, time, random
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+end = time.time() + 40
+n = 0
+while time.time() < end:
+    h.pwrite(os.urandom(65536), random.randrange(0, 128) * 65536)
+    n += 1
+    if n % 10 == 0:
+        h.flush()
+    time.sleep(0.002)
+"#;
+    let writer = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(WRITER)
+        .arg(&vm)
+        .spawn()
+        .expect("python3 with libnbd (apt-get install python3-libnbd)");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let out = helio_ok(&[
+        "sync",
+        "--from",
+        &src.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+        "--until-converged",
+        "--max-dirty",
+        "64KiB",
+        "--bandwidth",
+        "2MiB/s",
+        "--json",
+    ]);
+    let mut writer = writer;
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let r = last_json(&out);
+    assert_eq!(r["converged"], false, "{r}");
+    assert!(
+        r["stopped"].as_str().unwrap().contains("not converging"),
+        "{r}"
+    );
+    let rounds = r["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 2 && rounds.len() < 30, "{r}");
+    let last = rounds.last().unwrap();
+    assert!(
+        last["dirty_rate"].as_f64().unwrap() >= last["transfer_rate"].as_f64().unwrap(),
+        "{r}"
+    );
+}
+
+#[test]
+fn sync_needs_a_tracking_source_and_a_seeded_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "2MiB", 45);
+    let plain = source(dir.path(), &[(&img, "a")], &[]);
+    let store = dir.path().join("store");
+    helio_ok(&[
+        "seed",
+        "--from",
+        &plain.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let out = helio(&[
+        "sync",
+        "--from",
+        &plain.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nbd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (tracked, _vm) =
+        tracking_source(dir.path(), &img, &dir.path().join("state2"), "127.0.0.1:0");
+    let out = helio(&[
+        "sync",
+        "--from",
+        &tracked.addr,
+        "--name",
+        "a",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "a replica this source never registered was synced"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not registered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
