@@ -91,12 +91,32 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         .collect();
     let state = dir.join("source-state");
     let loaded = tokio::task::spawn_blocking(move || {
-        super::source::load_disks(&state, &images, 64 * 1024, false)
+        super::source::load_disks(&state, &images, 64 * 1024, true)
     })
     .await??;
     let acceptor =
         Acceptor::bind("127.0.0.1:0", super::tls_server(Some(&pki.join("source")))?).await?;
     let source_addr = acceptor.local_addr()?;
+    // The first disk is also served to "its VM" over NBD, with every write tracked.
+    let vm_sock = dir.join("web-01-vm.sock");
+    let vm_disk = &loaded[0];
+    let tracked = server::tracked::TrackedImage::open(
+        vm_disk.image.path(),
+        vm_disk.geometry,
+        vm_disk.tracker.clone().context("web-01 is tracked")?,
+    )?;
+    let vm_listener = server::nbd::listener::NbdListener::bind(
+        &server::nbd::listener::NbdAddr::Unix(vm_sock.clone()),
+        false,
+    )
+    .await?;
+    let vm_export = tokio::spawn(vm_listener.run(
+        vec![server::nbd::handshake::Export {
+            name: "web-01".into(),
+            device: std::sync::Arc::new(tracked),
+        }],
+        None,
+    ));
     let serve = tokio::spawn(
         Source::new(loaded, "demo-source", protocol::codec::DEFAULT_LEVEL).serve(acceptor),
     );
@@ -139,9 +159,69 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         println!("   verified: {name} equals its source image, chunk for chunk");
         reports.push(r);
     }
+
+    println!("\n5. web-01's VM keeps writing (through the source's tracking NBD export); sync rounds catch up");
+    let sync_opts = |until_converged| client::sync::SyncOptions {
+        seed: SeedOptions {
+            peer: peer.clone(),
+            name: "web-01".into(),
+            bandwidth: None,
+            streams: 4,
+            retries: 4,
+            compress: client::Compress::Auto,
+        },
+        until_converged,
+        max_dirty: 2 << 20,
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (sock, stop) = (vm_sock.clone(), stop.clone());
+        std::thread::spawn(move || vm_workload(&sock, size, &stop))
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let live = client::sync::sync(&store, sync_opts(true), CancellationToken::new()).await?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("VM workload panicked"))??;
+    println!(
+        "   the VM wrote {} in 64 KiB blocks, then paused for the switch-over",
+        human(written)
+    );
+    let last = client::sync::sync(&store, sync_opts(false), CancellationToken::new()).await?;
+    let mut rounds = live.rounds.clone();
+    rounds.extend(last.rounds.iter().cloned());
+    for (i, r) in rounds.iter().enumerate() {
+        let tag = if i + 1 == rounds.len() {
+            "  (VM paused)"
+        } else {
+            ""
+        };
+        println!(
+            "   round {}: {:>10} dirty, {:>10} on the wire, {:.2} s{tag}",
+            i + 1,
+            human(r.dirty_bytes),
+            human(r.wire_bytes),
+            r.elapsed_s
+        );
+    }
+    let bad = super::verify::check(
+        &store.replica("web-01")?,
+        Some(&blockstore::Image::open(&disks[0].1)?),
+    )?;
+    if !bad.is_empty() {
+        bail!(
+            "web-01: {} chunks differ from the source after the final round",
+            bad.len()
+        );
+    }
+    println!(
+        "   after the final round the replica of web-01 equals the source disk, byte for byte"
+    );
+    vm_export.abort();
     serve.abort();
 
-    println!("\n5. report");
+    println!("\n6. report");
     println!(
         "{:<8} {:>10} {:>10} {:>6} {:>8} {:>7} {:>6} {:>7} {:>12} {:>10}",
         "disk",
@@ -190,4 +270,42 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         .canonicalize()
         .context("store directory vanished")?;
     Ok(0)
+}
+
+/// "The VM": writes random 64 KiB blocks through the tracking NBD export (with the `nbd` crate,
+/// a client we did not write), fast for a second, then slower, until told to stop.
+fn vm_workload(
+    sock: &std::path::Path,
+    size: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<u64> {
+    use rand::Rng;
+    use std::io::{Seek, SeekFrom, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)?;
+    let export = nbd::client::handshake(&mut stream, b"web-01")?;
+    let mut client = nbd::client::NbdClient::new(&mut stream, &export);
+    let mut rng = rand::thread_rng();
+    let mut block = vec![0u8; 65536];
+    let started = std::time::Instant::now();
+    let mut written = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst)
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        rng.fill(&mut block[..]);
+        client.seek(SeekFrom::Start(rng.gen_range(0..size / 65536) * 65536))?;
+        client.write_all(&block)?;
+        written += block.len() as u64;
+        if written % (16 * 65536) == 0 {
+            client.flush()?;
+        }
+        // A burst while the first round runs, then a steadier trickle.
+        let pause = if started.elapsed() < Duration::from_secs(1) {
+            1
+        } else {
+            40
+        };
+        std::thread::sleep(Duration::from_millis(pause));
+    }
+    client.flush()?;
+    Ok(written)
 }
