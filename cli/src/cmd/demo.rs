@@ -295,7 +295,7 @@ fn vm_workload(
         client.seek(SeekFrom::Start(rng.gen_range(0..size / 65536) * 65536))?;
         client.write_all(&block)?;
         written += block.len() as u64;
-        if written % (16 * 65536) == 0 {
+        if written.is_multiple_of(16 * 65536) {
             client.flush()?;
         }
         // A burst while the first round runs, then a steadier trickle.
