@@ -35,6 +35,10 @@ pub struct Tracker {
     unflushed: Mutex<HashMap<u64, u64>>,
     /// Serialises generation cuts (and their catalog writes).
     cut: Mutex<()>,
+    /// Held (shared) by a write from its activity-log check to its stamp, and (exclusive) by a
+    /// flush while it drains stamps and retires extents: a flush never retires an extent under
+    /// a write that has checked it but not yet stamped its chunks.
+    gate: std::sync::RwLock<()>,
 }
 
 impl Tracker {
@@ -53,6 +57,7 @@ impl Tracker {
             hot: Mutex::new(HashSet::new()),
             unflushed: Mutex::new(HashMap::new()),
             cut: Mutex::new(()),
+            gate: std::sync::RwLock::new(()),
             catalog,
         })
     }
@@ -61,14 +66,17 @@ impl Tracker {
         DeviceError::io(format!("dirty tracking failed: {e}"))
     }
 
+    /// Extents of `chunks` not yet in the activity log (empty: the write may go ahead).
+    pub fn cold_extents(&self, chunks: &std::ops::Range<u64>) -> Vec<u64> {
+        let hot = lock(&self.hot);
+        let first = chunks.start / EXTENT_CHUNKS;
+        let last = chunks.end.saturating_sub(1) / EXTENT_CHUNKS;
+        (first..=last).filter(|e| !hot.contains(e)).collect()
+    }
+
     /// Before a write: makes sure the activity log covers the chunks (synced when it grows).
     pub fn before_write(&self, chunks: std::ops::Range<u64>) -> Result<(), DeviceError> {
-        let extents: Vec<u64> = {
-            let hot = lock(&self.hot);
-            let first = chunks.start / EXTENT_CHUNKS;
-            let last = chunks.end.saturating_sub(1) / EXTENT_CHUNKS;
-            (first..=last).filter(|e| !hot.contains(e)).collect()
-        };
+        let extents = self.cold_extents(&chunks);
         if extents.is_empty() {
             return Ok(());
         }
@@ -92,8 +100,14 @@ impl Tracker {
         }
     }
 
+    /// Shared side of the write gate: hold it from the activity-log check to the stamp.
+    pub fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// At FLUSH: persists exact stamps; trims the activity log when it has grown large.
     pub fn flush(&self) -> Result<(), DeviceError> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let stamps: Vec<(u64, u64)> = lock(&self.unflushed).drain().collect();
         let retire: Vec<u64> = {
             let mut hot = lock(&self.hot);
@@ -213,9 +227,12 @@ impl TrackedImage {
         write: impl FnOnce(&File) -> std::io::Result<()>,
     ) -> Result<(), DeviceError> {
         let chunks = self.geometry.chunks_touching(offset, len);
-        self.tracker.before_write(chunks.clone())?;
-        write(&self.file).map_err(Self::io("cannot write image"))?;
-        self.tracker.after_write(chunks);
+        {
+            let _gate = self.tracker.write_gate();
+            self.tracker.before_write(chunks.clone())?;
+            write(&self.file).map_err(Self::io("cannot write image"))?;
+            self.tracker.after_write(chunks);
+        }
         if fua {
             self.sync()?;
         }
