@@ -1,4 +1,5 @@
-//! A source disk: a raw image file or a block device, read by offset.
+//! A source disk, read by offset: a raw image file, a block device, or an NBD export
+//! (`nbd+unix:///NAME?socket=PATH`, e.g. a qcow2 that QEMU owns, served by `qemu-nbd`).
 
 use crate::error::{io_err, Result, StoreError};
 use protocol::Geometry;
@@ -7,10 +8,24 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+enum Backend {
+    File(File),
+    Nbd(std::sync::Mutex<crate::nbd_client::NbdClient>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::File(file) => write!(f, "File({file:?})"),
+            Backend::Nbd(_) => write!(f, "Nbd"),
+        }
+    }
+}
+
 /// An open source disk.
 #[derive(Debug)]
 pub struct Image {
-    file: File,
+    backend: Backend,
     path: PathBuf,
     size: u64,
     is_block_device: bool,
@@ -18,9 +33,42 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens a raw image or block device read-only.
+    /// Opens a raw image or block device read-only, or an NBD export given as its URI.
     pub fn open(path: &Path) -> Result<Image> {
+        if let Some(uri) = path.to_str().and_then(crate::nbd_client::NbdUri::parse) {
+            return Self::open_nbd(&uri, path, None);
+        }
         Self::open_with(path, false)
+    }
+
+    /// Opens an NBD export; with `bitmap`, also the QEMU dirty bitmap of that name.
+    pub fn open_nbd(
+        uri: &crate::nbd_client::NbdUri,
+        path: &Path,
+        bitmap: Option<&str>,
+    ) -> Result<Image> {
+        let client = crate::nbd_client::NbdClient::connect(uri, bitmap)
+            .map_err(io_err("cannot open NBD export", path))?;
+        Ok(Image {
+            size: client.size(),
+            backend: Backend::Nbd(std::sync::Mutex::new(client)),
+            path: path.to_path_buf(),
+            // Nothing tells whether a remote disk changed: treat it like a block device.
+            is_block_device: true,
+            mtime_ns: 0,
+        })
+    }
+
+    /// The extents a QEMU dirty bitmap marks (an NBD image opened with a bitmap).
+    pub fn dirty_extents(&self) -> Result<Vec<(u64, u64)>> {
+        match &self.backend {
+            Backend::Nbd(c) => c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dirty_extents()
+                .map_err(io_err("cannot read the dirty bitmap of", &self.path)),
+            Backend::File(_) => Ok(Vec::new()),
+        }
     }
 
     /// Opens a raw image or block device, writable when `write` is set.
@@ -37,7 +85,7 @@ impl Image {
             .seek(SeekFrom::End(0))
             .map_err(io_err("cannot find the size of image", path))?;
         Ok(Image {
-            file,
+            backend: Backend::File(file),
             path: path.to_path_buf(),
             size,
             is_block_device,
@@ -65,14 +113,16 @@ impl Image {
         self.mtime_ns
     }
 
-    /// The file, for callers that write or sync it.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     /// Reads exactly `buf.len()` bytes at `offset`; a short read means the image shrank.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        let result = match &self.backend {
+            Backend::File(f) => f.read_exact_at(buf, offset),
+            Backend::Nbd(c) => c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_at(buf, offset),
+        };
+        result.map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 StoreError::Truncated {
                     path: self.path.clone(),

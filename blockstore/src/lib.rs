@@ -1,6 +1,8 @@
 //! heliotrope's chunk store: everything about bytes at rest.
 //!
-//! - [`image`]: reading a source disk (raw file or block device) chunk by chunk.
+//! - [`image`]: reading a source disk (raw file, block device, or an NBD export such as a
+//!   qcow2 served by `qemu-nbd`) chunk by chunk.
+//! - [`nbd_client`]: the small NBD client behind NBD images, with QEMU dirty bitmaps.
 //! - [`scan`]: building a disk's manifest (zero detection and blake3 per chunk) in parallel.
 //! - [`catalog`]: the source agent's `--state`: manifests kept in RocksDB, reused across restarts.
 //! - [`store`]: the destination's `--store`: disks, per-chunk state and the content index in
@@ -15,6 +17,7 @@ pub mod db;
 pub mod dirty;
 pub mod error;
 pub mod image;
+pub mod nbd_client;
 pub mod replica;
 pub mod scan;
 pub mod store;

@@ -35,6 +35,8 @@ pub struct SourceDisk {
     pub manifest: RwLock<Manifest>,
     /// Write tracking, when the disk is served to its VM through `--nbd`.
     pub tracker: Option<Arc<Tracker>>,
+    /// Dirty extents come from the QEMU dirty bitmap of the NBD image instead.
+    pub bitmap: bool,
 }
 
 /// A manifest and what it is current to.
@@ -221,7 +223,10 @@ impl Source {
                         let d = d.clone();
                         // Untracked disks answer Register with generation 0: seeding works
                         // without tracking, only sync needs it.
-                        if matches!(msg, Message::Register { .. }) && d.tracker.is_none() {
+                        if matches!(msg, Message::Register { .. })
+                            && d.tracker.is_none()
+                            && !d.bitmap
+                        {
                             Frame::new(Message::Registered { generation: 0 })
                         } else {
                             tokio::task::spawn_blocking(move || d.sync_request(msg))
@@ -303,8 +308,43 @@ impl SourceDisk {
         Ok(fresh)
     }
 
+    /// Sync requests answered from a QEMU dirty bitmap. QEMU's bitmap is not cleared through
+    /// NBD, so every round lists all the extents it marks, freshly hashed; the destination
+    /// skips the chunks it already holds with that content.
+    fn bitmap_request(&self, msg: Message) -> Frame {
+        let fail = |e: String| error_frame(None, ErrorKind::ImageRead, e);
+        match msg {
+            Message::Register { .. } => Frame::new(Message::Registered { generation: 0 }),
+            Message::SyncBegin { .. } => {
+                let extents = match self.image.dirty_extents() {
+                    Ok(e) => e,
+                    Err(e) => return fail(e.to_string()),
+                };
+                let mut chunks: Vec<u64> = extents
+                    .iter()
+                    .flat_map(|&(off, len)| self.geometry.chunks_touching(off, len))
+                    .collect();
+                chunks.sort_unstable();
+                chunks.dedup();
+                match self.refresh(&chunks, 0) {
+                    Ok(fresh) => plan_frame(&fresh, 0, 0),
+                    Err(e) => fail(e),
+                }
+            }
+            Message::SyncDone { .. } => Frame::new(Message::SyncDoneOk),
+            Message::DirtyQuery { .. } => Frame::new(Message::Dirty {
+                chunks: 0,
+                bytes: 0,
+            }),
+            _ => fail("not a sync request".into()),
+        }
+    }
+
     /// Handles the sync-related requests of a tracked disk (blocking: reads and hashes).
     fn sync_request(&self, msg: Message) -> Frame {
+        if self.bitmap {
+            return self.bitmap_request(msg);
+        }
         let Some(t) = &self.tracker else {
             return error_frame(
                 None,
@@ -349,22 +389,7 @@ impl SourceDisk {
                     Ok(f) => f,
                     Err(e) => return fail(e),
                 };
-                let mut raw = Vec::with_capacity(fresh.len() * (8 + ChunkEntry::ENCODED_LEN));
-                for (c, e) in &fresh {
-                    raw.extend_from_slice(&c.to_be_bytes());
-                    e.encode(&mut raw);
-                }
-                match zstd::bulk::compress(&raw, 1) {
-                    Ok(z) => Frame::with_payload(
-                        Message::SyncPlan {
-                            generation: cut,
-                            since,
-                            count: fresh.len() as u32,
-                        },
-                        Bytes::from(z),
-                    ),
-                    Err(e) => fail(format!("cannot compress the sync plan: {e}")),
-                }
+                plan_frame(&fresh, cut, since)
             }
             Message::SyncDone {
                 replica,
@@ -389,6 +414,30 @@ impl SourceDisk {
             },
             _ => fail("not a sync request".into()),
         }
+    }
+}
+
+/// A `SyncPlan` listing `fresh` chunks.
+fn plan_frame(fresh: &[(u64, ChunkEntry)], generation: u64, since: u64) -> Frame {
+    let mut raw = Vec::with_capacity(fresh.len() * (8 + ChunkEntry::ENCODED_LEN));
+    for (c, e) in fresh {
+        raw.extend_from_slice(&c.to_be_bytes());
+        e.encode(&mut raw);
+    }
+    match zstd::bulk::compress(&raw, 1) {
+        Ok(z) => Frame::with_payload(
+            Message::SyncPlan {
+                generation,
+                since,
+                count: fresh.len() as u32,
+            },
+            Bytes::from(z),
+        ),
+        Err(e) => error_frame(
+            None,
+            ErrorKind::ImageRead,
+            format!("cannot compress the sync plan: {e}"),
+        ),
     }
 }
 

@@ -282,3 +282,66 @@ fn sync_needs_a_tracking_source_and_a_seeded_replica() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+struct Qemunbd(std::process::Child);
+impl Drop for Qemunbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_nbd_bitmap(qcow2: &Path, sock: &Path) -> Qemunbd {
+    let _ = std::fs::remove_file(sock);
+    let child = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-x", "d", "-B", "bm", "-r", "-t", "-k"])
+        .arg(sock)
+        .arg(qcow2)
+        .spawn()
+        .expect("qemu-nbd (apt-get install qemu-utils)");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Qemunbd(child)
+}
+
+#[test]
+fn qemu_owned_qcow2_syncs_from_its_persistent_dirty_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("a.raw");
+    sample_image(&raw, "16MiB", 46);
+    let qcow2 = dir.path().join("d.qcow2");
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), qcow2.to_str().unwrap()]);
+    run_ok("qemu-img", &["bitmap", "--add", qcow2.to_str().unwrap(), "bm"]);
+    let sock = dir.path().join("q.sock");
+    let uri = format!("nbd+unix:///d?socket={}", sock.display());
+    let state = dir.path().join("state");
+    let start_source = |tag: &str| {
+        Agent::start(
+            &["source", "--listen", "127.0.0.1:0", "--state", state.to_str().unwrap(), "--image", &uri, "--name", "d", "--dirty-bitmap", "bm"],
+            &dir.path().join(format!("{tag}.log")),
+        )
+    };
+    let store = dir.path().join("store");
+    {
+        let _q = qemu_nbd_bitmap(&qcow2, &sock);
+        let src = start_source("src1");
+        helio_ok(&["seed", "--from", &src.addr, "--name", "d", "--store", store.to_str().unwrap()]);
+    }
+    // The VM (here qemu-io) writes while QEMU owns the disk; the persistent bitmap records it.
+    run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x44 1048576 100000", "-c", "write -P 0x55 10000000 512", qcow2.to_str().unwrap()]);
+    let _q = qemu_nbd_bitmap(&qcow2, &sock);
+    let src = start_source("src2");
+    let out = helio_ok(&["sync", "--from", &src.addr, "--name", "d", "--store", store.to_str().unwrap(), "--json"]);
+    let r = last_json(&out);
+    // 1048576..1148576 touches chunks 16 and 17; 10000000 touches chunk 152.
+    assert_eq!(r["rounds"][0]["chunks"].as_u64(), Some(3), "{r}");
+    let now = dir.path().join("now.raw");
+    run_ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", qcow2.to_str().unwrap(), now.to_str().unwrap()]);
+    let rep = dir.path().join("rep.raw");
+    helio_ok(&["materialize", "--store", store.to_str().unwrap(), "--name", "d", "--out", rep.to_str().unwrap()]);
+    assert!(cmp(&now, &rep), "the replica differs from the qcow2 after the bitmap sync");
+}

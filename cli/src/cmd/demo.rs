@@ -91,7 +91,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         .collect();
     let state = dir.join("source-state");
     let loaded = tokio::task::spawn_blocking(move || {
-        super::source::load_disks(&state, &images, 64 * 1024, true)
+        super::source::load_disks(&state, &images, 64 * 1024, true, None)
     })
     .await??;
     let acceptor =

@@ -34,6 +34,10 @@ pub struct Args {
     /// write for `helio sync`. The NBD export name is the disk name.
     #[arg(long)]
     nbd: Option<server::nbd::listener::NbdAddr>,
+    /// Take dirty extents from this QEMU persistent dirty bitmap of the NBD images
+    /// (`--image 'nbd+unix:///NAME?socket=PATH'`, exported with `qemu-nbd -B BITMAP`).
+    #[arg(long)]
+    dirty_bitmap: Option<String>,
     /// zstd level for chunks on the wire (negative levels are faster still).
     #[arg(long, default_value_t = protocol::codec::DEFAULT_LEVEL, allow_hyphen_values = true)]
     compress_level: i32,
@@ -45,6 +49,7 @@ pub fn load_disks(
     images: &[(PathBuf, String)],
     chunk_size: u64,
     track: bool,
+    bitmap: Option<&str>,
 ) -> anyhow::Result<Vec<SourceDisk>> {
     let catalog = Arc::new(
         Catalog::open(state)
@@ -53,7 +58,17 @@ pub fn load_disks(
     let mut disks = Vec::new();
     for (path, name) in images {
         check_name(name)?;
-        let image = Image::open(path)?;
+        let nbd = path
+            .to_str()
+            .and_then(blockstore::nbd_client::NbdUri::parse);
+        let image = match (&nbd, bitmap) {
+            (Some(uri), Some(b)) => Image::open_nbd(uri, path, Some(b))?,
+            (None, Some(_)) => bail!(
+                "--dirty-bitmap needs an NBD image (nbd+unix:///NAME?socket=PATH), not {}",
+                path.display()
+            ),
+            _ => Image::open(path)?,
+        };
         let geometry = Geometry::new(image.size(), chunk_size)?;
         let bar = bytes_bar(image.size(), "scan");
         bar.set_message(name.clone());
@@ -84,6 +99,7 @@ pub fn load_disks(
             image,
             geometry,
             manifest: std::sync::RwLock::new(server::source::Manifest::new(manifest, generation)),
+            bitmap: bitmap.is_some() && nbd.is_some(),
             tracker,
         });
     }
@@ -114,8 +130,14 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let tls = super::tls_server(a.tls.as_deref())?;
     let state = a.state.clone();
     let track = a.nbd.is_some();
-    let disks = tokio::task::spawn_blocking(move || load_disks(&state, &pairs, chunk_size, track))
-        .await??;
+    let bitmap = a.dirty_bitmap.clone();
+    if track && bitmap.is_some() {
+        bail!("--nbd and --dirty-bitmap exclude each other: either helio serves the VM's disk, or QEMU does and keeps the bitmap");
+    }
+    let disks = tokio::task::spawn_blocking(move || {
+        load_disks(&state, &pairs, chunk_size, track, bitmap.as_deref())
+    })
+    .await??;
     let mut exports = Vec::new();
     for d in &disks {
         if let (Some(t), Some(_)) = (&d.tracker, &a.nbd) {
