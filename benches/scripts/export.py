@@ -12,12 +12,11 @@ Usage: benches/scripts/export.py [--dir DIR] [--size 4GiB] [--wan-size 1GiB] [--
 """
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
-from harness import HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
+from harness import print_table, HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
 from seed import parse_size, seed, source
 
 
@@ -167,11 +166,7 @@ def main():
         bench_ondemand(d, img, rows)
     if "wan" in only:
         bench_wan(d, parse_size(a.wan_size), rows)
-    print(f"\n{datetime.date.today()} · {machine()} · `benches/scripts/export.py --size {a.size} --wan-size {a.wan_size} --only {a.only}`\n")
-    print("| case | what | helio | anchor | ratio |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(f"benches/scripts/export.py --size {a.size} --wan-size {a.wan_size} --only {a.only}", rows)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,13 @@ def machine():
             break
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
     return f"{os.cpu_count()} vCPU {cpu}, {mem} GiB"
+
+
+def print_table(command, rows):
+    """Prints results as the Markdown table docs/BENCHMARKS.md takes, with date, machine, command."""
+    import datetime
+    print(f"\n{datetime.date.today()} · {machine()} · `{command}`\n")
+    print("| case | what | helio | anchor | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")

@@ -11,11 +11,10 @@ Prints a Markdown table for docs/BENCHMARKS.md.
 """
 
 import argparse
-import datetime
 import json
 import subprocess
 
-from harness import HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
+from harness import print_table, HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
 
 GIB = 1 << 30
 
@@ -133,11 +132,7 @@ def main():
         bench_wan(d, parse_size(a.wan_size), rows)
     if "dedup" in only:
         bench_dedup(d, rows)
-    print(f"\n{datetime.date.today()} · {machine()} · `benches/scripts/seed.py --size {a.size} --wan-size {a.wan_size} --only {a.only}`\n")
-    print("| case | what | helio | anchor | ratio |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(f"benches/scripts/seed.py --size {a.size} --wan-size {a.wan_size} --only {a.only}", rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Usage: benches/scripts/sync.py [--dir DIR] [--size 4GiB] [--only sync,overhead]
 """
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
+from harness import print_table, HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
 from seed import parse_size
 
 WRITER = r"""
@@ -120,11 +119,7 @@ def main():
         bench_sync(d, base, rows)
     if "overhead" in only:
         bench_overhead(d, base, rows)
-    print(f"\n{datetime.date.today()} · {machine()} · `benches/scripts/sync.py --size {a.size} --only {a.only}`\n")
-    print("| case | what | helio | anchor | ratio |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(f"benches/scripts/sync.py --size {a.size} --only {a.only}", rows)
 
 
 if __name__ == "__main__":

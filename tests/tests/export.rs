@@ -12,15 +12,7 @@ fn seeded(dir: &Path, size: &str, seed: u64) -> (std::path::PathBuf, std::path::
     sample_image(&img, size, seed);
     let src = source(dir, &[(&img, "a")], &[]);
     let store = dir.join("store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &src.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    seed_into(&src.addr, "a", &store);
     (img, store)
 }
 
@@ -36,18 +28,7 @@ fn complete_replica_serves_qemu_img_nbdinfo_and_qemu_io() {
     assert_eq!(mode, 0o600, "the NBD socket must be private");
 
     let out = dir.path().join("out.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-    );
+    read_export(&uri, &out);
     assert!(
         cmp(&img, &out),
         "qemu-img convert of the export differs from the image"
@@ -181,18 +162,7 @@ fn reads_of_absent_chunks_fetch_on_demand_through_a_wan() {
     let (ok, text) = qemu_io(&uri, &[&format!("read -P {} {off} 1", data[off])]);
     assert!(ok, "{text}");
     let out = dir.path().join("out.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-    );
+    read_export(&uri, &out);
     assert!(
         cmp(&img, &out),
         "data fetched on demand differs from the source image"
@@ -242,18 +212,7 @@ fn write_during_background_copy_survives_its_completion() {
     expected[7340032..7340032 + 65536].fill(0x6b);
     expected[7667712..7667712 + 4096].fill(0);
     let out = dir.path().join("out.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-    );
+    read_export(&uri, &out);
     let got = std::fs::read(&out).unwrap();
     let first_bad = got.iter().zip(&expected).position(|(a, b)| a != b);
     assert_eq!(
@@ -328,18 +287,7 @@ fn source_killed_mid_copy_fails_absent_reads_only_then_copy_resumes() {
     let _src2 = start_source("src2.log");
     wait_complete(&store, "a", 120);
     let out = dir.path().join("out.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-    );
+    read_export(&uri, &out);
     assert!(cmp(&img, &out), "the resumed copy differs from the image");
 }
 

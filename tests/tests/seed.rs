@@ -46,15 +46,7 @@ fn mixed_image_round_trips_byte_identical() {
     );
 
     let out = dir.path().join("out.raw");
-    helio_ok(&[
-        "materialize",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "a",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    materialize(&store, "a", &out);
     assert!(
         cmp(&img, &out),
         "materialized replica differs from the image"
@@ -101,15 +93,7 @@ fn disk_sharing_70_percent_fetches_about_30_percent() {
         "b cost {wire:.3} of its logical bytes on the wire: {r}"
     );
     let out = dir.path().join("b.raw");
-    helio_ok(&[
-        "materialize",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "b",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    materialize(&store, "b", &out);
     assert!(cmp(&b, &out));
 }
 
@@ -175,15 +159,7 @@ fn resume_after_kill_9_fetches_no_stored_chunk_again() {
         field(&r, "chunks_total")
     );
     let out = dir.path().join("out.raw");
-    helio_ok(&[
-        "materialize",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "a",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    materialize(&store, "a", &out);
     assert!(cmp(&img, &out));
 }
 

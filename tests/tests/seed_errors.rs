@@ -293,15 +293,7 @@ fn verify_reports_a_corrupted_replica_chunk() {
     sample_image(&img, "4MiB", 8);
     let src = source(dir.path(), &[(&img, "a")], &[]);
     let store = dir.path().join("store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &src.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    seed_into(&src.addr, "a", &store);
     // Find a data chunk and flip one byte of it in the replica file.
     let s = blockstore::Store::open(&store).unwrap();
     let r = s.replica("a").unwrap();

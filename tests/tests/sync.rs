@@ -49,15 +49,7 @@ fn scattered_writes_are_shipped_exactly_and_the_replica_equals_the_image() {
     sample_image(&img, "32MiB", 41);
     let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
     let store = dir.path().join("store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &src.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    seed_into(&src.addr, "a", &store);
 
     let data = random_file(dir.path(), 200_000);
     let d = data.to_str().unwrap();
@@ -95,15 +87,7 @@ fn kill_9_of_the_source_between_writes_and_sync_loses_no_extent() {
     let listen = format!("127.0.0.1:{port}");
     let (src, vm) = tracking_source(dir.path(), &img, &state, &listen);
     let store = dir.path().join("store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &src.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    seed_into(&src.addr, "a", &store);
     let data = random_file(dir.path(), 100_000);
     let cmds = [
         format!("write -s {} 5000000 100000", data.display()),
@@ -132,15 +116,7 @@ fn two_destinations_sync_independently() {
     let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
     let (s1, s2) = (dir.path().join("store1"), dir.path().join("store2"));
     for s in [&s1, &s2] {
-        helio_ok(&[
-            "seed",
-            "--from",
-            &src.addr,
-            "--name",
-            "a",
-            "--store",
-            s.to_str().unwrap(),
-        ]);
+        seed_into(&src.addr, "a", s);
     }
     let (ok, text) = qemu_io(&vm, &["write -P 0x01 0 65536", "flush"]);
     assert!(ok, "{text}");
@@ -165,15 +141,7 @@ fn a_writer_faster_than_the_link_is_reported_as_not_converging() {
     sample_image(&img, "16MiB", 44);
     let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
     let store = dir.path().join("store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &src.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    seed_into(&src.addr, "a", &store);
     // A writer rewriting an 8 MiB working set with fresh data at about 20 MB/s for at most 40 s
     // (killed once sync returns), against rounds capped at 2 MiB/s.
     const WRITER: &str = r#"
@@ -236,15 +204,7 @@ fn sync_needs_a_tracking_source_and_a_seeded_replica() {
     sample_image(&img, "2MiB", 45);
     let plain = source(dir.path(), &[(&img, "a")], &[]);
     let store = dir.path().join("store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &plain.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    seed_into(&plain.addr, "a", &store);
     let out = helio(&[
         "sync",
         "--from",
@@ -314,14 +274,40 @@ fn qemu_owned_qcow2_syncs_from_its_persistent_dirty_bitmap() {
     let raw = dir.path().join("a.raw");
     sample_image(&raw, "16MiB", 46);
     let qcow2 = dir.path().join("d.qcow2");
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), qcow2.to_str().unwrap()]);
-    run_ok("qemu-img", &["bitmap", "--add", qcow2.to_str().unwrap(), "bm"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            qcow2.to_str().unwrap(),
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &["bitmap", "--add", qcow2.to_str().unwrap(), "bm"],
+    );
     let sock = dir.path().join("q.sock");
     let uri = format!("nbd+unix:///d?socket={}", sock.display());
     let state = dir.path().join("state");
     let start_source = |tag: &str| {
         Agent::start(
-            &["source", "--listen", "127.0.0.1:0", "--state", state.to_str().unwrap(), "--image", &uri, "--name", "d", "--dirty-bitmap", "bm"],
+            &[
+                "source",
+                "--listen",
+                "127.0.0.1:0",
+                "--state",
+                state.to_str().unwrap(),
+                "--image",
+                &uri,
+                "--name",
+                "d",
+                "--dirty-bitmap",
+                "bm",
+            ],
             &dir.path().join(format!("{tag}.log")),
         )
     };
@@ -329,19 +315,53 @@ fn qemu_owned_qcow2_syncs_from_its_persistent_dirty_bitmap() {
     {
         let _q = qemu_nbd_bitmap(&qcow2, &sock);
         let src = start_source("src1");
-        helio_ok(&["seed", "--from", &src.addr, "--name", "d", "--store", store.to_str().unwrap()]);
+        seed_into(&src.addr, "d", &store);
     }
     // The VM (here qemu-io) writes while QEMU owns the disk; the persistent bitmap records it.
-    run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x44 1048576 100000", "-c", "write -P 0x55 10000000 512", qcow2.to_str().unwrap()]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 1048576 100000",
+            "-c",
+            "write -P 0x55 10000000 512",
+            qcow2.to_str().unwrap(),
+        ],
+    );
     let _q = qemu_nbd_bitmap(&qcow2, &sock);
     let src = start_source("src2");
-    let out = helio_ok(&["sync", "--from", &src.addr, "--name", "d", "--store", store.to_str().unwrap(), "--json"]);
+    let out = helio_ok(&[
+        "sync",
+        "--from",
+        &src.addr,
+        "--name",
+        "d",
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+    ]);
     let r = last_json(&out);
     // 1048576..1148576 touches chunks 16 and 17; 10000000 touches chunk 152.
     assert_eq!(r["rounds"][0]["chunks"].as_u64(), Some(3), "{r}");
     let now = dir.path().join("now.raw");
-    run_ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", qcow2.to_str().unwrap(), now.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            qcow2.to_str().unwrap(),
+            now.to_str().unwrap(),
+        ],
+    );
     let rep = dir.path().join("rep.raw");
-    helio_ok(&["materialize", "--store", store.to_str().unwrap(), "--name", "d", "--out", rep.to_str().unwrap()]);
-    assert!(cmp(&now, &rep), "the replica differs from the qcow2 after the bitmap sync");
+    materialize(&store, "d", &rep);
+    assert!(
+        cmp(&now, &rep),
+        "the replica differs from the qcow2 after the bitmap sync"
+    );
 }

@@ -1,6 +1,5 @@
 //! `helio export`: serve a replica over NBD, filling it from a source when `--from` is given.
 
-use crate::units::check_name;
 use anyhow::Context;
 use client::session::Peer;
 use server::export::{status, ExportOptions, Exported, ReplicaDevice};
@@ -15,12 +14,8 @@ use wan::Rate;
 /// Arguments of `helio export`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The store directory.
-    #[arg(long)]
-    store: PathBuf,
-    /// The disk (also the NBD export name).
-    #[arg(long)]
-    name: String,
+    #[command(flatten)]
+    disk: super::args::StoreDisk,
     /// Where to serve: unix:PATH (mode 0600) or HOST:PORT (off loopback only with --tls).
     #[arg(long)]
     nbd: NbdAddr,
@@ -45,9 +40,7 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    check_name(&a.name)?;
-    let store = blockstore::Store::open(&a.store)
-        .with_context(|| format!("cannot open store {}", a.store.display()))?;
+    let store = a.disk.open()?;
     let peer = match &a.from {
         None => None,
         Some(addr) => Some(Peer {
@@ -60,7 +53,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         (client::Compress::Always, _) => true,
         (client::Compress::Never, _) | (_, None) => false,
         (client::Compress::Auto, Some(p)) => {
-            let (mut conn, _) = p.open(&a.name).await?;
+            let (mut conn, _) = p.open(&a.disk.name).await?;
             a.bandwidth.is_some()
                 || client::session::round_trip(&mut conn).await? >= Duration::from_millis(2)
         }
@@ -71,9 +64,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         bandwidth: a.bandwidth,
         compress,
     };
-    let dev = ReplicaDevice::open(&store, &a.name, peer, &opts)
+    let dev = ReplicaDevice::open(&store, &a.disk.name, peer, &opts)
         .await
-        .with_context(|| format!("cannot export {:?}", a.name))?;
+        .with_context(|| format!("cannot export {:?}", a.disk.name))?;
     let tls = match (&a.nbd, &a.tls) {
         (NbdAddr::Tcp(_), Some(dir)) => super::tls_server(Some(dir))?,
         _ => None,
@@ -81,16 +74,20 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let listener = NbdListener::bind(&a.nbd, tls.is_some()).await?;
     let where_ = listener.describe();
     let exports = vec![Export {
-        name: a.name.clone(),
+        name: a.disk.name.clone(),
         device: Arc::new(Exported(dev.clone())),
     }];
     let serve = tokio::spawn(listener.run(exports, tls));
     let copier = tokio::spawn(dev.clone().background_copy());
     // Published before "listening on", so `helio status` works as soon as clients can connect.
-    status::write(&a.store, &dev.status(&where_, 0.0))
-        .with_context(|| format!("cannot write the status file in {}", a.store.display()))?;
-    let status_task = tokio::spawn(publish_status(dev.clone(), a.store.clone(), where_.clone()));
-    tracing::info!(disk = %a.name, nbd = %where_, absent_chunks = dev.absent_chunks(), source = a.from.as_deref().unwrap_or("-"), "exporting");
+    status::write(&a.disk.store, &dev.status(&where_, 0.0))
+        .with_context(|| format!("cannot write the status file in {}", a.disk.store.display()))?;
+    let status_task = tokio::spawn(publish_status(
+        dev.clone(),
+        a.disk.store.clone(),
+        where_.clone(),
+    ));
+    tracing::info!(disk = %a.disk.name, nbd = %where_, absent_chunks = dev.absent_chunks(), source = a.from.as_deref().unwrap_or("-"), "exporting");
     println!("listening on {where_}");
     super::interrupted().await;
     serve.abort();
@@ -98,13 +95,13 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     status_task.abort();
     let d = dev.clone();
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || d.sync()).await {
-        tracing::error!(disk = %a.name, error = %e, "final sync failed");
+        tracing::error!(disk = %a.disk.name, error = %e, "final sync failed");
     }
     let _ = std::fs::write(
-        status::path(&a.store, &a.name),
+        status::path(&a.disk.store, &a.disk.name),
         serde_json::to_vec(&dev.status(&where_, 0.0))?,
     );
-    tracing::info!(disk = %a.name, "export stopped");
+    tracing::info!(disk = %a.disk.name, "export stopped");
     Ok(0)
 }
 

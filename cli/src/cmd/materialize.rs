@@ -7,12 +7,8 @@ use std::path::PathBuf;
 /// Arguments of `helio materialize`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The store directory.
-    #[arg(long)]
-    store: PathBuf,
-    /// The disk.
-    #[arg(long)]
-    name: String,
+    #[command(flatten)]
+    disk: super::args::StoreDisk,
     /// The raw image to write (created or truncated).
     #[arg(long)]
     out: PathBuf,
@@ -22,14 +18,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let store = blockstore::Store::open(&a.store)
-        .with_context(|| format!("cannot open store {}", a.store.display()))?;
-    let replica = store.replica(&a.name)?;
+    let store = a.disk.open()?;
+    let replica = store.replica(&a.disk.name)?;
     let g = replica.geometry();
     let states = replica.states()?;
     let absent = states.iter().filter(|s| s.is_none()).count();
     if absent > 0 && !a.allow_partial {
-        bail!("disk {:?} is incomplete: {absent} of {} chunks are absent (finish `helio seed`, or pass --allow-partial)", a.name, states.len());
+        bail!("disk {:?} is incomplete: {absent} of {} chunks are absent (finish `helio seed`, or pass --allow-partial)", a.disk.name, states.len());
     }
     let out = std::fs::File::create(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;

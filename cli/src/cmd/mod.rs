@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod args;
 pub mod demo;
 pub mod export;
 pub mod materialize;
@@ -41,4 +42,20 @@ pub async fn interrupted() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM, and the task watching for them (abort it when done).
+pub fn cancel_on_interrupt() -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            interrupted().await;
+            cancel.cancel();
+        })
+    };
+    (cancel, watcher)
 }

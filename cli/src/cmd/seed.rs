@@ -1,43 +1,20 @@
 //! `helio seed`: pre-seed a disk from a source agent.
 
 use crate::progress::bytes_bar;
-use crate::units::{check_name, human};
+use crate::units::human;
 use anyhow::Context;
-use client::session::Peer;
 use client::{SeedOptions, SeedProgress, SeedReport};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use wan::Rate;
 
 /// Arguments of `helio seed`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The source agent (HOST:PORT).
-    #[arg(long)]
-    from: String,
-    /// The disk to seed.
-    #[arg(long)]
-    name: String,
-    /// The destination store directory.
-    #[arg(long)]
-    store: PathBuf,
-    /// Directory with cert.pem, key.pem and ca.pem (from `helio pki issue`).
-    #[arg(long)]
-    tls: Option<PathBuf>,
-    /// Cap on the WAN rate, e.g. 100Mbit, 1Gbit, 20MiB/s, 50MB/s.
-    #[arg(long)]
-    bandwidth: Option<Rate>,
-    /// Parallel TCP connections.
-    #[arg(long, default_value_t = 4)]
-    streams: usize,
-    /// Reconnection attempts per stream before giving up on the source.
-    #[arg(long, default_value_t = 4)]
-    retries: u32,
-    /// Compress chunks on the wire: auto (on a WAN: 2 ms+ round trip or --bandwidth), always, never.
-    #[arg(long, default_value = "auto")]
-    compress: client::Compress,
+    #[command(flatten)]
+    link: super::args::SourceLink,
+    #[command(flatten)]
+    disk: super::args::StoreDisk,
     /// Print a JSON report as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -74,33 +51,9 @@ pub async fn seed_with_progress(
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    check_name(&a.name)?;
-    if a.tls.is_none() && !protocol::tls::is_loopback(&a.from) {
-        tracing::warn!(from = %a.from, "connecting without --tls to a non-loopback address: the source will most likely refuse, and nothing would be encrypted");
-    }
-    let tls = super::tls_client(a.tls.as_deref())?;
-    let store = blockstore::Store::open(&a.store)
-        .with_context(|| format!("cannot open store {}", a.store.display()))?;
-    let opts = SeedOptions {
-        peer: Peer {
-            addr: a.from.clone(),
-            tls,
-            agent: "helio-seed".into(),
-        },
-        name: a.name.clone(),
-        bandwidth: a.bandwidth,
-        streams: a.streams.clamp(1, 64),
-        retries: a.retries,
-        compress: a.compress,
-    };
-    let cancel = CancellationToken::new();
-    let watcher = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            super::interrupted().await;
-            cancel.cancel();
-        })
-    };
+    let store = a.disk.open()?;
+    let opts = a.link.options(&a.disk.name, "helio-seed")?;
+    let (cancel, watcher) = super::cancel_on_interrupt();
     let report = seed_with_progress(&store, opts, cancel).await;
     watcher.abort();
     let report = report?;

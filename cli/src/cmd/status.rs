@@ -1,29 +1,24 @@
 //! `helio status`: what a running export reports.
 
 use server::export::status::{self, Status};
-use std::path::PathBuf;
 
 /// Arguments of `helio status`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The store directory.
-    #[arg(long)]
-    store: PathBuf,
-    /// The disk.
-    #[arg(long)]
-    name: String,
+    #[command(flatten)]
+    disk: super::args::StoreDisk,
     /// Print the status as one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let path = status::path(&a.store, &a.name);
+    let path = status::path(&a.disk.store, &a.disk.name);
     let raw = std::fs::read(&path).map_err(|e| {
         anyhow::anyhow!(
             "no status for {:?} in {} ({e}): is `helio export` running for it?",
-            a.name,
-            a.store.display()
+            a.disk.name,
+            a.disk.store.display()
         )
     })?;
     let s: Status = serde_json::from_slice(&raw)

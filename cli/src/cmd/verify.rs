@@ -1,6 +1,5 @@
 //! `helio verify`: re-hash a replica, optionally against an image.
 
-use anyhow::Context;
 use blockstore::{ChunkState, Image};
 use protocol::{chunk::is_zero, ChunkHash};
 use rayon::prelude::*;
@@ -10,12 +9,8 @@ use std::path::PathBuf;
 /// Arguments of `helio verify`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The store directory.
-    #[arg(long)]
-    store: PathBuf,
-    /// The disk.
-    #[arg(long)]
-    name: String,
+    #[command(flatten)]
+    disk: super::args::StoreDisk,
     /// An image the replica must equal, byte for byte.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -44,9 +39,8 @@ struct Report {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let store = blockstore::Store::open(&a.store)
-        .with_context(|| format!("cannot open store {}", a.store.display()))?;
-    let replica = store.replica(&a.name)?;
+    let store = a.disk.open()?;
+    let replica = store.replica(&a.disk.name)?;
     let g = replica.geometry();
     let image = a.image.as_deref().map(Image::open).transpose()?;
     if let Some(img) = &image {
@@ -55,7 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 "image {} is {} bytes, replica {:?} is {} bytes",
                 img.path().display(),
                 img.size(),
-                a.name,
+                a.disk.name,
                 g.size
             );
         }
@@ -64,7 +58,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let ok = mismatches.is_empty();
     if a.json {
         let report = Report {
-            disk: a.name.clone(),
+            disk: a.disk.name.clone(),
             chunks: g.chunk_count(),
             mismatches,
             ok,
@@ -77,7 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         if ok {
             println!(
                 "{}: all {} chunks verified{}",
-                a.name,
+                a.disk.name,
                 g.chunk_count(),
                 if image.is_some() {
                     " and equal to the image"
@@ -88,7 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         } else {
             println!(
                 "{}: {} of {} chunks do not verify",
-                a.name,
+                a.disk.name,
                 mismatches.len(),
                 g.chunk_count()
             );

@@ -339,3 +339,46 @@ pub fn tracking_source(dir: &Path, img: &Path, state: &Path, listen: &str) -> (A
     );
     (agent, nbd_uri(&sock, "a"))
 }
+
+/// `helio seed --json` of disk `name` from `from` into `store`; returns the report.
+pub fn seed_into(from: &str, name: &str, store: &Path) -> serde_json::Value {
+    last_json(&helio_ok(&[
+        "seed",
+        "--from",
+        from,
+        "--name",
+        name,
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+    ]))
+}
+
+/// `helio materialize` of disk `name` of `store` into `out`.
+pub fn materialize(store: &Path, name: &str, out: &Path) {
+    helio_ok(&[
+        "materialize",
+        "--store",
+        store.to_str().unwrap(),
+        "--name",
+        name,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+}
+
+/// Reads a whole NBD export into a raw file with qemu-img (a client we did not write).
+pub fn read_export(uri: &str, out: &Path) {
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    );
+}
