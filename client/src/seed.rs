@@ -201,6 +201,7 @@ pub async fn seed(
     store
         .replica(&opts.name)?
         .mark_seeded(info.manifest_digest)?;
+    store.flush_metadata()?;
     report.elapsed_s = started.elapsed().as_secs_f64();
     Ok(report)
 }

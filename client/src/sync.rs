@@ -202,6 +202,7 @@ pub async fn sync(
             return Err(SeedError::Interrupted);
         }
     }
+    store.flush_metadata()?;
     Ok(SyncReport {
         disk: name.clone(),
         converged: remaining <= opts.max_dirty,

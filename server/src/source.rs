@@ -14,6 +14,7 @@ use protocol::{
     ChunkEntry, Conn, ConnError, DiskInfo, Encoding, ErrorKind, Frame, FrameWriter, Geometry,
     Message,
 };
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, Semaphore};
@@ -291,14 +292,17 @@ fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl SourceDisk {
     /// Re-reads and re-hashes `chunks`, updating the manifest; returns their new entries.
     fn refresh(&self, chunks: &[u64], generation: u64) -> Result<Vec<(u64, ChunkEntry)>, String> {
-        let mut fresh = Vec::with_capacity(chunks.len());
-        for &c in chunks {
-            let data = self
-                .image
-                .read_chunk(&self.geometry, c)
-                .map_err(|e| e.to_string())?;
-            fresh.push((c, ChunkEntry::of(&data)));
-        }
+        // Parallel: a round can list thousands of chunks, and the replica waits for the plan.
+        let fresh: Vec<(u64, ChunkEntry)> = chunks
+            .par_iter()
+            .map(|&c| {
+                let data = self
+                    .image
+                    .read_chunk(&self.geometry, c)
+                    .map_err(|e| e.to_string())?;
+                Ok((c, ChunkEntry::of(&data)))
+            })
+            .collect::<Result<_, String>>()?;
         let mut m = write_lock(&self.manifest);
         for (c, e) in &fresh {
             m.entries[*c as usize] = *e;
