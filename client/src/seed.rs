@@ -68,7 +68,7 @@ impl std::str::FromStr for Compress {
 }
 
 /// Round trips at or above this mean a WAN, where compression pays.
-const WAN_RTT: Duration = Duration::from_millis(2);
+pub const WAN_RTT: Duration = Duration::from_millis(2);
 
 /// Live counters, for a progress bar.
 #[derive(Debug, Default)]
@@ -542,18 +542,15 @@ async fn wants_compression(shared: &Shared, conn: &mut protocol::Conn) -> Result
         Compress::Auto if shared.bucket.is_some() => return Ok(true),
         Compress::Auto => {}
     }
-    let mut best = Duration::MAX;
-    for id in 0..3 {
-        let t = Instant::now();
-        conn.send(&Frame::new(Message::Ping { id })).await?;
-        if !matches!(conn.recv().await?.msg, Message::Pong { .. }) {
-            return Err(ConnError::Malformed {
+    let best = crate::session::round_trip(conn)
+        .await
+        .map_err(|e| match e {
+            SessionError::Conn(c) => c,
+            other => ConnError::Malformed {
                 peer: conn.peer().to_string(),
-                detail: "no pong to a ping".into(),
-            });
-        }
-        best = best.min(t.elapsed());
-    }
+                detail: other.to_string(),
+            },
+        })?;
     Ok(best >= WAN_RTT)
 }
 

@@ -55,7 +55,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         (client::Compress::Auto, Some(p)) => {
             let (mut conn, _) = p.open(&a.disk.name).await?;
             a.bandwidth.is_some()
-                || client::session::round_trip(&mut conn).await? >= Duration::from_millis(2)
+                || client::session::round_trip(&mut conn).await? >= client::seed::WAN_RTT
         }
     };
     let opts = ExportOptions {
