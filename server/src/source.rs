@@ -222,24 +222,15 @@ impl Source {
                     None => error_frame(None, ErrorKind::NotOpen, "open a disk first".into()),
                     Some(d) => {
                         let d = d.clone();
-                        // Untracked disks answer Register with generation 0: seeding works
-                        // without tracking, only sync needs it.
-                        if matches!(msg, Message::Register { .. })
-                            && d.tracker.is_none()
-                            && !d.bitmap
-                        {
-                            Frame::new(Message::Registered { generation: 0 })
-                        } else {
-                            tokio::task::spawn_blocking(move || d.sync_request(msg))
-                                .await
-                                .unwrap_or_else(|e| {
-                                    error_frame(
-                                        None,
-                                        ErrorKind::ImageRead,
-                                        format!("sync task failed: {e}"),
-                                    )
-                                })
-                        }
+                        tokio::task::spawn_blocking(move || d.sync_request(msg))
+                            .await
+                            .unwrap_or_else(|e| {
+                                error_frame(
+                                    None,
+                                    ErrorKind::ImageRead,
+                                    format!("sync task failed: {e}"),
+                                )
+                            })
                     }
                 },
                 other => {
@@ -350,6 +341,10 @@ impl SourceDisk {
             return self.bitmap_request(msg);
         }
         let Some(t) = &self.tracker else {
+            // Seeding works without tracking (generation 0); only sync rounds need it.
+            if matches!(msg, Message::Register { .. }) {
+                return Frame::new(Message::Registered { generation: 0 });
+            }
             return error_frame(
                 None,
                 ErrorKind::NotTracked,

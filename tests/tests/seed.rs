@@ -51,15 +51,7 @@ fn mixed_image_round_trips_byte_identical() {
         cmp(&img, &out),
         "materialized replica differs from the image"
     );
-    helio_ok(&[
-        "verify",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "a",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
+    verify_equal(&store, "a", &img);
 
     // A second run finds everything present and fetches nothing.
     let again = seed_json(&src.addr, "a", &store, &[]);
@@ -188,15 +180,7 @@ fn byte_flipped_in_flight_is_caught_and_refetched() {
         field(&r, "chunks_refetched") > 0,
         "the corrupting proxy went unnoticed: {r}"
     );
-    helio_ok(&[
-        "verify",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "a",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
+    verify_equal(&store, "a", &img);
 }
 
 #[test]

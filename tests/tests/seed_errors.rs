@@ -275,15 +275,7 @@ fn source_vanishing_mid_seed_fails_then_resumes() {
         "--json",
     ]);
     assert_eq!(field(&last_json(&out), "chunks_present") as usize, kept);
-    helio_ok(&[
-        "verify",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "a",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
+    verify_equal(&store, "a", &img);
 }
 
 #[test]

@@ -20,18 +20,6 @@ fn sync_json(from: &str, store: &Path, extra: &[&str]) -> serde_json::Value {
     last_json(&helio_ok(&args))
 }
 
-fn verify_equal(store: &Path, img: &Path) {
-    helio_ok(&[
-        "verify",
-        "--store",
-        store.to_str().unwrap(),
-        "--name",
-        "a",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
-}
-
 fn random_file(dir: &Path, len: usize) -> std::path::PathBuf {
     let p = dir.join(format!("rand-{}.bin", rand::random::<u32>()));
     let mut buf = vec![0u8; len];
@@ -71,7 +59,7 @@ fn scattered_writes_are_shipped_exactly_and_the_replica_equals_the_image() {
     assert_eq!(round["dirty_bytes"].as_u64(), Some(7 * 65536), "{r}");
     assert_eq!(r["remaining_dirty_bytes"].as_u64(), Some(0));
     assert_eq!(r["converged"], true);
-    verify_equal(&store, &img);
+    verify_equal(&store, "a", &img);
     // Nothing written since: the next round ships nothing.
     let again = sync_json(&src.addr, &store, &[]);
     assert_eq!(again["rounds"][0]["chunks"].as_u64(), Some(0), "{again}");
@@ -105,7 +93,7 @@ fn kill_9_of_the_source_between_writes_and_sync_loses_no_extent() {
         r["rounds"][0]["chunks"].as_u64().unwrap() >= 3,
         "writes before the crash were not shipped: {r}"
     );
-    verify_equal(&store, &img);
+    verify_equal(&store, "a", &img);
 }
 
 #[test]
@@ -130,8 +118,8 @@ fn two_destinations_sync_independently() {
     // The first lacks only the second write.
     let r1 = sync_json(&src.addr, &s1, &[]);
     assert_eq!(r1["rounds"][0]["chunks"].as_u64(), Some(1), "{r1}");
-    verify_equal(&s1, &img);
-    verify_equal(&s2, &img);
+    verify_equal(&s1, "a", &img);
+    verify_equal(&s2, "a", &img);
 }
 
 #[test]

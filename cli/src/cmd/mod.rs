@@ -59,3 +59,17 @@ pub fn cancel_on_interrupt() -> (
     };
     (cancel, watcher)
 }
+
+/// Prints a report: one JSON object as the last line of stdout with `--json`, else for people.
+pub fn print<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    human: impl Fn(&T),
+) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        human(report);
+    }
+    Ok(0)
+}

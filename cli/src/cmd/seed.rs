@@ -56,13 +56,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let (cancel, watcher) = super::cancel_on_interrupt();
     let report = seed_with_progress(&store, opts, cancel).await;
     watcher.abort();
-    let report = report?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
-    }
-    Ok(0)
+    super::print(a.json, &report?, print_report)
 }
 
 /// A human summary of a seed.

@@ -36,13 +36,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         .await
         .with_context(|| format!("syncing {:?} failed", a.disk.name));
     watcher.abort();
-    let report = report?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
-    }
-    Ok(0)
+    super::print(a.json, &report?, print_report)
 }
 
 /// A human summary of sync rounds.

@@ -382,3 +382,16 @@ pub fn read_export(uri: &str, out: &Path) {
         ],
     );
 }
+
+/// `helio verify --image`: disk `name` of `store` must equal `img`, byte for byte.
+pub fn verify_equal(store: &Path, name: &str, img: &Path) {
+    helio_ok(&[
+        "verify",
+        "--store",
+        store.to_str().unwrap(),
+        "--name",
+        name,
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+}
