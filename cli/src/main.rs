@@ -38,6 +38,9 @@ enum Command {
     WanProxy(cmd::wan_proxy::Args),
     /// Generate a sample disk image (random, zero and text regions) for tests and benchmarks.
     SampleImage(cmd::sample_image::Args),
+    /// Migrate a guest's memory and vCPU state (pre-copy, warm, post-copy), or model it.
+    #[command(subcommand)]
+    Memory(cmd::memory::Command),
     /// Run the built-in demonstration end to end.
     Demo(cmd::demo::Args),
 }
@@ -80,6 +83,7 @@ fn main() {
             Command::Pki(c) => cmd::pki::run(c),
             Command::WanProxy(a) => cmd::wan_proxy::run(a).await,
             Command::SampleImage(a) => cmd::sample_image::run(a),
+            Command::Memory(c) => cmd::memory::run(c).await,
             Command::Demo(a) => cmd::demo::run(a).await,
         }
     });

@@ -159,6 +159,72 @@ pub enum Message {
         /// The ping's id.
         id: u64,
     },
+    /// Memory migration: the source describes the guest (JSON of `memory::MigrationSpec`) so
+    /// that the destination can build an empty one of the same shape.
+    MemStart {
+        /// The guest's description.
+        spec: String,
+    },
+    /// Reply to `MemStart`: the destination's guest exists and waits for pages.
+    MemReady,
+    /// A batch of guest pages; payload: a page batch (`memory::wire`), encoded as `encoding`.
+    MemPages {
+        /// The pre-copy round (0 for pages the destination asked for during post-copy).
+        round: u32,
+        /// Pages in the batch.
+        pages: u32,
+        /// How the payload is encoded (raw or zstd; a batch is never `Zero`).
+        encoding: Encoding,
+    },
+    /// Every page of a round has been sent; the destination answers `MemRoundAck`.
+    MemRoundEnd {
+        /// The round.
+        round: u32,
+    },
+    /// The destination has installed every page of the round.
+    MemRoundAck {
+        /// The round.
+        round: u32,
+    },
+    /// The guest is paused at the source and every page the destination needs before it may
+    /// run has been sent; payload: the vCPU state. With `postcopy` the destination resumes at
+    /// once and pulls what it lacks.
+    MemSwitchover {
+        /// When the source paused the guest (Unix time, ns), for the downtime measurement.
+        paused_at_unix_ns: u64,
+        /// Resume before all pages are there and fault the rest in.
+        postcopy: bool,
+        /// Pages the destination holds stale copies of (dirtied since they were sent): with
+        /// post-copy they are discarded so that a guest access faults them in.
+        discard: Vec<u64>,
+    },
+    /// The guest runs at the destination.
+    MemResumed {
+        /// When it was resumed (Unix time, ns).
+        at_unix_ns: u64,
+        /// The guest's write counter when it resumed.
+        counter: u64,
+    },
+    /// Post-copy: the destination's guest touched pages it lacks; send them first.
+    MemFault {
+        /// Page numbers.
+        pages: Vec<u64>,
+    },
+    /// Every page has been sent; `memory_hash` is the source's memory at the pause.
+    MemComplete {
+        /// blake3 over the per-page blake3 hashes, in page order.
+        memory_hash: ChunkHash,
+    },
+    /// The destination's verdict (JSON of `memory::DestinationReport`).
+    MemVerified {
+        /// The report.
+        report: String,
+    },
+    /// The migration is abandoned; the guest stays (or keeps running) at the source.
+    MemAbort {
+        /// Why.
+        reason: String,
+    },
     /// A failed request (or, with no id, a failed connection).
     Error {
         /// The request's id, if the error belongs to one.

@@ -4,6 +4,7 @@ pub mod args;
 pub mod demo;
 pub mod export;
 pub mod materialize;
+pub mod memory;
 pub mod pki;
 pub mod sample_image;
 pub mod seed;
