@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (binutils is needed to build the KVM guest): {e}"));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?} (binutils is needed to build the KVM guest): {e}")
+    });
     assert!(status.success(), "{cmd:?} failed");
 }
 
@@ -15,6 +15,12 @@ fn main() {
     let obj = out.join("workload.o");
     let bin = out.join("workload.bin");
     println!("cargo:rerun-if-changed=guest/workload.S");
-    run(Command::new("as").args(["--64", "-o"]).arg(&obj).arg("guest/workload.S"));
-    run(Command::new("objcopy").args(["-O", "binary"]).arg(&obj).arg(&bin));
+    run(Command::new("as")
+        .args(["--64", "-o"])
+        .arg(&obj)
+        .arg("guest/workload.S"));
+    run(Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&obj)
+        .arg(&bin));
 }

@@ -14,8 +14,8 @@ use crate::region::Memory;
 use crate::workload::{Workload, WorkloadError, STATUS_ADDR};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::sync::Arc;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Which guest implementation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,9 +119,9 @@ pub fn receive(
 ) -> Result<Box<dyn Guest>, GuestError> {
     Ok(match backend {
         Backend::Kvm => Box::new(crate::kvm::KvmGuest::receive(workload, memory)?),
-        Backend::Synthetic => Box::new(crate::synthetic::SyntheticGuest::receive(
-            workload, memory,
-        )?),
+        Backend::Synthetic => {
+            Box::new(crate::synthetic::SyntheticGuest::receive(workload, memory)?)
+        }
     })
 }
 

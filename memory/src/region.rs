@@ -35,12 +35,13 @@ pub struct Memory {
 impl Memory {
     /// Maps `bytes` of zeroed memory (lazily allocated).
     pub fn new(bytes: u64) -> Result<Self, MemoryError> {
-        let region = GuestRegionMmap::from_range(GuestAddress(0), bytes as usize, None).map_err(
-            |e| MemoryError::Map {
-                bytes,
-                detail: e.to_string(),
-            },
-        )?;
+        let region =
+            GuestRegionMmap::from_range(GuestAddress(0), bytes as usize, None).map_err(|e| {
+                MemoryError::Map {
+                    bytes,
+                    detail: e.to_string(),
+                }
+            })?;
         Ok(Memory { region })
     }
 

@@ -53,7 +53,11 @@ pub struct SyntheticGuest {
 }
 
 impl SyntheticGuest {
-    fn new(workload: &Workload, memory: Arc<Memory>, state: WriterState) -> Result<Self, GuestError> {
+    fn new(
+        workload: &Workload,
+        memory: Arc<Memory>,
+        state: WriterState,
+    ) -> Result<Self, GuestError> {
         let layout = workload.layout()?;
         Ok(SyntheticGuest {
             memory,
@@ -179,8 +183,7 @@ impl Guest for SyntheticGuest {
             self.shared.cv.notify_all();
         }
         if self.thread.is_none() {
-            let (memory, layout, shared) =
-                (self.memory.clone(), self.layout, self.shared.clone());
+            let (memory, layout, shared) = (self.memory.clone(), self.layout, self.shared.clone());
             let rate = self.workload.dirty_rate;
             self.thread = Some(
                 std::thread::Builder::new()

@@ -15,7 +15,9 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 pub enum UffdError {
     /// The kernel refused a userfaultfd (needs root, or vm.unprivileged_userfaultfd=1, to catch
     /// faults taken inside KVM).
-    #[error("cannot create a userfaultfd: {0} (post-copy needs root or vm.unprivileged_userfaultfd=1)")]
+    #[error(
+        "cannot create a userfaultfd: {0} (post-copy needs root or vm.unprivileged_userfaultfd=1)"
+    )]
     Create(String),
     /// Registering or using the range failed.
     #[error("userfaultfd {op} failed on page {page}: {detail}")]
@@ -146,7 +148,10 @@ impl Userfault {
     /// has been installed).
     pub fn unregister(&self) -> Result<(), UffdError> {
         self.uffd
-            .unregister(self.memory.host_addr() as *mut c_void, self.memory.bytes() as usize)
+            .unregister(
+                self.memory.host_addr() as *mut c_void,
+                self.memory.bytes() as usize,
+            )
             .map_err(|e| UffdError::Op {
                 op: "UFFDIO_UNREGISTER",
                 page: 0,

@@ -92,7 +92,11 @@ fn max_raw(pages: u32) -> usize {
 }
 
 /// Decodes a batch into its raw form (decompressing if needed).
-pub fn decode_payload(encoding: Encoding, pages: u32, payload: &[u8]) -> Result<Vec<u8>, BatchError> {
+pub fn decode_payload(
+    encoding: Encoding,
+    pages: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, BatchError> {
     match encoding {
         Encoding::Raw => Ok(payload.to_vec()),
         Encoding::Zstd => zstd::bulk::decompress(payload, max_raw(pages))
@@ -104,25 +108,51 @@ pub fn decode_payload(encoding: Encoding, pages: u32, payload: &[u8]) -> Result<
 /// Walks the records of a raw batch.
 pub fn records(raw: &[u8]) -> Result<Vec<(u64, Record<'_>)>, BatchError> {
     let short = || BatchError(format!("truncated ({} bytes)", raw.len()));
-    let count = u32::from_le_bytes(raw.get(..4).ok_or_else(short)?.try_into().map_err(|_| short())?);
+    let count = u32::from_le_bytes(
+        raw.get(..4)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
+    );
     if max_raw(count) < raw.len() || count as usize > raw.len() {
-        return Err(BatchError(format!("{count} pages cannot fill {} bytes", raw.len())));
+        return Err(BatchError(format!(
+            "{count} pages cannot fill {} bytes",
+            raw.len()
+        )));
     }
     let mut at = 4;
     let mut heads = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let page = u64::from_le_bytes(raw.get(at..at + 8).ok_or_else(short)?.try_into().map_err(|_| short())?);
+        let page = u64::from_le_bytes(
+            raw.get(at..at + 8)
+                .ok_or_else(short)?
+                .try_into()
+                .map_err(|_| short())?,
+        );
         let kind = *raw.get(at + 8).ok_or_else(short)?;
         at += 9;
         match kind {
             ZERO | DATA => heads.push((page, kind, 0, [0u8; 32])),
             REF => {
-                let from = u64::from_le_bytes(raw.get(at..at + 8).ok_or_else(short)?.try_into().map_err(|_| short())?);
-                let hash: [u8; 32] = raw.get(at + 8..at + 40).ok_or_else(short)?.try_into().map_err(|_| short())?;
+                let from = u64::from_le_bytes(
+                    raw.get(at..at + 8)
+                        .ok_or_else(short)?
+                        .try_into()
+                        .map_err(|_| short())?,
+                );
+                let hash: [u8; 32] = raw
+                    .get(at + 8..at + 40)
+                    .ok_or_else(short)?
+                    .try_into()
+                    .map_err(|_| short())?;
                 at += 40;
                 heads.push((page, kind, from, hash));
             }
-            k => return Err(BatchError(format!("unknown record kind {k} for page {page}"))),
+            k => {
+                return Err(BatchError(format!(
+                    "unknown record kind {k} for page {page}"
+                )))
+            }
         }
     }
     let mut out = Vec::with_capacity(heads.len());

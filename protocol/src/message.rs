@@ -176,6 +176,13 @@ pub enum Message {
         /// How the payload is encoded (raw or zstd; a batch is never `Zero`).
         encoding: Encoding,
     },
+    /// The destination has installed this many bytes of `MemPages` payload in all: the
+    /// source keeps no more than about a bandwidth-delay product unacknowledged, so that its
+    /// final pages never queue behind earlier rounds.
+    MemAck {
+        /// Cumulative payload bytes.
+        bytes: u64,
+    },
     /// Every page of a round has been sent; the destination answers `MemRoundAck`.
     MemRoundEnd {
         /// The round.

@@ -117,6 +117,8 @@ fn nbdcopy_with_four_connections_and_fio_verify() {
             "--iodepth=16",
             "--verify=crc32c",
             "--do_verify=1",
+            // fio otherwise leaves a verify state file in the working directory.
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );

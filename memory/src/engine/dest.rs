@@ -63,12 +63,16 @@ struct State {
     pull: Option<Pull>,
     zero: ChunkHash,
     buf: Vec<u8>,
+    /// Page payload bytes installed, for `MemAck`.
+    acked: u64,
 }
 
 impl State {
     fn install(&mut self, page: u64, data: &[u8], hash: ChunkHash) -> Result<(), MigrateError> {
         if page as usize >= self.hashes.len() {
-            return Err(MigrateError::Protocol(format!("page {page} is beyond guest memory")));
+            return Err(MigrateError::Protocol(format!(
+                "page {page} is beyond guest memory"
+            )));
         }
         match &mut self.pull {
             Some(pull) => {
@@ -76,7 +80,12 @@ impl State {
                 if pull.uf.install(page, data)? {
                     self.hashes[page as usize] = hash;
                 }
-                if let Some(t0) = pull.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&page) {
+                if let Some(t0) = pull
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&page)
+                {
                     pull.latencies.push(t0.elapsed());
                 }
             }
@@ -91,8 +100,14 @@ impl State {
         Ok(())
     }
 
-    fn apply(&mut self, encoding: protocol::Encoding, pages: u32, payload: &[u8]) -> Result<(), MigrateError> {
-        let raw = decode_payload(encoding, pages, payload).map_err(|e| MigrateError::Protocol(e.to_string()))?;
+    fn apply(
+        &mut self,
+        encoding: protocol::Encoding,
+        pages: u32,
+        payload: &[u8],
+    ) -> Result<(), MigrateError> {
+        let raw = decode_payload(encoding, pages, payload)
+            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
         let recs = records(&raw).map_err(|e| MigrateError::Protocol(e.to_string()))?;
         for (page, rec) in recs {
             match rec {
@@ -139,11 +154,15 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
     let (mut rd, mut wr) = conn.split();
     let first = rd.recv().await?;
     let Message::MemStart { spec } = first.msg else {
-        return Err(MigrateError::Protocol(format!("expected MemStart, got {:?}", first.msg)));
+        return Err(MigrateError::Protocol(format!(
+            "expected MemStart, got {:?}",
+            first.msg
+        )));
     };
     let spec: MigrationSpec = serde_json::from_str(&spec)
         .map_err(|e| MigrateError::Protocol(format!("the migration spec does not parse: {e}")))?;
-    let memory = Arc::new(Memory::new(spec.workload.memory_bytes).map_err(crate::guest::GuestError::from)?);
+    let memory =
+        Arc::new(Memory::new(spec.workload.memory_bytes).map_err(crate::guest::GuestError::from)?);
     let mut guest = guest::receive(spec.backend, &spec.workload, memory.clone())?;
     info!(backend = %spec.backend, bytes = spec.workload.memory_bytes, "receiving a guest");
     let pages = memory.pages();
@@ -155,6 +174,7 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
         pull: None,
         zero,
         buf: vec![0u8; PAGE_SIZE],
+        acked: 0,
     };
     send(&mut wr, Message::MemReady).await?;
     let (fault_tx, mut fault_rx) = mpsc::unbounded_channel::<u64>();
@@ -175,14 +195,24 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
         };
         match f.msg {
             Message::Ping { id } => send(&mut wr, Message::Pong { id }).await?,
-            Message::MemPages { round, pages, encoding } => {
+            Message::MemPages {
+                round,
+                pages,
+                encoding,
+            } => {
                 if round == DEMAND_ROUND && st.pull.is_none() {
-                    return Err(MigrateError::Protocol("demand pages outside post-copy".into()));
+                    return Err(MigrateError::Protocol(
+                        "demand pages outside post-copy".into(),
+                    ));
                 }
                 st.apply(encoding, pages, &f.payload)?;
+                st.acked += f.payload.len() as u64;
+                send(&mut wr, Message::MemAck { bytes: st.acked }).await?;
             }
             Message::MemRoundEnd { round } => send(&mut wr, Message::MemRoundAck { round }).await?,
-            Message::MemSwitchover { postcopy, discard, .. } => {
+            Message::MemSwitchover {
+                postcopy, discard, ..
+            } => {
                 if postcopy {
                     uffd::discard(&memory, &discard)?;
                     for p in &discard {
@@ -195,12 +225,25 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                 let at = super::unix_ns();
                 resumed = true;
                 counter_at_resume = guest.counter();
-                info!(postcopy, counter = counter_at_resume, "guest resumed at the destination");
-                send(&mut wr, Message::MemResumed { at_unix_ns: at, counter: counter_at_resume }).await?;
+                info!(
+                    postcopy,
+                    counter = counter_at_resume,
+                    "guest resumed at the destination"
+                );
+                send(
+                    &mut wr,
+                    Message::MemResumed {
+                        at_unix_ns: at,
+                        counter: counter_at_resume,
+                    },
+                )
+                .await?;
             }
             Message::MemComplete { memory_hash } => {
                 if !resumed {
-                    return Err(MigrateError::Protocol("MemComplete before the switchover".into()));
+                    return Err(MigrateError::Protocol(
+                        "MemComplete before the switchover".into(),
+                    ));
                 }
                 let mut faults = 0;
                 let mut latencies = Vec::new();
@@ -216,7 +259,13 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                     latencies = std::mem::take(&mut pull.latencies);
                     faults = latencies.len() as u64;
                 }
-                send(&mut wr, Message::MemRoundAck { round: COMPLETE_ROUND }).await?;
+                send(
+                    &mut wr,
+                    Message::MemRoundAck {
+                        round: COMPLETE_ROUND,
+                    },
+                )
+                .await?;
                 let ours = combine(&st.hashes);
                 tokio::time::sleep(Duration::from_millis(spec.run_after_ms)).await;
                 let counter_after = guest.counter();
@@ -237,8 +286,13 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                 if !report.memory_hash_equal {
                     warn!("the received memory differs from the source's");
                 }
-                let json = serde_json::to_string(&report).map_err(|e| MigrateError::Protocol(e.to_string()))?;
-                wr.send(&Frame::with_payload(Message::MemVerified { report: json }, Bytes::new())).await?;
+                let json = serde_json::to_string(&report)
+                    .map_err(|e| MigrateError::Protocol(e.to_string()))?;
+                wr.send(&Frame::with_payload(
+                    Message::MemVerified { report: json },
+                    Bytes::new(),
+                ))
+                .await?;
                 return Ok(Outcome::Migrated(report));
             }
             Message::MemAbort { reason } => return Ok(Outcome::Aborted(reason)),
@@ -247,7 +301,10 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
     }
 }
 
-fn start_pull(memory: Arc<Memory>, faults: mpsc::UnboundedSender<u64>) -> Result<Pull, MigrateError> {
+fn start_pull(
+    memory: Arc<Memory>,
+    faults: mpsc::UnboundedSender<u64>,
+) -> Result<Pull, MigrateError> {
     let uf = Arc::new(Userfault::register(memory)?);
     let pending: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));

@@ -25,6 +25,9 @@ const PUSH_BATCH_PAGES: usize = 16;
 const SAMPLE_PAGES: u64 = 1024;
 /// A round whose dirty set shrinks by less than this fraction does not converge.
 const MIN_SHRINK: f64 = 0.9;
+/// Measured d/r at which pre-copy is taken not to converge. Just under 1: a guest that rewrites
+/// all of memory within a round saturates the dirty log, and then measures as d/r ≈ 1.
+const DIVERGING: f64 = 0.95;
 /// Share of the link the post-copy push takes, leaving room for demand pages.
 const PUSH_SHARE: f64 = 0.9;
 
@@ -77,6 +80,19 @@ struct Sender {
     saved: Saved,
     buf: Vec<u8>,
     batch: BatchBuilder,
+    flow: Arc<Flow>,
+    /// Payload bytes sent.
+    payload_sent: u64,
+    /// Unacknowledged payload allowed in flight.
+    window: u64,
+}
+
+/// Acknowledged payload bytes, updated by the reader task.
+#[derive(Default)]
+struct Flow {
+    acked: std::sync::atomic::AtomicU64,
+    closed: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
 }
 
 fn zero_hash() -> ChunkHash {
@@ -134,6 +150,22 @@ impl Sender {
             self.saved.compressed_input += raw;
             self.saved.compressed_output += payload.len() as u64;
         }
+        // Keep about a bandwidth-delay product in flight and no more: bytes queued beyond it
+        // would sit in socket buffers ahead of the stop-and-copy's pages.
+        loop {
+            let notified = self.flow.notify.notified();
+            let acked = self.flow.acked.load(std::sync::atomic::Ordering::SeqCst);
+            if self.payload_sent.saturating_sub(acked) <= self.window {
+                break;
+            }
+            if self.flow.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(MigrateError::Protocol(
+                    "the destination closed the connection".into(),
+                ));
+            }
+            notified.await;
+        }
+        self.payload_sent += payload.len() as u64;
         let bytes = payload.len() as u64 + 32;
         self.wr
             .send(&Frame::with_payload(
@@ -150,7 +182,12 @@ impl Sender {
         Ok(())
     }
 
-    async fn send(&mut self, round: u32, pages: &[u64], per_batch: usize) -> Result<Counts, MigrateError> {
+    async fn send(
+        &mut self,
+        round: u32,
+        pages: &[u64],
+        per_batch: usize,
+    ) -> Result<Counts, MigrateError> {
         let demanded = round == DEMAND_ROUND;
         let mut counts = Counts {
             pages: 0,
@@ -178,12 +215,15 @@ impl Sender {
 /// Frames from the destination, read by a task of their own.
 type Inbox = mpsc::UnboundedReceiver<Result<Frame, ConnError>>;
 
-async fn expect(inbox: &mut Inbox, what: &str, mut accept: impl FnMut(&Message) -> bool) -> Result<Frame, MigrateError> {
+async fn expect(
+    inbox: &mut Inbox,
+    what: &str,
+    mut accept: impl FnMut(&Message) -> bool,
+) -> Result<Frame, MigrateError> {
     loop {
-        let f = inbox
-            .recv()
-            .await
-            .ok_or_else(|| MigrateError::Protocol(format!("connection closed while waiting for {what}")))??;
+        let f = inbox.recv().await.ok_or_else(|| {
+            MigrateError::Protocol(format!("connection closed while waiting for {what}"))
+        })??;
         match &f.msg {
             Message::MemAbort { reason } => return Err(MigrateError::Aborted(reason.clone())),
             Message::Error { message, .. } => return Err(MigrateError::Aborted(message.clone())),
@@ -230,7 +270,11 @@ fn sample(memory: &Memory) -> (f64, f64) {
         wire += batch.finish(Some(1)).2.len() as u64 + 32;
     }
     let zero_fraction = zero as f64 / total.max(1) as f64;
-    let compression = if wire == 0 { 1.0 } else { raw as f64 / wire as f64 };
+    let compression = if wire == 0 {
+        1.0
+    } else {
+        raw as f64 / wire as f64
+    };
     (zero_fraction, compression.max(1.0))
 }
 
@@ -264,12 +308,10 @@ pub async fn migrate(
             report.outcome = "failed".into();
             report.error = Some(match phase {
                 Phase::Live => format!("{e}; the guest keeps running at the source"),
-                Phase::Paused => {
-                    match guest.resume() {
-                        Ok(()) => format!("{e}; the guest was resumed at the source"),
-                        Err(r) => format!("{e}; resuming the guest at the source failed too: {r}"),
-                    }
-                }
+                Phase::Paused => match guest.resume() {
+                    Ok(()) => format!("{e}; the guest was resumed at the source"),
+                    Err(r) => format!("{e}; resuming the guest at the source failed too: {r}"),
+                },
                 Phase::Switched => format!(
                     "{e}; the switchover was sent, so the guest may be running at the destination: \
                      it stays paused here; check the destination before resuming it"
@@ -295,15 +337,31 @@ async fn run(
     let pages = memory.pages();
     let (mut rd, wr) = conn.split();
     let (tx, mut inbox) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(async move {
-        loop {
-            let f = rd.recv().await;
-            let done = f.is_err();
-            if tx.send(f).is_err() || done {
-                break;
+    let flow = Arc::new(Flow::default());
+    let reader = {
+        let flow = flow.clone();
+        tokio::spawn(async move {
+            loop {
+                let f = rd.recv().await;
+                if let Ok(Frame {
+                    msg: Message::MemAck { bytes },
+                    ..
+                }) = &f
+                {
+                    flow.acked
+                        .fetch_max(*bytes, std::sync::atomic::Ordering::SeqCst);
+                    flow.notify.notify_waiters();
+                    continue;
+                }
+                let done = f.is_err();
+                if tx.send(f).is_err() || done {
+                    break;
+                }
             }
-        }
-    });
+            flow.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            flow.notify.notify_waiters();
+        })
+    };
     let _reader = AbortOnDrop(reader);
     let mut tx = Sender {
         wr,
@@ -316,8 +374,12 @@ async fn run(
         saved: Saved::default(),
         buf: vec![0u8; PAGE_SIZE],
         batch: BatchBuilder::default(),
+        flow,
+        payload_sent: 0,
+        window: 4 << 20,
     };
-    let spec_json = serde_json::to_string(spec).map_err(|e| MigrateError::Protocol(e.to_string()))?;
+    let spec_json =
+        serde_json::to_string(spec).map_err(|e| MigrateError::Protocol(e.to_string()))?;
     tx.msg(Message::MemStart { spec: spec_json }).await?;
     expect(&mut inbox, "MemReady", |m| matches!(m, Message::MemReady)).await?;
     let ping = Instant::now();
@@ -325,24 +387,39 @@ async fn run(
     expect(&mut inbox, "Pong", |m| matches!(m, Message::Pong { .. })).await?;
     let rtt = ping.elapsed();
     report.rtt_ms = ms(rtt);
+    if let Some(bw) = opts.bandwidth {
+        tx.window = (bw as f64 * rtt.as_secs_f64()) as u64 + (256 << 10);
+    }
 
     guest.start_dirty_log()?;
     let (zero_fraction, compression) = sample(&memory);
-    let layout = spec.workload.layout().map_err(|e| MigrateError::Protocol(e.to_string()))?;
+    let layout = spec
+        .workload
+        .layout()
+        .map_err(|e| MigrateError::Protocol(e.to_string()))?;
     let model = |bandwidth: f64| ModelInput {
         memory_bytes: (memory.bytes() as f64 * (1.0 - zero_fraction)) as u64,
         total_pages: pages as u64,
         dirty_rate: spec.workload.dirty_rate as f64,
         bandwidth,
         compression,
-        hot_pages: if layout.hot_per_mille > 0 { layout.hot_pages } else { 0 },
+        hot_pages: if layout.hot_per_mille > 0 {
+            layout.hot_pages
+        } else {
+            0
+        },
         hot_fraction: spec.workload.hot_fraction,
         rtt: rtt.as_secs_f64(),
         downtime_target: opts.downtime_target.as_secs_f64(),
         hold_hot: opts.hold_hot,
     };
+    let predict = |m: ModelInput| match opts.mode {
+        Mode::Precopy => m.predict(),
+        Mode::Warm => m.predict_warm(),
+        Mode::Postcopy => m.predict_postcopy(PUSH_SHARE),
+    };
     if let Some(bw) = opts.bandwidth {
-        let mut p = Predicted::from(&model(bw as f64).predict());
+        let mut p = Predicted::from(&predict(model(bw as f64)));
         p.compression = compression;
         report.predicted = Some(p);
     }
@@ -360,6 +437,7 @@ async fn run(
     // Dirty pages the live rounds left for the switchover.
     let mut unsent = PageSet::new(pages);
     let mut round = 1u32;
+    let mut limit_base = (0u32, 0u64);
     let mut postcopy = opts.mode == Mode::Postcopy;
     let mut paused_at = Instant::now();
     let mut paused_unix = 0;
@@ -374,9 +452,9 @@ async fn run(
     // Live rounds (none for post-copy; warm does one round with the guest paused).
     while !postcopy {
         let t0 = Instant::now();
+        // Rounds follow each other without waiting for acknowledgements (the window paces
+        // them), so a round lasts as long as its pages take to send.
         let counts = tx.send(round, &to_send, BATCH_PAGES).await?;
-        tx.msg(Message::MemRoundEnd { round }).await?;
-        expect(&mut inbox, "MemRoundAck", |m| matches!(m, Message::MemRoundAck { round: r } if *r == round)).await?;
         let elapsed = t0.elapsed();
         for &p in &to_send {
             at_dest.insert(p);
@@ -390,7 +468,12 @@ async fn run(
         }
         let mut rr = RoundReport {
             round,
-            kind: if opts.mode == Mode::Warm { "warm" } else { "live" }.into(),
+            kind: if opts.mode == Mode::Warm {
+                "warm"
+            } else {
+                "live"
+            }
+            .into(),
             pages: counts.pages,
             bytes: counts.bytes,
             elapsed_ms: ms(elapsed),
@@ -415,7 +498,11 @@ async fn run(
         rr.dirty_pages = pending.len() as u64;
 
         // The link's rate: the operator's figure when given, else the best round measured.
-        let link = opts.bandwidth.map(|b| b as f64).unwrap_or(best_wire_bw.max(wire_bw)).max(1.0);
+        let link = opts
+            .bandwidth
+            .map(|b| b as f64)
+            .unwrap_or(best_wire_bw.max(wire_bw))
+            .max(1.0);
         let wire_per_page = if sent_pages_total > 0 {
             (tx.wire_bytes as f64 / sent_pages_total as f64).clamp(64.0, PAGE_SIZE as f64 + 64.0)
         } else {
@@ -425,7 +512,7 @@ async fn run(
         let predicted_downtime = pending.len() as f64 / page_rate + rtt.as_secs_f64() / 2.0;
         rr.predicted_downtime_ms = predicted_downtime * 1000.0;
         if report.predicted.is_none() && round == 1 {
-            let mut p = Predicted::from(&model(link).predict());
+            let mut p = Predicted::from(&predict(model(link)));
             p.compression = compression;
             report.predicted = Some(p);
         }
@@ -441,7 +528,8 @@ async fn run(
         prev_dirty.push(pending.len());
 
         if predicted_downtime <= opts.downtime_target.as_secs_f64() {
-            report.converged = report.policy_applied == "none" || report.policy_applied == "throttle";
+            report.converged =
+                report.policy_applied == "none" || report.policy_applied == "throttle";
             report.rounds.push(rr);
             unsent = pending;
             break;
@@ -451,8 +539,10 @@ async fn run(
             prev_dirty[n - 1] as f64 > MIN_SHRINK * prev_dirty[n - 2] as f64
                 && prev_dirty[n - 2] as f64 > MIN_SHRINK * prev_dirty[n - 3] as f64
         };
-        let diverging = d_over_r >= 1.0 || stuck;
-        if round >= MAX_ROUNDS || logical_total as f64 >= MAX_SENT_FACTOR * memory.bytes() as f64 {
+        let diverging = d_over_r >= DIVERGING || stuck;
+        if round - limit_base.0 >= MAX_ROUNDS
+            || (logical_total - limit_base.1) as f64 >= MAX_SENT_FACTOR * memory.bytes() as f64
+        {
             report.policy_applied = "limit".into();
             report.rounds.push(rr);
             unsent = pending;
@@ -463,9 +553,16 @@ async fn run(
             match opts.on_diverge {
                 Policy::Throttle => {
                     report.policy_applied = "throttle".into();
-                    throttle = if throttle == 0.0 { 0.2 } else { (throttle + 0.1).min(0.99) };
+                    throttle = if throttle == 0.0 {
+                        0.2
+                    } else {
+                        (throttle + 0.1).min(0.99)
+                    };
                     guest.set_throttle(throttle);
                     prev_dirty.clear();
+                    // Xen's limits bound a migration that makes no progress; a throttled one
+                    // does, so they count afresh from each step of the throttle.
+                    limit_base = (round, logical_total);
                 }
                 Policy::Stop => {
                     report.policy_applied = "stop".into();
@@ -488,7 +585,10 @@ async fn run(
                         "pre-copy does not converge (d/r {d_over_r:.2} after round {round}); \
                          the guest keeps running at the source"
                     );
-                    tx.msg(Message::MemAbort { reason: reason.clone() }).await?;
+                    tx.msg(Message::MemAbort {
+                        reason: reason.clone(),
+                    })
+                    .await?;
                     report.wire_bytes = tx.wire_bytes;
                     report.saved = tx.saved.clone();
                     report.total_ms = ms(start.elapsed());
@@ -499,7 +599,11 @@ async fn run(
 
         // Hold back pages dirtied in each of the last rounds, as many as keep the target.
         for p in 0..pages {
-            streak[p] = if dirty.contains(p as u64) { streak[p].saturating_add(1) } else { 0 };
+            streak[p] = if dirty.contains(p as u64) {
+                streak[p].saturating_add(1)
+            } else {
+                0
+            };
         }
         let mut held = PageSet::new(pages);
         if opts.hold_hot {
@@ -568,9 +672,16 @@ async fn run(
             ))
             .await?;
         *phase = Phase::Switched;
-        let resumed = expect(&mut inbox, "MemResumed", |m| matches!(m, Message::MemResumed { .. })).await?;
+        let resumed = expect(&mut inbox, "MemResumed", |m| {
+            matches!(m, Message::MemResumed { .. })
+        })
+        .await?;
         report.downtime_ms = ms(paused_at.elapsed());
-        if let Message::MemResumed { at_unix_ns, counter } = resumed.msg {
+        if let Message::MemResumed {
+            at_unix_ns,
+            counter,
+        } = resumed.msg
+        {
             report.downtime_ms = at_unix_ns.saturating_sub(paused_unix) as f64 / 1e6;
             report.verified.counter_at_resume = counter;
         }
@@ -590,12 +701,18 @@ async fn run(
         });
         // The guest's own boot area (page tables, code, status) goes ahead of the switch so
         // that neither the first instruction nor the destination's status read faults.
-        let boot: Vec<u64> = (0..(crate::workload::WORK_BASE / PAGE_SIZE as u64)).filter(|p| stale.contains(*p)).collect();
-        round += 1;
+        let boot: Vec<u64> = (0..(crate::workload::WORK_BASE / PAGE_SIZE as u64))
+            .filter(|p| stale.contains(*p))
+            .collect();
+        if !report.rounds.is_empty() {
+            round += 1;
+        }
         let t0 = Instant::now();
         let mut counts = tx.send(round, &boot, BATCH_PAGES).await?;
+        let mut discard = discard;
         for &p in &boot {
             stale.remove(p);
+            discard.remove(p);
         }
         tx.refs = false;
         tx.wr
@@ -668,8 +785,15 @@ async fn run(
         let memory_hash = hash_memory(&memory).await?;
         tx.msg(Message::MemComplete { memory_hash }).await?;
         loop {
-            let f = inbox.recv().await.ok_or_else(|| MigrateError::Protocol("connection closed before post-copy completed".into()))??;
-            if matches!(f.msg, Message::MemRoundAck { round: COMPLETE_ROUND }) {
+            let f = inbox.recv().await.ok_or_else(|| {
+                MigrateError::Protocol("connection closed before post-copy completed".into())
+            })??;
+            if matches!(
+                f.msg,
+                Message::MemRoundAck {
+                    round: COMPLETE_ROUND
+                }
+            ) {
                 break;
             }
             handle_postcopy_msg(f, &mut demand, report, &mut resumed, paused_unix)?;
@@ -686,7 +810,10 @@ async fn run(
             ..RoundReport::default()
         });
         postcopy_report = Some(pc);
-        let verdict = expect(&mut inbox, "MemVerified", |m| matches!(m, Message::MemVerified { .. })).await?;
+        let verdict = expect(&mut inbox, "MemVerified", |m| {
+            matches!(m, Message::MemVerified { .. })
+        })
+        .await?;
         finish(report, verdict, memory_hash, postcopy_report, &tx);
         return Ok(());
     }
@@ -694,8 +821,19 @@ async fn run(
     // The source's memory stays as it was at the pause: hash it now that the downtime is over.
     let memory_hash = hash_memory(&memory).await?;
     tx.msg(Message::MemComplete { memory_hash }).await?;
-    expect(&mut inbox, "MemRoundAck", |m| matches!(m, Message::MemRoundAck { round: COMPLETE_ROUND })).await?;
-    let verdict = expect(&mut inbox, "MemVerified", |m| matches!(m, Message::MemVerified { .. })).await?;
+    expect(&mut inbox, "MemRoundAck", |m| {
+        matches!(
+            m,
+            Message::MemRoundAck {
+                round: COMPLETE_ROUND
+            }
+        )
+    })
+    .await?;
+    let verdict = expect(&mut inbox, "MemVerified", |m| {
+        matches!(m, Message::MemVerified { .. })
+    })
+    .await?;
     finish(report, verdict, memory_hash, postcopy_report, &tx);
     Ok(())
 }
@@ -716,7 +854,10 @@ fn handle_postcopy_msg(
 ) -> Result<(), MigrateError> {
     match f.msg {
         Message::MemFault { pages } => demand.extend(pages),
-        Message::MemResumed { at_unix_ns, counter } => {
+        Message::MemResumed {
+            at_unix_ns,
+            counter,
+        } => {
             *resumed = true;
             report.downtime_ms = at_unix_ns.saturating_sub(paused_unix) as f64 / 1e6;
             report.verified.counter_at_resume = counter;
@@ -752,7 +893,12 @@ fn finish(
         }
     };
     let v = &mut report.verified;
-    v.memory_hash_equal = dest.memory_hash == memory_hash.0.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    v.memory_hash_equal = dest.memory_hash
+        == memory_hash
+            .0
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
     v.counter_after = dest.counter_after;
     v.guest_ran_on = dest.guest_ran_on && v.counter_at_resume == v.counter_at_pause;
     v.ok = v.memory_hash_equal && v.guest_ran_on && dest.error.is_none();

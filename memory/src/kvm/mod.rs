@@ -108,11 +108,15 @@ impl KvmGuest {
         let layout = workload.layout()?;
         boot::load(&g.memory, workload, &layout, Pacer::new(g.rate).batch())?;
         {
-            let vcpu = g.vcpu.as_ref().ok_or_else(|| GuestError::Stopped("no vCPU".into()))?;
+            let vcpu = g
+                .vcpu
+                .as_ref()
+                .ok_or_else(|| GuestError::Stopped("no vCPU".into()))?;
             let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             vcpu.set_sregs(&boot::sregs(sregs))
                 .map_err(kvm_err("KVM_SET_SREGS"))?;
-            vcpu.set_regs(&boot::regs()).map_err(kvm_err("KVM_SET_REGS"))?;
+            vcpu.set_regs(&boot::regs())
+                .map_err(kvm_err("KVM_SET_REGS"))?;
         }
         g.resume()?;
         let ctl = g.shared.lock();
@@ -189,7 +193,10 @@ fn run_vcpu(mut vcpu: VcpuFd, rate: u64, shared: Arc<Shared>) {
             Ok(exit) => {
                 let what = format!("{exit:?}");
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
-                stop(&shared, format!("unexpected vCPU exit {what} at rip {rip:#x}"));
+                stop(
+                    &shared,
+                    format!("unexpected vCPU exit {what} at rip {rip:#x}"),
+                );
                 return;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

@@ -11,7 +11,11 @@ use kvm_ioctls::VmFd;
 pub fn register(vm: &VmFd, memory: &Memory, log_dirty: bool) -> Result<(), GuestError> {
     let region = kvm_userspace_memory_region {
         slot: 0,
-        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: 0,
         memory_size: memory.bytes(),
         userspace_addr: memory.host_addr(),

@@ -56,7 +56,10 @@ fn still_running(guest: &dyn memory::Guest) -> bool {
 pub async fn source(a: SourceArgs) -> anyhow::Result<i32> {
     let workload = a.guest.workload()?;
     if a.tls.is_none() && !protocol::tls::is_loopback(&a.connect) {
-        bail!("{} is not on loopback: give --tls DIR (see `helio pki`)", a.connect);
+        bail!(
+            "{} is not on loopback: give --tls DIR (see `helio pki`)",
+            a.connect
+        );
     }
     let tls = super::super::tls_client(a.tls.as_deref())?;
     let backend = a.guest.backend;
@@ -145,7 +148,12 @@ pub fn print_report(r: &Report) {
     let v = &r.verified;
     println!(
         "verified: {} (memory equal: {}, guest ran on: {}, counter {} -> {} -> {})",
-        v.ok, v.memory_hash_equal, v.guest_ran_on, v.counter_at_pause, v.counter_at_resume, v.counter_after
+        v.ok,
+        v.memory_hash_equal,
+        v.guest_ran_on,
+        v.counter_at_pause,
+        v.counter_at_resume,
+        v.counter_after
     );
     if let Some(e) = &r.error {
         println!("error: {e}");
@@ -154,7 +162,10 @@ pub fn print_report(r: &Report) {
 
 pub async fn dest(a: DestArgs) -> anyhow::Result<i32> {
     if a.tls.is_none() && !protocol::tls::is_loopback(&a.listen) {
-        bail!("{} is not on loopback: give --tls DIR (see `helio pki`)", a.listen);
+        bail!(
+            "{} is not on loopback: give --tls DIR (see `helio pki`)",
+            a.listen
+        );
     }
     let tls = super::super::tls_server(a.tls.as_deref())?;
     let listener = TcpListener::bind(&a.listen)
@@ -165,7 +176,11 @@ pub async fn dest(a: DestArgs) -> anyhow::Result<i32> {
     let (tcp, peer) = listener.accept().await?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn protocol::conn::Io> = match &tls {
-        Some(t) => Box::new(t.accept(tcp).await.with_context(|| format!("TLS handshake with {peer}"))?),
+        Some(t) => Box::new(
+            t.accept(tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {peer}"))?,
+        ),
         None => Box::new(tcp),
     };
     let mut conn = Conn::new(io, peer.to_string());

@@ -42,7 +42,12 @@ fn pki(dir: &Path) -> anyhow::Result<()> {
         protocol::pki::init_ca(&ca)?;
     }
     protocol::pki::issue(&ca, "source", &dir.join("source"), &[])?;
-    protocol::pki::issue(&ca, "localhost", &dir.join("destination"), &["127.0.0.1".into()])?;
+    protocol::pki::issue(
+        &ca,
+        "localhost",
+        &dir.join("destination"),
+        &["127.0.0.1".into()],
+    )?;
     Ok(())
 }
 

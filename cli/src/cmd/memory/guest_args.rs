@@ -103,7 +103,10 @@ impl GuestArgs {
             format!("--random-fraction={}", self.random_fraction),
             format!("--duplicate-fraction={}", self.duplicate_fraction),
             format!("--seed={}", self.seed),
-            format!("--downtime-target={}", humantime::format_duration(self.downtime_target)),
+            format!(
+                "--downtime-target={}",
+                humantime::format_duration(self.downtime_target)
+            ),
             format!("--on-diverge={}", self.on_diverge),
             format!("--warmup={}", humantime::format_duration(self.warmup)),
             format!("--run-after={}", humantime::format_duration(self.run_after)),

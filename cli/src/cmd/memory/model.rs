@@ -55,7 +55,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let memory = parse_size(&a.memory)?;
     let hot = parse_size(&a.hot_set)?;
     if a.bandwidth.bytes_per_sec() == 0 || a.dirty_rate < 0.0 || a.compression <= 0.0 {
-        anyhow::bail!("--bandwidth and --compression must be positive and --dirty-rate not negative");
+        anyhow::bail!(
+            "--bandwidth and --compression must be positive and --dirty-rate not negative"
+        );
     }
     let input = ModelInput {
         memory_bytes: memory,
