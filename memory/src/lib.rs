@@ -11,8 +11,10 @@
 //!   divergence policies, warm and post-copy migration, and the destination side.
 //! - [`wire`]: page batches (zero markers, references to content the destination holds, zstd).
 //! - [`model`]: the d/r model `helio memory model` prints and the engine predicts with.
-//! - [`uffd`]: userfaultfd for post-copy. All `unsafe` lives in `uffd`, `kvm::slot` and
-//!   `region`-free helpers next to it, each block with a `SAFETY` comment.
+//! - [`uffd`]: userfaultfd for post-copy.
+//!
+//! All `unsafe` lives in two small modules, each block with a `SAFETY` comment: [`uffd`]
+//! (userfaultfd ioctls, `madvise`, `poll`) and `kvm::slot` (handing KVM the memory mapping).
 
 pub mod engine;
 pub mod guest;

@@ -118,15 +118,12 @@ impl ModelInput {
             });
             total += t;
             sent += pages;
-            let (hot, cold_all) = self.dirtied(t);
-            let distinct_rate = (hot + cold_all) / t;
-            let mut cold = cold_all;
-            if rounds.len() == 1 {
-                // Round 1 sends every page while the guest writes: a page written before its
-                // turn goes out with the new content, which is not sent again. Cold pages are
-                // written once, at a time uniform over the round, so half of them are.
-                cold /= 2.0;
-            }
+            // Every page dirtied during a round is resent. (Some went out with their new content
+            // in the same round and are skipped by the engine: for uniformly placed writes half
+            // of round 1's, for a sweep that the sender overtakes almost none. The model takes
+            // the upper bound.)
+            let (hot, cold) = self.dirtied(t);
+            let distinct_rate = (hot + cold) / t;
             let dirty = hot + cold;
             if dirty / pr + self.rtt / 2.0 <= self.downtime_target {
                 pages = dirty;
@@ -223,14 +220,12 @@ mod tests {
         assert!(p.converges);
         let t: Vec<f64> = p.rounds.iter().map(|r| r.elapsed_ms).collect();
         assert!((t[0] - 4294.97).abs() < 1.0, "{t:?}");
-        assert!((t[1] / t[0] - 0.25).abs() < 1e-6, "{t:?}");
-        for w in t[1..].windows(2) {
+        for w in t.windows(2) {
             assert!((w[1] / w[0] - 0.5).abs() < 1e-6, "{t:?}");
         }
-        // Round 2 is a quarter of round 1 (half of what round 1 dirtied went out with it), then
-        // halving; the stop-and-copy follows the first round whose dirty pages take ≤ 50 ms to send,
-        // i.e. the first round shorter than 100 ms: 4295, 1074, 537, 268, 134, 67 ms.
-        assert_eq!(p.rounds.len(), 6);
+        // The stop-and-copy follows the first round whose dirty pages take ≤ 50 ms to send, i.e.
+        // the first round shorter than 100 ms: 4295, 2147, 1074, 537, 268, 134, 67 ms.
+        assert_eq!(p.rounds.len(), 7);
         assert!(p.downtime_ms <= 50.0);
     }
 

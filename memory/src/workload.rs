@@ -161,37 +161,6 @@ impl Pacer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout_places_hot_set_first_and_rejects_bad_sizes() {
-        let w = Workload {
-            memory_bytes: 64 << 20,
-            hot_set_bytes: 4 << 20,
-            ..Workload::default()
-        };
-        let l = w.layout().unwrap();
-        assert_eq!(l.hot_base, 256);
-        assert_eq!(l.hot_pages, 1024);
-        assert_eq!(l.cold_base, 1280);
-        assert_eq!(l.cold_pages, 16384 - 1280);
-        assert_eq!(l.hot_per_mille, 900);
-        let bad = Workload {
-            memory_bytes: 3 << 20,
-            ..Workload::default()
-        };
-        assert!(bad.layout().is_err());
-        let bad = Workload {
-            random_fraction: 0.9,
-            zero_fraction: 0.5,
-            ..Workload::default()
-        };
-        assert!(bad.layout().is_err());
-    }
-}
-
 /// splitmix64: the page-choice hash both backends use.
 pub fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -243,5 +212,36 @@ impl Workload {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_places_hot_set_first_and_rejects_bad_sizes() {
+        let w = Workload {
+            memory_bytes: 64 << 20,
+            hot_set_bytes: 4 << 20,
+            ..Workload::default()
+        };
+        let l = w.layout().unwrap();
+        assert_eq!(l.hot_base, 256);
+        assert_eq!(l.hot_pages, 1024);
+        assert_eq!(l.cold_base, 1280);
+        assert_eq!(l.cold_pages, 16384 - 1280);
+        assert_eq!(l.hot_per_mille, 900);
+        let bad = Workload {
+            memory_bytes: 3 << 20,
+            ..Workload::default()
+        };
+        assert!(bad.layout().is_err());
+        let bad = Workload {
+            random_fraction: 0.9,
+            zero_fraction: 0.5,
+            ..Workload::default()
+        };
+        assert!(bad.layout().is_err());
     }
 }

@@ -221,10 +221,11 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                     st.pull = Some(start_pull(memory.clone(), fault_tx.clone())?);
                 }
                 guest.load_vcpu_state(&f.payload)?;
+                // Read before the guest runs: the counter it resumes from.
+                counter_at_resume = guest.counter();
                 guest.resume()?;
                 let at = super::unix_ns();
                 resumed = true;
-                counter_at_resume = guest.counter();
                 info!(
                     postcopy,
                     counter = counter_at_resume,
@@ -317,8 +318,8 @@ fn start_pull(
                     match uf.next_fault(Duration::from_millis(20)) {
                         Ok(Some(page)) => {
                             let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                            if !p.contains_key(&page) {
-                                p.insert(page, Instant::now());
+                            if let std::collections::hash_map::Entry::Vacant(e) = p.entry(page) {
+                                e.insert(Instant::now());
                                 if faults.send(page).is_err() {
                                     return;
                                 }

@@ -598,9 +598,9 @@ async fn run(
         }
 
         // Hold back pages dirtied in each of the last rounds, as many as keep the target.
-        for p in 0..pages {
-            streak[p] = if dirty.contains(p as u64) {
-                streak[p].saturating_add(1)
+        for (p, s) in streak.iter_mut().enumerate() {
+            *s = if dirty.contains(p as u64) {
+                s.saturating_add(1)
             } else {
                 0
             };

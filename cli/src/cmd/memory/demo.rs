@@ -36,6 +36,33 @@ pub struct Args {
     pub json: bool,
 }
 
+impl Args {
+    /// The memory part of `helio demo`: a 128 MiB guest of `backend` over the disk demo's link.
+    pub fn for_demo(
+        backend: &str,
+        rtt: Duration,
+        bandwidth: Rate,
+        dir: &Path,
+    ) -> anyhow::Result<Args> {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: Args,
+        }
+        std::fs::create_dir_all(dir)?;
+        let parsed = <Wrap as clap::Parser>::try_parse_from([
+            "demo".to_string(),
+            format!("--backend={backend}"),
+            "--memory=128MiB".into(),
+            "--dirty-rate=5000".into(),
+            format!("--rtt={}", humantime::format_duration(rtt)),
+            format!("--bandwidth={}", bandwidth.bytes_per_sec()),
+            format!("--dir={}", dir.display()),
+        ])?;
+        Ok(parsed.args)
+    }
+}
+
 fn pki(dir: &Path) -> anyhow::Result<()> {
     let ca = dir.join("ca");
     if !ca.join("ca-key.pem").exists() {
@@ -70,7 +97,10 @@ pub async fn migrate(a: &Args) -> anyhow::Result<(memory::engine::report::Report
     if !a.plain {
         dest.arg("--tls").arg(dir.join("pki").join("destination"));
     }
+    // The agents' routine logs would drown the report; HELIO_LOG still wins when set.
+    let log = std::env::var("HELIO_LOG").unwrap_or_else(|_| "warn".into());
     let mut dest = dest
+        .env("HELIO_LOG", &log)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -101,6 +131,7 @@ pub async fn migrate(a: &Args) -> anyhow::Result<(memory::engine::report::Report
         source.arg("--tls").arg(dir.join("pki").join("source"));
     }
     let mut source = source
+        .env("HELIO_LOG", &log)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
