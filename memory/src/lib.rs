@@ -16,6 +16,7 @@
 //! All `unsafe` lives in two small modules, each block with a `SAFETY` comment: [`uffd`]
 //! (userfaultfd ioctls, `madvise`, `poll`) and `kvm::slot` (handing KVM the memory mapping).
 
+mod control;
 pub mod engine;
 pub mod guest;
 pub mod kvm;

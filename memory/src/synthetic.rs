@@ -2,12 +2,13 @@
 //! distribution, for machines without KVM and for large-memory experiments. Its writes go
 //! through vm-memory, whose bitmap is its dirty log.
 
+use crate::control::Control;
 use crate::guest::{Guest, GuestError};
 use crate::page::{PageSet, PAGE_SIZE};
 use crate::region::Memory;
 use crate::workload::{xorshift, Layout, Pacer, Workload, STATUS_ADDR, WORK_BASE};
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Where the writer is in its sequence: its whole "vCPU state".
@@ -17,38 +18,12 @@ struct WriterState {
     cursor: u64,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Run,
-    Pause,
-    Stop,
-}
-
-struct Ctl {
-    want: Want,
-    paused: bool,
-    throttle: f64,
-    state: WriterState,
-}
-
-struct Shared {
-    ctl: Mutex<Ctl>,
-    cv: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
-        // A poisoned lock means the writer panicked; its state is still plain data.
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// A guest made of memory and a writer thread.
 pub struct SyntheticGuest {
     memory: Arc<Memory>,
     workload: Workload,
     layout: Layout,
-    shared: Arc<Shared>,
+    control: Arc<Control<WriterState>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -63,15 +38,7 @@ impl SyntheticGuest {
             memory,
             workload: workload.clone(),
             layout,
-            shared: Arc::new(Shared {
-                ctl: Mutex::new(Ctl {
-                    want: Want::Pause,
-                    paused: true,
-                    throttle: 0.0,
-                    state,
-                }),
-                cv: Condvar::new(),
-            }),
+            control: Arc::new(Control::new(state)),
             thread: None,
         })
     }
@@ -100,27 +67,13 @@ impl SyntheticGuest {
     }
 }
 
-fn run_writer(memory: Arc<Memory>, layout: Layout, rate: u64, shared: Arc<Shared>) {
+fn run_writer(memory: Arc<Memory>, layout: Layout, rate: u64, control: Arc<Control<WriterState>>) {
     let mut pacer = Pacer::new(rate);
-    let mut st = shared.lock().state;
-    loop {
-        let throttle = {
-            let mut ctl = shared.lock();
-            if ctl.want != Want::Run {
-                ctl.state = st;
-                ctl.paused = true;
-                shared.cv.notify_all();
-                while ctl.want == Want::Pause {
-                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-                }
-                if ctl.want == Want::Stop {
-                    return;
-                }
-                ctl.paused = false;
-                pacer.restart();
-            }
-            ctl.throttle
-        };
+    let mut st = control.lock().extra;
+    while let Some((throttle, parked)) = control.checkpoint(|saved| *saved = st) {
+        if parked {
+            pacer.restart();
+        }
         let batch = pacer.batch();
         for _ in 0..batch {
             st.rng = xorshift(st.rng);
@@ -138,13 +91,7 @@ fn run_writer(memory: Arc<Memory>, layout: Layout, rate: u64, shared: Arc<Shared
             let sum = memory.read_u64(STATUS_ADDR + 8).rotate_left(7) ^ counter ^ addr;
             memory.write_u64(STATUS_ADDR + 8, sum);
         }
-        let wait = pacer.after(batch, throttle);
-        if !wait.is_zero() {
-            let ctl = shared.lock();
-            if ctl.want == Want::Run {
-                let _ = shared.cv.wait_timeout(ctl, wait);
-            }
-        }
+        control.sleep(pacer.after(batch, throttle));
     }
 }
 
@@ -163,32 +110,20 @@ impl Guest for SyntheticGuest {
     }
 
     fn pause(&mut self) -> Result<(), GuestError> {
-        let mut ctl = self.shared.lock();
-        if ctl.want == Want::Run {
-            ctl.want = Want::Pause;
-            self.shared.cv.notify_all();
-        }
-        while !ctl.paused {
-            ctl = self.shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-        }
+        drop(self.control.pause());
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
-        {
-            let mut ctl = self.shared.lock();
-            ctl.want = Want::Run;
-            // The thread sets it again once it has really stopped; pause() waits for that.
-            ctl.paused = false;
-            self.shared.cv.notify_all();
-        }
+        self.control.resume();
         if self.thread.is_none() {
-            let (memory, layout, shared) = (self.memory.clone(), self.layout, self.shared.clone());
+            let (memory, layout, control) =
+                (self.memory.clone(), self.layout, self.control.clone());
             let rate = self.workload.dirty_rate;
             self.thread = Some(
                 std::thread::Builder::new()
                     .name("synthetic-guest".into())
-                    .spawn(move || run_writer(memory, layout, rate, shared))
+                    .spawn(move || run_writer(memory, layout, rate, control))
                     .map_err(|e| GuestError::Stopped(format!("cannot start the writer: {e}")))?,
             );
         }
@@ -196,31 +131,30 @@ impl Guest for SyntheticGuest {
     }
 
     fn vcpu_state(&self) -> Result<Vec<u8>, GuestError> {
-        let ctl = self.shared.lock();
-        serde_json::to_vec(&ctl.state).map_err(|e| GuestError::BadState(e.to_string()))
+        let ctl = self.control.lock();
+        serde_json::to_vec(&ctl.extra).map_err(|e| GuestError::BadState(e.to_string()))
     }
 
     fn load_vcpu_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         let st: WriterState =
             serde_json::from_slice(state).map_err(|e| GuestError::BadState(e.to_string()))?;
-        self.shared.lock().state = st;
+        self.control.lock().extra = st;
         Ok(())
     }
 
     fn set_throttle(&mut self, fraction: f64) {
-        self.shared.lock().throttle = fraction;
+        self.control.lock().throttle = fraction;
     }
 
     fn is_running(&self) -> bool {
-        let ctl = self.shared.lock();
-        ctl.want == Want::Run && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        self.control.lock().want == crate::control::Want::Run
+            && self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
 impl Drop for SyntheticGuest {
     fn drop(&mut self) {
-        self.shared.lock().want = Want::Stop;
-        self.shared.cv.notify_all();
+        self.control.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -9,45 +9,26 @@ mod boot;
 mod slot;
 mod state;
 
+use crate::control::{Control, Want};
 use crate::guest::{Guest, GuestError};
 use crate::page::PageSet;
 use crate::region::Memory;
 use crate::workload::{Pacer, Workload};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use state::VcpuState;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long the guest may take to fill its memory before launch gives up.
 const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Run,
-    Pause,
-    Stop,
-}
-
-struct Ctl {
-    want: Want,
-    paused: bool,
+/// What the vCPU thread reports besides running and pausing.
+#[derive(Default)]
+struct VcpuReport {
     filled: bool,
-    throttle: f64,
     state: Option<VcpuState>,
     error: Option<String>,
-}
-
-struct Shared {
-    ctl: Mutex<Ctl>,
-    cv: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
-        // A poisoned lock means the vCPU thread panicked; the control block is plain data.
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// A micro-VM running the built-in workload.
@@ -56,7 +37,7 @@ pub struct KvmGuest {
     vm: VmFd,
     vcpu: Option<VcpuFd>,
     thread: Option<JoinHandle<()>>,
-    shared: Arc<Shared>,
+    control: Arc<Control<VcpuReport>>,
     rate: u64,
     _kvm: Kvm,
     memory: Arc<Memory>,
@@ -84,17 +65,7 @@ impl KvmGuest {
             vm,
             vcpu: Some(vcpu),
             thread: None,
-            shared: Arc::new(Shared {
-                ctl: Mutex::new(Ctl {
-                    want: Want::Pause,
-                    paused: true,
-                    filled: false,
-                    throttle: 0.0,
-                    state: None,
-                    error: None,
-                }),
-                cv: Condvar::new(),
-            }),
+            control: Arc::new(Control::new(VcpuReport::default())),
             rate: workload.dirty_rate,
             _kvm: kvm,
             memory,
@@ -119,16 +90,13 @@ impl KvmGuest {
                 .map_err(kvm_err("KVM_SET_REGS"))?;
         }
         g.resume()?;
-        let ctl = g.shared.lock();
-        let (ctl, timeout) = g
-            .shared
-            .cv
-            .wait_timeout_while(ctl, FILL_TIMEOUT, |c| !c.filled && c.error.is_none())
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = &ctl.error {
+        let (ctl, done) = g
+            .control
+            .wait_until(FILL_TIMEOUT, |c| c.extra.filled || c.extra.error.is_some());
+        if let Some(e) = &ctl.extra.error {
             return Err(GuestError::Stopped(e.clone()));
         }
-        if timeout.timed_out() {
+        if !done {
             return Err(GuestError::Stopped(format!(
                 "the guest did not fill its memory within {FILL_TIMEOUT:?}"
             )));
@@ -143,67 +111,44 @@ impl KvmGuest {
     }
 }
 
-fn run_vcpu(mut vcpu: VcpuFd, rate: u64, shared: Arc<Shared>) {
+fn run_vcpu(mut vcpu: VcpuFd, rate: u64, control: Arc<Control<VcpuReport>>) {
     let mut pacer = Pacer::new(rate);
     let batch = pacer.batch();
-    let stop = |shared: &Shared, why: String| {
-        let mut ctl = shared.lock();
-        ctl.error = Some(why);
-        ctl.paused = true;
-        shared.cv.notify_all();
-    };
     loop {
-        let throttle = {
-            let mut ctl = shared.lock();
-            if ctl.want != Want::Run {
-                let regs = vcpu.get_regs();
-                let sregs = vcpu.get_sregs();
-                ctl.state = match (regs, sregs) {
-                    (Ok(regs), Ok(sregs)) => Some(VcpuState { regs, sregs }),
-                    _ => None,
-                };
-                ctl.paused = true;
-                shared.cv.notify_all();
-                while ctl.want == Want::Pause {
-                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-                }
-                if ctl.want == Want::Stop {
-                    return;
-                }
-                ctl.paused = false;
-                pacer.restart();
-            }
-            ctl.throttle
+        let park = |r: &mut VcpuReport| {
+            r.state = match (vcpu.get_regs(), vcpu.get_sregs()) {
+                (Ok(regs), Ok(sregs)) => Some(VcpuState { regs, sregs }),
+                _ => None,
+            };
         };
-        match vcpu.run() {
+        let Some((throttle, parked)) = control.checkpoint(park) else {
+            return;
+        };
+        if parked {
+            pacer.restart();
+        }
+        let failure = match vcpu.run() {
             Ok(VcpuExit::IoOut(boot::PORT_BATCH, _)) => {
-                let wait = pacer.after(batch, throttle);
-                if !wait.is_zero() {
-                    let ctl = shared.lock();
-                    if ctl.want == Want::Run {
-                        let _ = shared.cv.wait_timeout(ctl, wait);
-                    }
-                }
+                control.sleep(pacer.after(batch, throttle));
+                None
             }
             Ok(VcpuExit::IoOut(boot::PORT_FILLED, _)) => {
-                shared.lock().filled = true;
-                shared.cv.notify_all();
+                control.lock().extra.filled = true;
+                control.notify();
+                None
             }
-            Ok(VcpuExit::IoOut(boot::PORT_FILL_STEP, _)) => {}
+            Ok(VcpuExit::IoOut(boot::PORT_FILL_STEP, _)) => None,
             Ok(exit) => {
                 let what = format!("{exit:?}");
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
-                stop(
-                    &shared,
-                    format!("unexpected vCPU exit {what} at rip {rip:#x}"),
-                );
-                return;
+                Some(format!("unexpected vCPU exit {what} at rip {rip:#x}"))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                stop(&shared, format!("KVM_RUN failed: {e}"));
-                return;
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(format!("KVM_RUN failed: {e}")),
+        };
+        if let Some(why) = failure {
+            control.fail(|r| r.error = Some(why));
+            return;
         }
     }
 }
@@ -230,37 +175,23 @@ impl Guest for KvmGuest {
     }
 
     fn pause(&mut self) -> Result<(), GuestError> {
-        let mut ctl = self.shared.lock();
-        if ctl.want == Want::Run {
-            ctl.want = Want::Pause;
-            self.shared.cv.notify_all();
-        }
-        while !ctl.paused {
-            ctl = self.shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-        }
-        match &ctl.error {
+        match &self.control.pause().extra.error {
             Some(e) => Err(GuestError::Stopped(e.clone())),
             None => Ok(()),
         }
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
-        {
-            let mut ctl = self.shared.lock();
-            if let Some(e) = &ctl.error {
-                return Err(GuestError::Stopped(e.clone()));
-            }
-            ctl.want = Want::Run;
-            // The thread sets it again once it has really stopped; pause() waits for that.
-            ctl.paused = false;
-            self.shared.cv.notify_all();
+        if let Some(e) = &self.control.lock().extra.error {
+            return Err(GuestError::Stopped(e.clone()));
         }
+        self.control.resume();
         if let Some(vcpu) = self.vcpu.take() {
-            let (shared, rate) = (self.shared.clone(), self.rate);
+            let (control, rate) = (self.control.clone(), self.rate);
             self.thread = Some(
                 std::thread::Builder::new()
                     .name("vcpu0".into())
-                    .spawn(move || run_vcpu(vcpu, rate, shared))
+                    .spawn(move || run_vcpu(vcpu, rate, control))
                     .map_err(|e| GuestError::Stopped(format!("cannot start the vCPU: {e}")))?,
             );
         }
@@ -268,8 +199,8 @@ impl Guest for KvmGuest {
     }
 
     fn vcpu_state(&self) -> Result<Vec<u8>, GuestError> {
-        let ctl = self.shared.lock();
-        match (&ctl.state, ctl.paused) {
+        let ctl = self.control.lock();
+        match (&ctl.extra.state, ctl.paused) {
             (Some(s), true) => s.encode(),
             _ => Err(GuestError::BadState(
                 "the vCPU state is only taken while the guest is paused".into(),
@@ -288,19 +219,18 @@ impl Guest for KvmGuest {
     }
 
     fn set_throttle(&mut self, fraction: f64) {
-        self.shared.lock().throttle = fraction;
+        self.control.lock().throttle = fraction;
     }
 
     fn is_running(&self) -> bool {
-        let ctl = self.shared.lock();
-        ctl.want == Want::Run && ctl.error.is_none() && self.thread.is_some()
+        let ctl = self.control.lock();
+        ctl.want == Want::Run && ctl.extra.error.is_none() && self.thread.is_some()
     }
 }
 
 impl Drop for KvmGuest {
     fn drop(&mut self) {
-        self.shared.lock().want = Want::Stop;
-        self.shared.cv.notify_all();
+        self.control.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
