@@ -42,11 +42,11 @@ def bench_downtime(backend, memory, rows):
     # Page writes per second for d/r ≈ 0.1, 0.25, 0.5 with the default fill (about 2 page
     # bytes per wire byte, so the page rate is about 60k/s on 1 Gbit/s).
     for rate in (6000, 15000, 30000):
-        r = demo(backend, memory, f"--dirty-rate={rate}", "--downtime-target=25ms")
+        r = demo(backend, memory, f"--dirty-rate={rate}", "--downtime-target=20ms")
         p = r["predicted"]
         rows.append([
             f"pre-copy d/r {p['d_over_r']:.2f}",
-            "downtime (target 25 ms)",
+            "downtime (target 20 ms)",
             f"{r['downtime_ms']:.1f} ms",
             "QEMU default target 300 ms",
             f"{r['downtime_ms'] / 300:.2f}×",
