@@ -314,3 +314,90 @@ fn model_prints_the_d_over_r_prediction() {
     ]);
     assert!(!bad.status.success());
 }
+
+/// Sends `frames` to a fresh `helio memory dest` (after the hello, and after its `MemReady`
+/// when the first frame is a valid `MemStart`); returns its exit status and log.
+fn feed_destination(tag: &str, frames: Vec<protocol::Frame>) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join(format!("{tag}.log"));
+    let mut dest = common::Agent::start(&["memory", "dest"], &log);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut conn = protocol::connect(&dest.addr, None, "test").await.unwrap();
+        for f in frames {
+            let start = matches!(f.msg, protocol::Message::MemStart { .. });
+            if conn.send(&f).await.is_err() {
+                break;
+            }
+            if start {
+                // A spec that parses is answered; one that does not closes the connection.
+                let _ = conn.recv().await;
+            }
+        }
+    });
+    let status = dest
+        .wait_exit(30)
+        .expect("the destination must exit after bad input");
+    let text = dest.log();
+    assert!(!text.contains("panicked"), "{text}");
+    (status, text)
+}
+
+#[test]
+fn the_destination_rejects_malformed_input_with_a_clear_error() {
+    use protocol::{Encoding, Frame, Message};
+    let spec = |memory: u64| {
+        serde_json::json!({
+            "backend": "synthetic",
+            "workload": {
+                "memory_bytes": memory, "dirty_rate": 10, "hot_set_bytes": 0, "hot_fraction": 0.9,
+                "zero_fraction": 0.2, "random_fraction": 0.4, "duplicate_fraction": 0.1, "seed": 1
+            },
+            "run_after_ms": 0
+        })
+        .to_string()
+    };
+    let start = |memory| Frame::new(Message::MemStart { spec: spec(memory) });
+
+    let (status, log) = feed_destination(
+        "garbage-spec",
+        vec![Frame::new(Message::MemStart {
+            spec: "{not json".into(),
+        })],
+    );
+    assert!(!status.success());
+    assert!(log.contains("the migration spec does not parse"), "{log}");
+
+    // 3 MiB is not a guest the built-in layout can hold: refused before anything is mapped.
+    let (status, log) = feed_destination("bad-size", vec![start(3 << 20)]);
+    assert!(!status.success());
+    assert!(log.contains("memory must be a multiple of 2 MiB"), "{log}");
+
+    let garbage = Frame::with_payload(
+        Message::MemPages {
+            round: 1,
+            pages: 3,
+            encoding: Encoding::Zstd,
+        },
+        bytes::Bytes::from_static(b"not a zstd frame"),
+    );
+    let (status, log) = feed_destination("garbage-batch", vec![start(8 << 20), garbage]);
+    assert!(!status.success());
+    assert!(log.contains("malformed page batch"), "{log}");
+
+    // One zero-page record for page 2^40: far beyond an 8 MiB guest.
+    let mut raw = 1u32.to_le_bytes().to_vec();
+    raw.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    raw.push(0);
+    let beyond = Frame::with_payload(
+        Message::MemPages {
+            round: 1,
+            pages: 1,
+            encoding: Encoding::Raw,
+        },
+        bytes::Bytes::from(raw),
+    );
+    let (status, log) = feed_destination("beyond", vec![start(8 << 20), beyond]);
+    assert!(!status.success());
+    assert!(log.contains("beyond guest memory"), "{log}");
+}

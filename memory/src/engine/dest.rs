@@ -161,6 +161,10 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
     };
     let spec: MigrationSpec = serde_json::from_str(&spec)
         .map_err(|e| MigrateError::Protocol(format!("the migration spec does not parse: {e}")))?;
+    // Checked before anything is mapped: the spec comes from the peer.
+    spec.workload
+        .layout()
+        .map_err(crate::guest::GuestError::from)?;
     let memory =
         Arc::new(Memory::new(spec.workload.memory_bytes).map_err(crate::guest::GuestError::from)?);
     let mut guest = guest::receive(spec.backend, &spec.workload, memory.clone())?;
