@@ -113,6 +113,24 @@ impl Image {
         self.mtime_ns
     }
 
+    /// Drops the page cache's clean copy of a range this process only read (a full scan).
+    ///
+    /// A scan reads the whole image through readahead, which fills the cache with large
+    /// folios; the running VM's later 4 KiB writes into them then pay for the whole folio
+    /// (measured: fio 4 KiB random writes through the tracking export fell from ~38k to ~10k
+    /// IOPS after a scan with a cold cache). Dirty pages are left alone by the kernel.
+    pub fn drop_cached(&self, offset: u64, len: u64) {
+        if let Backend::File(f) = &self.backend {
+            // Advisory only: a failure leaves the cache as it was.
+            let _ = nix::fcntl::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                offset as i64,
+                len as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`; a short read means the image shrank.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let result = match &self.backend {

@@ -38,6 +38,7 @@ pub fn scan_range(
             let len = (geometry.offset(last).min(geometry.size) - offset) as usize;
             let mut buf = vec![0u8; len];
             image.read_exact_at(&mut buf, offset)?;
+            image.drop_cached(offset, len as u64);
             let entries = buf
                 .chunks(geometry.chunk_size as usize)
                 .map(ChunkEntry::of)
