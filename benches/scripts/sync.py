@@ -55,6 +55,8 @@ def bench_sync(d, base, rows):
     subprocess.run(["/usr/bin/python3", "-c", WRITER, vm, "655"], check=True)
     warm(img)
     warm(replica)
+    # Setup leaves gigabytes of writeback (materialize); neither tool should wait behind it.
+    subprocess.run(["sync"], check=True)
     wall, _, out = timed([HELIO, "sync", "--from", src.addr, "--name", "disk", "--store", store, "--json"])
     r = json.loads(out.strip().splitlines()[-1])
     src.stop()
@@ -64,6 +66,7 @@ def bench_sync(d, base, rows):
     same = subprocess.run(["cmp", str(img), str(d / "synced.raw")]).returncode == 0
     warm(img)
     warm(replica)
+    subprocess.run(["sync"], check=True)
     rwall, _, rout = timed(["rsync", "--inplace", "--no-whole-file", "--stats", str(img), str(replica)])
     sent = int(re.search(r"Total bytes sent: ([\d,]+)", rout).group(1).replace(",", ""))
     rows.append(("sync", "1% rewritten, one round", f"{wall:.2f} s, {rnd['chunks']} chunks, dirty {rnd['dirty_bytes'] / 1e6:.1f} MB, wire {rnd['wire_bytes'] / 1e6:.1f} MB, replica equal: {same}",
