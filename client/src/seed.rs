@@ -179,6 +179,8 @@ struct Shared {
     compress: Compress,
     /// Average wire bytes per fetched chunk, to charge the bandwidth cap before asking.
     wire_per_chunk: AtomicU64,
+    /// The smallest round trip any stream measured (ns), for `--compress auto`.
+    best_rtt_ns: AtomicU64,
     landing: mpsc::Sender<Landing>,
     cancel: CancellationToken,
 }
@@ -262,6 +264,7 @@ pub(crate) async fn transfer(
         bucket: opts.bandwidth.map(TokenBucket::new),
         compress: opts.compress,
         wire_per_chunk: AtomicU64::new(g.chunk_size as u64),
+        best_rtt_ns: AtomicU64::new(u64::MAX),
         landing: landing_tx,
         cancel: cancel.child_token(),
     });
@@ -551,7 +554,12 @@ async fn wants_compression(shared: &Shared, conn: &mut protocol::Conn) -> Result
                 detail: other.to_string(),
             },
         })?;
-    Ok(best >= WAN_RTT)
+    // The link is as fast as the fastest stream saw it: a slow ping from a stream that asked
+    // while the source was busy serving the others says nothing about the network (on
+    // loopback it turned compression on for random data, costing a sync round up to 40%).
+    let ns = best.as_nanos().min(u64::MAX as u128) as u64;
+    let seen = shared.best_rtt_ns.fetch_min(ns, Ordering::SeqCst).min(ns);
+    Ok(Duration::from_nanos(seen) >= WAN_RTT)
 }
 
 async fn pump(shared: &Shared, mut conn: protocol::Conn) -> PumpEnd {
