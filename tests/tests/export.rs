@@ -136,18 +136,9 @@ fn reads_of_absent_chunks_fetch_on_demand_through_a_wan() {
     let img = dir.path().join("a.img");
     sample_image(&img, "16MiB", 23);
     let src = source(dir.path(), &[(&img, "a")], &[]);
-    let proxy = Agent::start(
-        &[
-            "wan-proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--to",
-            &src.addr,
-            "--rtt",
-            "20ms",
-            "--bandwidth",
-            "200Mbit",
-        ],
+    let proxy = wan_proxy(
+        &src.addr,
+        &["--rtt", "20ms", "--bandwidth", "200Mbit"],
         &dir.path().join("proxy.log"),
     );
     let store = dir.path().join("store");

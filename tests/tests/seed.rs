@@ -3,23 +3,7 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn seed_json(from: &str, name: &str, store: &Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "seed",
-        "--from",
-        from,
-        "--name",
-        name,
-        "--store",
-        store.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    last_json(&helio_ok(&args))
-}
 
 #[test]
 fn mixed_image_round_trips_byte_identical() {
@@ -99,17 +83,12 @@ fn resume_after_kill_9_fetches_no_stored_chunk_again() {
 
     // A capped seed (about 4 s), killed part way.
     let mut child = std::process::Command::new(helio_bin())
-        .args([
-            "seed",
-            "--from",
+        .args(seed_args(
             &src.addr,
-            "--name",
             "a",
-            "--store",
-            store.to_str().unwrap(),
-            "--bandwidth",
-            "8MiB/s",
-        ])
+            &store,
+            &["--bandwidth", "8MiB/s"],
+        ))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -162,16 +141,9 @@ fn byte_flipped_in_flight_is_caught_and_refetched() {
     // About 24 MB cross the link at one flipped byte per 4 MB: some six corruptions.
     sample_image(&img, "48MiB", 9);
     let src = source(dir.path(), &[(&img, "a")], &[]);
-    let proxy = Agent::start(
-        &[
-            "wan-proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--to",
-            &src.addr,
-            "--corrupt-every",
-            "4000000",
-        ],
+    let proxy = wan_proxy(
+        &src.addr,
+        &["--corrupt-every", "4000000"],
         &dir.path().join("proxy.log"),
     );
     let store = dir.path().join("store");
@@ -189,30 +161,18 @@ fn every_segment_corrupted_fails_with_a_clear_error() {
     let img = dir.path().join("a.img");
     sample_image(&img, "8MiB", 10);
     let src = source(dir.path(), &[(&img, "a")], &[]);
-    let proxy = Agent::start(
-        &[
-            "wan-proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--to",
-            &src.addr,
-            "--corrupt-every",
-            "2000",
-        ],
+    let proxy = wan_proxy(
+        &src.addr,
+        &["--corrupt-every", "2000"],
         &dir.path().join("proxy.log"),
     );
     let start = Instant::now();
-    let out = helio(&[
-        "seed",
-        "--from",
+    let out = helio(&seed_args(
         &proxy.addr,
-        "--name",
         "a",
-        "--store",
-        dir.path().join("s").to_str().unwrap(),
-        "--retries",
-        "2",
-    ]);
+        &dir.path().join("s"),
+        &["--retries", "2"],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -274,34 +234,23 @@ fn tls_peers_from_the_ca_work_and_strangers_are_rejected() {
     );
     assert_eq!(field(&ok, "chunks_total"), 64);
 
-    let out = helio(&[
-        "seed",
-        "--from",
+    let (s2, stranger) = (dir.path().join("s2"), d("stranger"));
+    let out = helio(&seed_args(
         &src.addr,
-        "--name",
         "a",
-        "--store",
-        &d("s2"),
-        "--tls",
-        &d("stranger"),
-        "--retries",
-        "0",
-    ]);
+        &s2,
+        &["--tls", &stranger, "--retries", "0"],
+    ));
     assert!(
         !out.status.success(),
         "a certificate from another CA was accepted"
     );
-    let plain = helio(&[
-        "seed",
-        "--from",
+    let plain = helio(&seed_args(
         &src.addr,
-        "--name",
         "a",
-        "--store",
-        &d("s3"),
-        "--retries",
-        "0",
-    ]);
+        &dir.path().join("s3"),
+        &["--retries", "0"],
+    ));
     assert!(!plain.status.success(), "a client without TLS was served");
     std::thread::sleep(Duration::from_millis(200));
     let log = src.stop();

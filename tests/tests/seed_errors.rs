@@ -13,17 +13,7 @@ fn stderr_of(out: &std::process::Output) -> String {
 }
 
 fn seed(from: &str, name: &str, store: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "seed",
-        "--from",
-        from,
-        "--name",
-        name,
-        "--store",
-        store.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    helio(&args)
+    helio(&seed_args(from, name, store, extra))
 }
 
 #[test]
@@ -264,17 +254,8 @@ fn source_vanishing_mid_seed_fails_then_resumes() {
     assert!(kept > 0, "progress before the loss was not kept");
 
     let src2 = source(dir.path(), &[(&img, "a")], &[]);
-    let out = helio_ok(&[
-        "seed",
-        "--from",
-        &src2.addr,
-        "--name",
-        "a",
-        "--store",
-        store.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(field(&last_json(&out), "chunks_present") as usize, kept);
+    let r = seed_into(&src2.addr, "a", &store);
+    assert_eq!(field(&r, "chunks_present") as usize, kept);
     verify_equal(&store, "a", &img);
 }
 

@@ -354,9 +354,14 @@ pub fn tracking_source(dir: &Path, img: &Path, state: &Path, listen: &str) -> (A
     (agent, nbd_uri(&sock, "a"))
 }
 
-/// `helio seed --json` of disk `name` from `from` into `store`; returns the report.
-pub fn seed_into(from: &str, name: &str, store: &Path) -> serde_json::Value {
-    last_json(&helio_ok(&[
+/// The arguments of `helio seed` of disk `name` from `from` into `store`, then `extra`.
+pub fn seed_args<'a>(
+    from: &'a str,
+    name: &'a str,
+    store: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
         "seed",
         "--from",
         from,
@@ -364,8 +369,29 @@ pub fn seed_into(from: &str, name: &str, store: &Path) -> serde_json::Value {
         name,
         "--store",
         store.to_str().unwrap(),
-        "--json",
-    ]))
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `helio seed --json` with `extra` arguments, required to succeed; returns the report.
+pub fn seed_json(from: &str, name: &str, store: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = seed_args(from, name, store, extra);
+    args.push("--json");
+    last_json(&helio_ok(&args))
+}
+
+/// `helio seed --json` of disk `name` from `from` into `store`; returns the report.
+pub fn seed_into(from: &str, name: &str, store: &Path) -> serde_json::Value {
+    seed_json(from, name, store, &[])
+}
+
+/// `helio wan-proxy` in front of `to`, with link options `extra` (`--rtt`, `--bandwidth`,
+/// `--corrupt-every`); logs to `log`.
+pub fn wan_proxy(to: &str, extra: &[&str], log: &Path) -> Agent {
+    let mut args = vec!["wan-proxy", "--listen", "127.0.0.1:0", "--to", to];
+    args.extend_from_slice(extra);
+    Agent::start(&args, log)
 }
 
 /// `helio materialize` of disk `name` of `store` into `out`.
