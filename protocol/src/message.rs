@@ -159,6 +159,17 @@ pub enum Message {
         /// The ping's id.
         id: u64,
     },
+    /// A failed request (or, with no id, a failed connection).
+    Error {
+        /// The request's id, if the error belongs to one.
+        id: Option<u64>,
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// For a person.
+        message: String,
+    },
+    // Memory migration. Added after every disk message so that their encodings (bincode
+    // numbers variants in order) stay as version 1 agents know them.
     /// Memory migration: the source describes the guest (JSON of `memory::MigrationSpec`) so
     /// that the destination can build an empty one of the same shape.
     MemStart {
@@ -182,16 +193,6 @@ pub enum Message {
     MemAck {
         /// Cumulative payload bytes.
         bytes: u64,
-    },
-    /// Every page of a round has been sent; the destination answers `MemRoundAck`.
-    MemRoundEnd {
-        /// The round.
-        round: u32,
-    },
-    /// The destination has installed every page of the round.
-    MemRoundAck {
-        /// The round.
-        round: u32,
     },
     /// The guest is paused at the source and every page the destination needs before it may
     /// run has been sent; payload: the vCPU state. With `postcopy` the destination resumes at
@@ -222,6 +223,8 @@ pub enum Message {
         /// blake3 over the per-page blake3 hashes, in page order.
         memory_hash: ChunkHash,
     },
+    /// Reply to `MemComplete`: every page is in place; the source may free the guest's memory.
+    MemCompleted,
     /// The destination's verdict (JSON of `memory::DestinationReport`).
     MemVerified {
         /// The report.
@@ -231,15 +234,6 @@ pub enum Message {
     MemAbort {
         /// Why.
         reason: String,
-    },
-    /// A failed request (or, with no id, a failed connection).
-    Error {
-        /// The request's id, if the error belongs to one.
-        id: Option<u64>,
-        /// What kind of failure.
-        kind: ErrorKind,
-        /// For a person.
-        message: String,
     },
 }
 
@@ -328,6 +322,19 @@ mod tests {
             Bytes::from_static(b"payload"),
         );
         assert_eq!(Frame::decode(f.encode().unwrap()).unwrap(), f);
+    }
+
+    #[test]
+    fn disk_messages_keep_their_version_1_encoding() {
+        // Messages added later go after `Error`, so it stays variant 18 (bincode writes the
+        // variant index first, as a varint: one byte here).
+        let f = Frame::new(Message::Error {
+            id: None,
+            kind: ErrorKind::BadRequest,
+            message: String::new(),
+        });
+        let body = f.encode().unwrap();
+        assert_eq!(body[2], 18);
     }
 
     #[test]

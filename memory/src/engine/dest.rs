@@ -5,7 +5,7 @@
 
 use super::hashes::combine;
 use super::report::DestinationReport;
-use super::{MigrateError, MigrationSpec, COMPLETE_ROUND, DEMAND_ROUND};
+use super::{MigrateError, MigrationSpec, DEMAND_ROUND};
 use crate::guest;
 use crate::page::{PageSet, PAGE_SIZE};
 use crate::region::Memory;
@@ -213,7 +213,6 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                 st.acked += f.payload.len() as u64;
                 send(&mut wr, Message::MemAck { bytes: st.acked }).await?;
             }
-            Message::MemRoundEnd { round } => send(&mut wr, Message::MemRoundAck { round }).await?,
             Message::MemSwitchover {
                 postcopy, discard, ..
             } => {
@@ -264,13 +263,7 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                     latencies = std::mem::take(&mut pull.latencies);
                     faults = latencies.len() as u64;
                 }
-                send(
-                    &mut wr,
-                    Message::MemRoundAck {
-                        round: COMPLETE_ROUND,
-                    },
-                )
-                .await?;
+                send(&mut wr, Message::MemCompleted).await?;
                 let ours = combine(&st.hashes);
                 tokio::time::sleep(Duration::from_millis(spec.run_after_ms)).await;
                 let counter_after = guest.counter();

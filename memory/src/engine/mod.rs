@@ -76,8 +76,6 @@ pub struct MigrationSpec {
 
 /// Round number of pages sent because the destination faulted on them.
 pub const DEMAND_ROUND: u32 = 0;
-/// Round number acknowledging `MemComplete`.
-pub const COMPLETE_ROUND: u32 = u32::MAX;
 
 /// A migration failed.
 #[derive(Debug, thiserror::Error)]

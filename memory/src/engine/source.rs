@@ -3,7 +3,7 @@
 
 use super::hashes::memory_hash;
 use super::report::{DestinationReport, PostcopyReport, Predicted, Report, RoundReport, Saved};
-use super::{MigrateError, MigrationSpec, Mode, Policy, COMPLETE_ROUND, DEMAND_ROUND};
+use super::{MigrateError, MigrationSpec, Mode, Policy, DEMAND_ROUND};
 use crate::guest::Guest;
 use crate::model::{ModelInput, MAX_ROUNDS, MAX_SENT_FACTOR};
 use crate::page::{PageSet, PAGE_SIZE};
@@ -792,12 +792,7 @@ async fn run(
             let f = inbox.recv().await.ok_or_else(|| {
                 MigrateError::Protocol("connection closed before post-copy completed".into())
             })??;
-            if matches!(
-                f.msg,
-                Message::MemRoundAck {
-                    round: COMPLETE_ROUND
-                }
-            ) {
+            if matches!(f.msg, Message::MemCompleted) {
                 break;
             }
             handle_postcopy_msg(f, &mut demand, report, &mut resumed, paused_unix)?;
@@ -825,13 +820,8 @@ async fn run(
     // The source's memory stays as it was at the pause: hash it now that the downtime is over.
     let memory_hash = hash_memory(&memory).await?;
     tx.msg(Message::MemComplete { memory_hash }).await?;
-    expect(&mut inbox, "MemRoundAck", |m| {
-        matches!(
-            m,
-            Message::MemRoundAck {
-                round: COMPLETE_ROUND
-            }
-        )
+    expect(&mut inbox, "MemCompleted", |m| {
+        matches!(m, Message::MemCompleted)
     })
     .await?;
     let verdict = expect(&mut inbox, "MemVerified", |m| {
