@@ -4,6 +4,9 @@
 /// Guest page size: the unit of dirty tracking and of transfer.
 pub const PAGE_SIZE: usize = 4096;
 
+/// A page of zeros.
+pub const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 /// A set of page numbers below a fixed count.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageSet {

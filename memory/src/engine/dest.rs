@@ -3,11 +3,11 @@
 //! the switchover and reports whether its memory equals the source's at the pause and whether
 //! the guest runs on.
 
-use super::hashes::combine;
+use super::hashes::{combine, hex, zero_page_hash};
 use super::report::DestinationReport;
 use super::{MigrateError, MigrationSpec, DEMAND_ROUND};
 use crate::guest;
-use crate::page::{PageSet, PAGE_SIZE};
+use crate::page::{PageSet, PAGE_SIZE, ZERO_PAGE};
 use crate::region::Memory;
 use crate::uffd::{self, Userfault};
 use crate::wire::{decode_payload, records, Record};
@@ -61,7 +61,6 @@ struct State {
     hashes: Vec<ChunkHash>,
     installed: PageSet,
     pull: Option<Pull>,
-    zero: ChunkHash,
     buf: Vec<u8>,
     /// Page payload bytes installed, for `MemAck`.
     acked: u64,
@@ -111,11 +110,7 @@ impl State {
         let recs = records(&raw).map_err(|e| MigrateError::Protocol(e.to_string()))?;
         for (page, rec) in recs {
             match rec {
-                Record::Zero => {
-                    let zero = vec![0u8; PAGE_SIZE];
-                    let z = self.zero;
-                    self.install(page, &zero, z)?;
-                }
+                Record::Zero => self.install(page, &ZERO_PAGE, zero_page_hash())?,
                 Record::Data(d) => self.install(page, d, ChunkHash::of(d))?,
                 Record::Ref { from, hash } => {
                     if self.hashes.get(from as usize) != Some(&hash) {
@@ -170,13 +165,11 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
     let mut guest = guest::receive(spec.backend, &spec.workload, memory.clone())?;
     info!(backend = %spec.backend, bytes = spec.workload.memory_bytes, "receiving a guest");
     let pages = memory.pages();
-    let zero = ChunkHash::of(&[0u8; PAGE_SIZE]);
     let mut st = State {
         memory: memory.clone(),
-        hashes: vec![zero; pages],
+        hashes: vec![zero_page_hash(); pages],
         installed: PageSet::new(pages),
         pull: None,
-        zero,
         buf: vec![0u8; PAGE_SIZE],
         acked: 0,
     };
@@ -271,7 +264,7 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                 guest.pause()?;
                 latencies.sort();
                 let report = DestinationReport {
-                    memory_hash: ours.0.iter().map(|b| format!("{b:02x}")).collect(),
+                    memory_hash: hex(&ours),
                     memory_hash_equal: ours == memory_hash,
                     counter_at_resume,
                     counter_after,

@@ -21,6 +21,17 @@ pub fn page_hashes(memory: &Memory) -> Vec<ChunkHash> {
         .collect()
 }
 
+/// The hash of a zero page (computed once: zero pages are the commonest kind).
+pub fn zero_page_hash() -> ChunkHash {
+    static ZERO: std::sync::OnceLock<ChunkHash> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| ChunkHash::of(&crate::page::ZERO_PAGE))
+}
+
+/// A hash in full, as hex (the destination reports its memory hash this way).
+pub fn hex(h: &ChunkHash) -> String {
+    h.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Combines per-page hashes.
 pub fn combine(hashes: &[ChunkHash]) -> ChunkHash {
     let mut h = blake3::Hasher::new();

@@ -53,15 +53,16 @@ pub struct Predicted {
     pub compression: f64,
 }
 
-impl From<&Prediction> for Predicted {
-    fn from(p: &Prediction) -> Self {
+impl Predicted {
+    /// The model's prediction, made assuming `compression`.
+    pub fn new(p: &Prediction, compression: f64) -> Self {
         Predicted {
             total_ms: p.total_ms,
             downtime_ms: p.downtime_ms,
             rounds: p.rounds.len(),
             d_over_r: p.d_over_r,
             stop_reason: p.stop_reason.to_string(),
-            compression: 1.0,
+            compression,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The source side: pre-copy rounds with d/r convergence, hot pages held for the stop-and-copy,
 //! divergence policies, warm migration and the post-copy push with demand faults served first.
 
-use super::hashes::memory_hash;
+use super::hashes::{hex, memory_hash, zero_page_hash};
 use super::report::{DestinationReport, PostcopyReport, Predicted, Report, RoundReport, Saved};
 use super::{MigrateError, MigrationSpec, Mode, Policy, DEMAND_ROUND};
 use crate::guest::Guest;
@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+/// Wire bytes a frame costs beyond its payload (length prefix, header, TLS record share): an
+/// estimate, for counting wire bytes without asking the socket.
+const FRAME_OVERHEAD: u64 = 32;
 /// Pages per batch frame: 256 KiB of page data, enough for zstd to find repeats.
 const BATCH_PAGES: usize = 64;
 /// Pages per batch in the post-copy push: smaller, so that a fault waits behind less.
@@ -95,10 +98,6 @@ struct Flow {
     notify: tokio::sync::Notify,
 }
 
-fn zero_hash() -> ChunkHash {
-    ChunkHash::of(&[0u8; PAGE_SIZE])
-}
-
 impl Sender {
     /// Adds `page` to the batch; returns what was added (None: the destination has it).
     fn add(&mut self, page: u64, counts: &mut Counts, demanded: bool) -> Result<(), MigrateError> {
@@ -109,7 +108,7 @@ impl Sender {
         if is_zero(&self.buf) {
             counts.zero += 1;
             self.saved.zero_pages += 1;
-            let zh = zero_hash();
+            let zh = zero_page_hash();
             // The destination's page is zero already, unless it faulted on it (post-copy).
             if !demanded && (slot.is_none() || *slot == Some(zh)) {
                 return Ok(());
@@ -166,7 +165,7 @@ impl Sender {
             notified.await;
         }
         self.payload_sent += payload.len() as u64;
-        let bytes = payload.len() as u64 + 32;
+        let bytes = payload.len() as u64 + FRAME_OVERHEAD;
         self.wr
             .send(&Frame::with_payload(
                 Message::MemPages {
@@ -207,7 +206,7 @@ impl Sender {
 
     async fn msg(&mut self, msg: Message) -> Result<(), MigrateError> {
         self.wr.send(&Frame::new(msg)).await?;
-        self.wire_bytes += 32;
+        self.wire_bytes += FRAME_OVERHEAD;
         Ok(())
     }
 }
@@ -263,11 +262,11 @@ fn sample(memory: &Memory) -> (f64, f64) {
         }
         raw += PAGE_SIZE as u64;
         if batch.pages() as usize == BATCH_PAGES {
-            wire += batch.finish(Some(1)).2.len() as u64 + 32;
+            wire += batch.finish(Some(1)).2.len() as u64 + FRAME_OVERHEAD;
         }
     }
     if batch.pages() > 0 {
-        wire += batch.finish(Some(1)).2.len() as u64 + 32;
+        wire += batch.finish(Some(1)).2.len() as u64 + FRAME_OVERHEAD;
     }
     let zero_fraction = zero as f64 / total.max(1) as f64;
     let compression = if wire == 0 {
@@ -423,9 +422,7 @@ async fn run(
         Mode::Postcopy => m.predict_postcopy(PUSH_SHARE),
     };
     if let Some(bw) = opts.bandwidth {
-        let mut p = Predicted::from(&predict(model(bw as f64)));
-        p.compression = compression;
-        report.predicted = Some(p);
+        report.predicted = Some(Predicted::new(&predict(model(bw as f64)), compression));
     }
 
     let mut at_dest = PageSet::new(pages);
@@ -516,9 +513,7 @@ async fn run(
         let predicted_downtime = pending.len() as f64 / page_rate + rtt.as_secs_f64() / 2.0;
         rr.predicted_downtime_ms = predicted_downtime * 1000.0;
         if report.predicted.is_none() && round == 1 {
-            let mut p = Predicted::from(&predict(model(link)));
-            p.compression = compression;
-            report.predicted = Some(p);
+            report.predicted = Some(Predicted::new(&predict(model(link)), compression));
         }
         let d_over_r = rr.dirty_rate / page_rate;
         info!(
@@ -887,12 +882,7 @@ fn finish(
         }
     };
     let v = &mut report.verified;
-    v.memory_hash_equal = dest.memory_hash
-        == memory_hash
-            .0
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
+    v.memory_hash_equal = dest.memory_hash == hex(&memory_hash);
     v.counter_after = dest.counter_after;
     v.guest_ran_on = dest.guest_ran_on && v.counter_at_resume == v.counter_at_pause;
     v.ok = v.memory_hash_equal && v.guest_ran_on && dest.error.is_none();
