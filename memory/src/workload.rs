@@ -106,7 +106,7 @@ impl Workload {
         let hot_per_mille = if hot == 0 {
             0
         } else {
-            (self.hot_fraction * 1000.0).round() as u64
+            per_mille(self.hot_fraction)
         };
         Ok(Layout {
             hot_base: base,
@@ -161,6 +161,11 @@ impl Pacer {
     }
 }
 
+/// A fraction in thousandths, as the built-in guest takes its parameters.
+pub fn per_mille(f: f64) -> u64 {
+    (f * 1000.0).round() as u64
+}
+
 /// splitmix64: the page-choice hash both backends use.
 pub fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -182,9 +187,9 @@ impl Workload {
     pub fn fill_page(&self, addr: u64, page: &mut [u8]) -> bool {
         let h = mix(addr ^ self.seed);
         let sel = h % 1000;
-        let zero = (self.zero_fraction * 1000.0).round() as u64;
-        let random = zero + (self.random_fraction * 1000.0).round() as u64;
-        let dup = random + (self.duplicate_fraction * 1000.0).round() as u64;
+        let zero = per_mille(self.zero_fraction);
+        let random = zero + per_mille(self.random_fraction);
+        let dup = random + per_mille(self.duplicate_fraction);
         let words = page.chunks_exact_mut(8);
         if sel < zero {
             return false;

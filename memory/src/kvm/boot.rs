@@ -3,7 +3,7 @@
 
 use crate::page::PAGE_SIZE;
 use crate::region::{Memory, MemoryError};
-use crate::workload::{Layout, Workload};
+use crate::workload::{per_mille, Layout, Workload};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 /// The guest program, a flat binary loaded at [`CODE_ADDR`].
@@ -46,7 +46,6 @@ pub fn load(
     for i in 0..workload.memory_bytes / two_mib {
         memory.write_u64(PD_ADDR + i * 8, (i * two_mib) | PRESENT_RW_USER | HUGE);
     }
-    let per_mille = |f: f64| (f * 1000.0).round() as u64;
     let params = [
         workload.memory_bytes,
         layout.hot_base * PAGE_SIZE as u64,

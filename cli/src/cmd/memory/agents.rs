@@ -10,7 +10,6 @@ use protocol::Conn;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use wan::Rate;
 
 /// Arguments of `helio memory source`.
@@ -161,27 +160,14 @@ pub fn print_report(r: &Report) {
 }
 
 pub async fn dest(a: DestArgs) -> anyhow::Result<i32> {
-    if a.tls.is_none() && !protocol::tls::is_loopback(&a.listen) {
-        bail!(
-            "{} is not on loopback: give --tls DIR (see `helio pki`)",
-            a.listen
-        );
-    }
-    let tls = super::super::tls_server(a.tls.as_deref())?;
-    let listener = TcpListener::bind(&a.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", a.listen))?;
-    println!("listening on {}", listener.local_addr()?);
+    // The agents' shared acceptor: plain TCP only on loopback, TLS handshake on accept.
+    let acceptor =
+        server::Acceptor::bind(&a.listen, super::super::tls_server(a.tls.as_deref())?).await?;
+    println!("listening on {}", acceptor.local_addr()?);
     std::io::stdout().flush()?;
-    let (tcp, peer) = listener.accept().await?;
-    let _ = tcp.set_nodelay(true);
-    let io: Box<dyn protocol::conn::Io> = match &tls {
-        Some(t) => Box::new(
-            t.accept(tcp)
-                .await
-                .with_context(|| format!("TLS handshake with {peer}"))?,
-        ),
-        None => Box::new(tcp),
+    let (tcp, peer) = acceptor.accept().await?;
+    let Some(io) = acceptor.secure(tcp, peer).await else {
+        bail!("TLS handshake with {peer} failed (see the log)");
     };
     let mut conn = Conn::new(io, peer.to_string());
     conn.server_hello("helio memory dest").await?;
