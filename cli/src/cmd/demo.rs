@@ -70,16 +70,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
 
     println!("2. issuing agent certificates from a fresh CA");
     let pki = dir.join("pki");
-    if !pki.join("ca").join("ca-key.pem").exists() {
-        protocol::pki::init_ca(&pki.join("ca"))?;
-    }
-    protocol::pki::issue(&pki.join("ca"), "source", &pki.join("source"), &[])?;
-    protocol::pki::issue(
-        &pki.join("ca"),
-        "destination",
-        &pki.join("destination"),
-        &[],
-    )?;
+    super::pki::demo_pki(&pki)?;
 
     println!(
         "3. starting the source agent (TLS) behind an emulated WAN: {:?} RTT, {}",

@@ -1,6 +1,6 @@
 //! `helio pki`: a CA for agents, and certificates issued from it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `helio pki` subcommands.
 #[derive(clap::Subcommand)]
@@ -39,4 +39,16 @@ pub fn run(c: Command) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The demos' certificates: a CA in `DIR/ca` (kept if there), `DIR/source` and
+/// `DIR/destination` (both also named localhost, where the demos' agents meet).
+pub fn demo_pki(dir: &Path) -> anyhow::Result<()> {
+    let ca = dir.join("ca");
+    if !ca.join("ca-key.pem").exists() {
+        protocol::pki::init_ca(&ca)?;
+    }
+    protocol::pki::issue(&ca, "source", &dir.join("source"), &[])?;
+    protocol::pki::issue(&ca, "destination", &dir.join("destination"), &[])?;
+    Ok(())
 }

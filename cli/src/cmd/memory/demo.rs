@@ -63,21 +63,6 @@ impl Args {
     }
 }
 
-fn pki(dir: &Path) -> anyhow::Result<()> {
-    let ca = dir.join("ca");
-    if !ca.join("ca-key.pem").exists() {
-        protocol::pki::init_ca(&ca)?;
-    }
-    protocol::pki::issue(&ca, "source", &dir.join("source"), &[])?;
-    protocol::pki::issue(
-        &ca,
-        "localhost",
-        &dir.join("destination"),
-        &["127.0.0.1".into()],
-    )?;
-    Ok(())
-}
-
 /// Runs the demo; returns the source's report and whether everything checked out.
 pub async fn migrate(a: &Args) -> anyhow::Result<(memory::engine::report::Report, bool)> {
     let tmp;
@@ -89,7 +74,7 @@ pub async fn migrate(a: &Args) -> anyhow::Result<(memory::engine::report::Report
         }
     };
     if !a.plain {
-        pki(&dir.join("pki"))?;
+        super::super::pki::demo_pki(&dir.join("pki"))?;
     }
     let exe = std::env::current_exe().context("cannot find the helio binary")?;
     let mut dest = Command::new(&exe);
