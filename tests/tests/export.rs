@@ -132,10 +132,7 @@ fn nbdcopy_with_four_connections_and_fio_verify() {
 
 #[test]
 fn reads_of_absent_chunks_fetch_on_demand_through_a_wan() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "16MiB", 23);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, img, src) = served_sample("16MiB", 23);
     let proxy = wan_proxy(
         &src.addr,
         &["--rtt", "20ms", "--bandwidth", "200Mbit"],
@@ -173,10 +170,7 @@ fn reads_of_absent_chunks_fetch_on_demand_through_a_wan() {
 
 #[test]
 fn write_during_background_copy_survives_its_completion() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "8MiB", 24);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, img, src) = served_sample("8MiB", 24);
     let store = dir.path().join("store");
     let (_exp, sock) = export(
         dir.path(),
@@ -286,10 +280,7 @@ fn source_killed_mid_copy_fails_absent_reads_only_then_copy_resumes() {
 
 #[test]
 fn acknowledged_writes_survive_kill_9_of_the_export() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "8MiB", 26);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, _img, src) = served_sample("8MiB", 26);
     let store = dir.path().join("store");
     let (exp, sock) = export(
         dir.path(),

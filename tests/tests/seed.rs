@@ -7,10 +7,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn mixed_image_round_trips_byte_identical() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "24MiB", 3);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, img, src) = served_sample("24MiB", 3);
     let store = dir.path().join("store");
     let r = seed_json(&src.addr, "a", &store, &[]);
     let total = field(&r, "chunks_total");
@@ -136,11 +133,8 @@ fn resume_after_kill_9_fetches_no_stored_chunk_again() {
 
 #[test]
 fn byte_flipped_in_flight_is_caught_and_refetched() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
     // About 24 MB cross the link at one flipped byte per 4 MB: some six corruptions.
-    sample_image(&img, "48MiB", 9);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, img, src) = served_sample("48MiB", 9);
     let proxy = wan_proxy(
         &src.addr,
         &["--corrupt-every", "4000000"],
@@ -157,10 +151,7 @@ fn byte_flipped_in_flight_is_caught_and_refetched() {
 
 #[test]
 fn every_segment_corrupted_fails_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "8MiB", 10);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, _img, src) = served_sample("8MiB", 10);
     let proxy = wan_proxy(
         &src.addr,
         &["--corrupt-every", "2000"],

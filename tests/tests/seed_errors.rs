@@ -55,10 +55,7 @@ fn image_truncated_after_scan_is_reported_and_the_source_survives() {
 
 #[test]
 fn store_that_cannot_be_created_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "1MiB", 1);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, _img, src) = served_sample("1MiB", 1);
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     let out = seed(&src.addr, "a", &file.join("store"), &[]);
@@ -163,10 +160,7 @@ fn garbage_speaking_peer_gets_a_clear_error() {
 
 #[test]
 fn source_survives_garbage_and_refuses_other_versions() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "2MiB", 5);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, _img, src) = served_sample("2MiB", 5);
 
     let mut s = TcpStream::connect(&src.addr).unwrap();
     let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
@@ -261,10 +255,7 @@ fn source_vanishing_mid_seed_fails_then_resumes() {
 
 #[test]
 fn verify_reports_a_corrupted_replica_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "4MiB", 8);
-    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let (dir, _img, src) = served_sample("4MiB", 8);
     let store = dir.path().join("store");
     seed_into(&src.addr, "a", &store);
     // Find a data chunk and flip one byte of it in the replica file.

@@ -381,6 +381,16 @@ pub fn seed_json(from: &str, name: &str, store: &Path, extra: &[&str]) -> serde_
     last_json(&helio_ok(&args))
 }
 
+/// A temporary directory with a sample image `a.img` of `size`, served as disk `a` by a
+/// source agent: the setup most tests start from. (Drop order: the agent, then the directory.)
+pub fn served_sample(size: &str, seed: u64) -> (tempfile::TempDir, PathBuf, Agent) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, size, seed);
+    let src = source(dir.path(), &[(&img, "a")], &[]);
+    (dir, img, src)
+}
+
 /// `helio seed --json` of disk `name` from `from` into `store`; returns the report.
 pub fn seed_into(from: &str, name: &str, store: &Path) -> serde_json::Value {
     seed_json(from, name, store, &[])
