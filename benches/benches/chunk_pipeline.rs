@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("compress_zstd1", kind), &data, |b, d| {
             b.iter(|| codec::compress(d, codec::DEFAULT_LEVEL))
         });
-        if let Some(z) = codec::compress(&data, codec::DEFAULT_LEVEL) {
+        if let Some(z) = codec::compress(&data, codec::DEFAULT_LEVEL).map(bytes::Bytes::from) {
             g.bench_with_input(BenchmarkId::new("decompress", kind), &z, |b, z| {
                 b.iter(|| codec::decompress(Encoding::Zstd, z, CHUNK).map(|v| v.len()))
             });

@@ -17,7 +17,7 @@ pub struct Fetched {
     /// blake3 of `data` as the source read it.
     pub hash: ChunkHash,
     /// The bytes (all zeros for a zero chunk).
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
     /// True when the source found the chunk all zeros.
     pub zero: bool,
     /// Bytes that crossed the network.

@@ -156,7 +156,7 @@ enum Landing {
     Data {
         index: u64,
         hash: ChunkHash,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         dups: Vec<u64>,
     },
     Zero {
@@ -746,7 +746,7 @@ async fn deliver(
     index: u64,
     hash: ChunkHash,
     encoding: Encoding,
-    payload: &[u8],
+    payload: &bytes::Bytes,
 ) -> Result<bool, SeedError> {
     let len = shared.geometry.len(index);
     let data = match codec::decompress(encoding, payload, len) {

@@ -4,6 +4,7 @@
 //! compressing it.
 
 use crate::message::Encoding;
+use bytes::Bytes;
 use std::cell::RefCell;
 
 /// zstd level used on the wire unless the operator chooses another: fast enough to keep up with
@@ -45,15 +46,15 @@ pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
-/// Decodes a payload of `expected` bytes.
+/// Decodes a payload of `expected` bytes. A raw payload is returned as it is, not copied.
 pub fn decompress(
     encoding: Encoding,
-    payload: &[u8],
+    payload: &Bytes,
     expected: usize,
-) -> Result<Vec<u8>, CodecError> {
+) -> Result<Bytes, CodecError> {
     let out = match encoding {
-        Encoding::Raw => payload.to_vec(),
-        Encoding::Zero => vec![0u8; expected],
+        Encoding::Raw => payload.clone(),
+        Encoding::Zero => Bytes::from(vec![0u8; expected]),
         Encoding::Zstd => DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
@@ -65,6 +66,7 @@ pub fn decompress(
             // Invariant: filled just above.
             let d = slot.as_mut().expect("decompressor initialised above");
             d.decompress(payload, expected)
+                .map(Bytes::from)
                 .map_err(|e| CodecError::Corrupt(e.to_string()))
         })?,
     };
@@ -86,7 +88,10 @@ mod tests {
         let data: Vec<u8> = b"log line 42: all is well\n".repeat(3000);
         let z = compress(&data, DEFAULT_LEVEL).expect("text compresses");
         assert!(z.len() < data.len() / 10);
-        assert_eq!(decompress(Encoding::Zstd, &z, data.len()).unwrap(), data);
+        assert_eq!(
+            decompress(Encoding::Zstd, &z.into(), data.len()).unwrap(),
+            data
+        );
     }
 
     #[test]
@@ -102,8 +107,8 @@ mod tests {
         let mut z = compress(&text, DEFAULT_LEVEL).unwrap();
         let mid = z.len() / 2;
         z[mid] ^= 0xff;
-        let r = decompress(Encoding::Zstd, &z, text.len());
+        let r = decompress(Encoding::Zstd, &z.into(), text.len());
         assert!(r.is_err() || r.unwrap() != text);
-        assert!(decompress(Encoding::Raw, &random[..10], 11).is_err());
+        assert!(decompress(Encoding::Raw, &Bytes::copy_from_slice(&random[..10]), 11).is_err());
     }
 }

@@ -7,11 +7,13 @@ use crate::hello::{Hello, HelloError};
 use crate::message::{Frame, MalformedFrame};
 use crate::tls::TlsClient;
 use crate::PROTOCOL_VERSION;
+use bytes::{Buf, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use std::io;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
 
 /// Largest frame accepted: a 1 MiB chunk with its header, or a page of manifest entries.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
@@ -211,16 +213,17 @@ impl Conn {
 
     /// Splits into independently usable halves.
     pub fn split(self) -> (FrameReader, FrameWriter) {
-        let (sink, stream) = self.framed.split();
+        let parts = self.framed.into_parts();
+        let (rd, wr) = tokio::io::split(parts.io);
+        let mut stream = FramedRead::new(rd, codec());
+        // Bytes that arrived with the hello exchange belong to the next frames.
+        stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
         (
             FrameReader {
                 stream,
                 peer: self.peer.clone(),
             },
-            FrameWriter {
-                sink,
-                peer: self.peer,
-            },
+            FrameWriter::new(wr, self.peer),
         )
     }
 }
@@ -268,7 +271,7 @@ where
 
 /// The receiving half of a split connection.
 pub struct FrameReader {
-    stream: futures::stream::SplitStream<Framing>,
+    stream: FramedRead<ReadHalf<Box<dyn Io>>, LengthDelimitedCodec>,
     peer: String,
 }
 
@@ -286,37 +289,129 @@ impl FrameReader {
 }
 
 /// The sending half of a split connection.
+///
+/// Payloads are written from the buffers they already live in (vectored writes), not copied
+/// into a frame and again into the codec's buffer: at loopback rates those two copies were a
+/// tenth of the source's CPU. Headers and small payloads are gathered into one buffer.
 pub struct FrameWriter {
-    sink: futures::stream::SplitSink<Framing, bytes::Bytes>,
+    io: WriteHalf<Box<dyn Io>>,
+    /// Pieces waiting to be written, in order.
+    queue: VecDeque<Bytes>,
+    /// Small pieces being gathered before they join the queue.
+    small: BytesMut,
+    queued: usize,
     peer: String,
 }
 
+/// Payloads shorter than this are copied into the gathering buffer instead of queued apart.
+const GATHER_BELOW: usize = 4096;
+/// `feed` writes before it returns once this much is queued, so a fast producer waits for the
+/// socket instead of buffering without bound.
+const QUEUE_LIMIT: usize = 1 << 20;
+/// Slices per `writev`.
+const MAX_SLICES: usize = 64;
+
 impl FrameWriter {
+    fn new(io: WriteHalf<Box<dyn Io>>, peer: String) -> Self {
+        FrameWriter {
+            io,
+            queue: VecDeque::new(),
+            small: BytesMut::new(),
+            queued: 0,
+            peer,
+        }
+    }
+
     /// Sends a frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
-        let body = encode(frame, &self.peer)?;
-        self.sink.send(body).await.map_err(|source| ConnError::Io {
-            peer: self.peer.clone(),
-            source,
-        })
+        self.feed(frame).await?;
+        self.flush().await
     }
 
     /// Queues a frame without flushing; call [`FrameWriter::flush`] after a burst.
     pub async fn feed(&mut self, frame: &Frame) -> Result<(), ConnError> {
-        let body = encode(frame, &self.peer)?;
-        self.sink.feed(body).await.map_err(|source| ConnError::Io {
-            peer: self.peer.clone(),
-            source,
-        })
+        let mut head = encode_head(frame, &self.peer)?;
+        let len = head.len() - 4 + frame.payload.len();
+        if len > MAX_FRAME {
+            return Err(ConnError::Malformed {
+                peer: self.peer.clone(),
+                detail: format!("outgoing frame of {len} bytes exceeds the limit of {MAX_FRAME}"),
+            });
+        }
+        // Invariant: the frame was just checked against MAX_FRAME, which fits in a u32.
+        head[..4].copy_from_slice(&u32::try_from(len).expect("bounded").to_be_bytes());
+        self.small.extend_from_slice(&head);
+        if frame.payload.len() < GATHER_BELOW {
+            self.small.extend_from_slice(&frame.payload);
+        } else {
+            let gathered = self.small.split().freeze();
+            self.queue.push_back(gathered);
+            self.queue.push_back(frame.payload.clone());
+        }
+        self.queued += 4 + len;
+        if self.queued >= QUEUE_LIMIT {
+            self.write_queued().await?;
+        }
+        Ok(())
     }
 
-    /// Flushes queued frames.
+    /// Writes everything queued and flushes the stream.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
-        self.sink.flush().await.map_err(|source| ConnError::Io {
+        self.write_queued().await?;
+        self.io.flush().await.map_err(|e| self.io_err(e))
+    }
+
+    async fn write_queued(&mut self) -> Result<(), ConnError> {
+        if !self.small.is_empty() {
+            let gathered = self.small.split().freeze();
+            self.queue.push_back(gathered);
+        }
+        while !self.queue.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .queue
+                .iter()
+                .take(MAX_SLICES)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            let mut n = self
+                .io
+                .write_vectored(&slices)
+                .await
+                .map_err(|e| self.io_err(e))?;
+            if n == 0 {
+                return Err(self.io_err(io::ErrorKind::WriteZero.into()));
+            }
+            self.queued = self.queued.saturating_sub(n);
+            while n > 0 {
+                // Invariant: the kernel wrote no more than the slices held, all from the queue.
+                let front = self.queue.front_mut().expect("written bytes were queued");
+                if n >= front.len() {
+                    n -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn io_err(&self, source: io::Error) -> ConnError {
+        ConnError::Io {
             peer: self.peer.clone(),
             source,
-        })
+        }
     }
+}
+
+fn encode_head(frame: &Frame, peer: &str) -> Result<BytesMut, ConnError> {
+    frame
+        .encode_head(4)
+        .map_err(|MalformedFrame(detail)| ConnError::Malformed {
+            peer: peer.to_string(),
+            detail,
+        })
 }
 
 /// Dials `addr`, runs TLS when `tls` is given, and exchanges hellos.

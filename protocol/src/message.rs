@@ -271,14 +271,23 @@ impl Frame {
 
     /// Encodes the frame body.
     pub fn encode(&self) -> Result<Bytes, MalformedFrame> {
+        let mut b = self.encode_head(0)?;
+        b.reserve(self.payload.len());
+        b.put_slice(&self.payload);
+        Ok(b.freeze())
+    }
+
+    /// Encodes everything but the payload, after `prefix` bytes left for the caller (a length
+    /// prefix), so that the payload can be written from where it already is.
+    pub fn encode_head(&self, prefix: usize) -> Result<BytesMut, MalformedFrame> {
         let header = options()
             .serialize(&self.msg)
             .map_err(|e| MalformedFrame(format!("header does not serialise: {e}")))?;
-        let mut b = BytesMut::with_capacity(2 + header.len() + self.payload.len());
+        let mut b = BytesMut::with_capacity(prefix + 2 + header.len());
+        b.put_bytes(0, prefix);
         b.put_u16(header.len() as u16);
         b.put_slice(&header);
-        b.put_slice(&self.payload);
-        Ok(b.freeze())
+        Ok(b)
     }
 
     /// Decodes a frame body; never panics on any input.
