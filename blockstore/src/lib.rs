@@ -9,11 +9,14 @@
 //!   RocksDB; each disk's bytes in a sparse raw file served later by a plain `pread`.
 //! - [`replica`]: one disk in the store, and [`replica::ChunkWriter`], which makes chunks durable
 //!   before recording them (data `fdatasync`, then one synced RocksDB batch).
+//! - [`direct`]: streaming chunk data to the device (`O_DIRECT` through io_uring), past the
+//!   page cache, for seeds and sync rounds.
 //! - [`dirty`]: the source's write generations, activity log and replicas' sync points.
 //! - [`db`]: opening RocksDB with a versioned layout.
 
 pub mod catalog;
 pub mod db;
+pub mod direct;
 pub mod dirty;
 pub mod error;
 pub mod image;

@@ -1,5 +1,6 @@
 //! One disk in the destination store: its chunk states and its sparse data file.
 
+use crate::direct::DirectWriter;
 use crate::error::{io_err, Result, StoreError};
 use crate::store::{chunk_key, content_key, DiskRecord, Store, CHUNKS, CONTENT};
 use protocol::{ChunkHash, Geometry};
@@ -115,24 +116,24 @@ impl Replica {
         let n = self.record.geometry.chunk_count() as usize;
         let mut out = vec![None; n];
         let start = chunk_key(self.record.id, 0);
-        let iter = db.db.iterator_cf(
-            db.cf(CHUNKS),
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
-        for item in iter {
-            let (k, v) = item.map_err(|e| db.err(e))?;
+        // A raw iterator lends keys and values instead of allocating them for every chunk.
+        let mut iter = db.db.raw_iterator_cf(db.cf(CHUNKS));
+        iter.seek(start);
+        while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
             if k.len() != 12 || k[..4] != start[..4] {
                 break;
             }
             // Invariant: an 8-byte slice of a 12-byte key.
             let index = u64::from_be_bytes(k[4..].try_into().expect("8 bytes")) as usize;
-            let state = ChunkState::decode(&v).ok_or_else(|| {
+            let state = ChunkState::decode(v).ok_or_else(|| {
                 db.corrupt(format!("chunk {index} of disk {:?}", self.record.name))
             })?;
             if index < n {
                 out[index] = Some(state);
             }
+            iter.next();
         }
+        iter.status().map_err(|e| db.err(e))?;
         Ok(out)
     }
 
@@ -152,11 +153,44 @@ impl Replica {
         self.store.put_disk(&self.record)
     }
 
+    /// The states of the chunks `indexes` (point lookups, for a few chunks of a large disk).
+    fn states_of(&self, indexes: &[u64]) -> Result<HashMap<u64, Option<ChunkState>>> {
+        let db = self.store.db();
+        let cf = db.cf(CHUNKS);
+        let keys = indexes.iter().map(|&i| chunk_key(self.record.id, i));
+        let values = db.db.batched_multi_get_cf(cf, keys, false);
+        indexes
+            .iter()
+            .zip(values)
+            .map(|(&index, v)| {
+                let v = v.map_err(|e| db.err(e))?;
+                let state = match v {
+                    None => None,
+                    Some(raw) => Some(ChunkState::decode(&raw).ok_or_else(|| {
+                        db.corrupt(format!("chunk {index} of disk {:?}", self.record.name))
+                    })?),
+                };
+                Ok((index, state))
+            })
+            .collect()
+    }
+
     /// A writer that lands chunks durably in batches.
     pub fn writer(&self) -> Result<ChunkWriter> {
+        self.writer_with(Known::All(self.states()?))
+    }
+
+    /// A writer for the chunks `indexes` only (a sync round): it reads their states alone,
+    /// not the whole disk's (18 ms for a 4 GiB disk, a tenth of a 1% round). It must not be
+    /// given other chunks.
+    pub fn writer_for(&self, indexes: &[u64]) -> Result<ChunkWriter> {
+        self.writer_with(Known::Listed(self.states_of(indexes)?))
+    }
+
+    fn writer_with(&self, known: Known) -> Result<ChunkWriter> {
         Ok(ChunkWriter {
             replica: self.clone(),
-            known: self.states()?,
+            known,
             batch: rocksdb::WriteBatch::default(),
             pending: Vec::new(),
             pending_bytes: 0,
@@ -164,6 +198,7 @@ impl Replica {
             sources: HashMap::new(),
             unchecked: u64::MAX,
             syncing: None,
+            direct: Direct::Unopened,
         })
     }
 }
@@ -183,7 +218,7 @@ const SPACE_CHECK_EVERY: u64 = 4 << 20;
 /// committed when the process dies are simply absent after restart.
 pub struct ChunkWriter {
     replica: Replica,
-    known: Vec<Option<ChunkState>>,
+    known: Known,
     batch: rocksdb::WriteBatch,
     pending: Vec<u64>,
     pending_bytes: u64,
@@ -192,6 +227,47 @@ pub struct ChunkWriter {
     unchecked: u64,
     /// The batch being made durable in the background, if any.
     syncing: Option<std::thread::JoinHandle<Result<usize>>>,
+    /// Streamed writes past the page cache ([`ChunkWriter::put_streaming`]).
+    direct: Direct,
+}
+
+/// Chunk states as a writer knows them, its own writes included.
+enum Known {
+    /// Every chunk's.
+    All(Vec<Option<ChunkState>>),
+    /// Only those of the chunks the writer was opened for.
+    Listed(HashMap<u64, Option<ChunkState>>),
+}
+
+impl Known {
+    fn get(&self, index: u64) -> Option<ChunkState> {
+        match self {
+            Known::All(v) => v.get(index as usize).copied().flatten(),
+            Known::Listed(m) => {
+                debug_assert!(m.contains_key(&index), "chunk {index} not listed");
+                m.get(&index).copied().flatten()
+            }
+        }
+    }
+
+    fn set(&mut self, index: u64, state: ChunkState) {
+        match self {
+            Known::All(v) => {
+                if let Some(slot) = v.get_mut(index as usize) {
+                    *slot = Some(state);
+                }
+            }
+            Known::Listed(m) => {
+                m.insert(index, Some(state));
+            }
+        }
+    }
+}
+
+enum Direct {
+    Unopened,
+    Open(Box<DirectWriter>),
+    Unavailable,
 }
 
 impl ChunkWriter {
@@ -226,15 +302,15 @@ impl ChunkWriter {
 
     /// The state of chunk `index` as this writer knows it (including uncommitted chunks).
     pub fn state(&self, index: u64) -> Option<ChunkState> {
-        self.known.get(index as usize).copied().flatten()
+        self.known.get(index)
     }
 
     fn record(&mut self, index: u64, state: ChunkState, bytes: u64) {
         let db = self.replica.store.db();
         let id = self.replica.record.id;
-        if let Some(Some(ChunkState::Data(old))) = self.known.get(index as usize) {
+        if let Some(ChunkState::Data(old)) = self.known.get(index) {
             self.batch
-                .delete_cf(db.cf(CONTENT), content_key(old, id, index));
+                .delete_cf(db.cf(CONTENT), content_key(&old, id, index));
         }
         self.batch
             .put_cf(db.cf(CHUNKS), chunk_key(id, index), state.encode());
@@ -242,9 +318,7 @@ impl ChunkWriter {
             self.batch
                 .put_cf(db.cf(CONTENT), content_key(h, id, index), []);
         }
-        if let Some(slot) = self.known.get_mut(index as usize) {
-            *slot = Some(state);
-        }
+        self.known.set(index, state);
         self.pending.push(index);
         self.pending_bytes += bytes;
         self.oldest.get_or_insert_with(Instant::now);
@@ -252,6 +326,7 @@ impl ChunkWriter {
 
     /// Writes chunk `index` with `data`, whose hash the caller has verified to be `hash`.
     pub fn put(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
+        self.settle()?;
         self.ensure_space(data.len() as u64)?;
         let g = self.replica.record.geometry;
         self.replica
@@ -262,8 +337,73 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// Like [`ChunkWriter::put`], for bulk transfers (seeding, sync rounds): the bytes go to
+    /// the device directly ([`crate::direct`]), several writes at a time, and may still be in
+    /// flight when this returns. Every other method of the writer waits for them first, so the
+    /// writer itself (as [`ChunkWriter::copy_local`]) reads them back; readers of the file
+    /// elsewhere see them after the next commit.
+    pub fn put_streaming(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
+        if let Direct::Unopened = self.direct {
+            let g = self.replica.record.geometry;
+            self.direct = match DirectWriter::open(
+                &self.replica.path,
+                &self.replica.file,
+                g.chunk_size as usize,
+            ) {
+                Some(d) => Direct::Open(Box::new(d)),
+                None => Direct::Unavailable,
+            };
+        }
+        if !matches!(self.direct, Direct::Open(_)) {
+            return self.put(index, hash, data);
+        }
+        self.ensure_space(data.len() as u64)?;
+        let offset = self.replica.record.geometry.offset(index);
+        let Direct::Open(d) = &mut self.direct else {
+            unreachable!("checked just above")
+        };
+        let started = d
+            .submit(data, offset)
+            .map_err(io_err("cannot write replica", &self.replica.path))?;
+        if !started {
+            return self.put(index, hash, data);
+        }
+        self.record(index, ChunkState::Data(hash), data.len() as u64);
+        Ok(())
+    }
+
+    /// Starts streamed writes gathered so far; call before waiting for more chunks.
+    pub fn kick(&mut self) -> Result<()> {
+        match &mut self.direct {
+            Direct::Open(d) => d
+                .kick()
+                .map_err(io_err("cannot write replica", &self.replica.path)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for streamed writes still in flight.
+    fn settle(&mut self) -> Result<()> {
+        match &mut self.direct {
+            Direct::Open(d) => d
+                .drain()
+                .map_err(io_err("cannot write replica", &self.replica.path)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `mark_*` methods record what the caller wrote itself (the NBD export, which never
+    /// streams): a streamed write still in flight to the same chunk could land after it.
+    fn assert_not_streaming(&self) {
+        debug_assert!(
+            !matches!(self.direct, Direct::Open(_)),
+            "mark_* on a writer that streams"
+        );
+    }
+
     /// Records that chunk `index` was written locally (its bytes are already in the file).
     pub fn mark_written(&mut self, index: u64) {
+        self.assert_not_streaming();
         if self.state(index) != Some(ChunkState::Written) {
             self.record(index, ChunkState::Written, 0);
         }
@@ -271,11 +411,13 @@ impl ChunkWriter {
 
     /// Records chunk `index` as zeros without touching the file (the caller punched it).
     pub fn mark_zero(&mut self, index: u64) {
+        self.assert_not_streaming();
         self.record(index, ChunkState::Zero, 0);
     }
 
     /// Records chunk `index` as zeros, punching out any data it held.
     pub fn put_zero(&mut self, index: u64) -> Result<()> {
+        self.settle()?;
         if matches!(self.state(index), Some(ChunkState::Data(_))) {
             let g = self.replica.record.geometry;
             punch_hole(&self.replica.file, g.offset(index), g.len(index) as u64)
@@ -294,6 +436,7 @@ impl ChunkWriter {
         index: u64,
         hash: ChunkHash,
     ) -> Result<bool> {
+        self.settle()?;
         let store = self.replica.store.clone();
         let src = if src_id == self.replica.record.id {
             self.replica.file.clone()
@@ -359,6 +502,8 @@ impl ChunkWriter {
     /// Starts making pending chunks durable on another thread, so writing goes on meanwhile.
     /// At most one batch is in flight: this first waits for the previous one.
     pub fn commit_in_background(&mut self) -> Result<usize> {
+        // Streamed bytes must be written before the fdatasync that makes them durable.
+        self.settle()?;
         let done = self.wait_for_sync()?;
         if self.pending.is_empty() {
             return Ok(done);
@@ -499,6 +644,35 @@ mod tests {
             store.replica("zz"),
             Err(StoreError::UnknownDisk { .. })
         ));
+    }
+
+    #[test]
+    fn streamed_chunks_read_back_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::new(64 * 8192, 8192).unwrap();
+        let chunk = |i: u64| vec![i as u8 + 1; 8192];
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let r = store.open_or_create("a", g).unwrap();
+            let mut w = r.writer().unwrap();
+            for i in 0..40 {
+                let data = chunk(i);
+                w.put_streaming(i, ChunkHash::of(&data), &data).unwrap();
+            }
+            // Reading back through the writer waits for the writes in flight.
+            let h = ChunkHash::of(&chunk(39));
+            assert!(w.copy_local(r.record().id, 39, 63, h).unwrap());
+            assert_eq!(w.commit().unwrap(), 41);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.replica("a").unwrap();
+        for i in 0..40 {
+            assert_eq!(r.read_chunk(i).unwrap(), chunk(i), "chunk {i}");
+        }
+        assert_eq!(r.read_chunk(63).unwrap(), chunk(39));
+        let listed = r.writer_for(&[3, 50]).unwrap();
+        assert_eq!(listed.state(3), Some(ChunkState::Data(ChunkHash::of(&chunk(3)))));
+        assert_eq!(listed.state(50), None);
     }
 
     #[test]

@@ -69,7 +69,12 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir.join("data"))
             .map_err(io_err("cannot create store directory", dir))?;
-        let db = Db::open(&dir.join("meta"), &[DISKS, CHUNKS, CONTENT], LAYOUT_VERSION)?;
+        let db = Db::open_with_prefixes(
+            &dir.join("meta"),
+            &[DISKS, CHUNKS, CONTENT],
+            &[(CONTENT, 32)],
+            LAYOUT_VERSION,
+        )?;
         // A random id names this store to sources, which track what each replica lacks.
         let id = match db.db.get(STORE_ID).map_err(|e| db.err(e))? {
             Some(v) => v
@@ -216,15 +221,40 @@ impl Store {
 
     /// Where content `hash` is held durably, if anywhere.
     pub fn find_content(&self, hash: &ChunkHash) -> Result<Option<(u32, u64)>> {
+        self.content_lookup().find(hash)
+    }
+
+    /// A cursor for many [`Store::find_content`] lookups in a row: one RocksDB iterator, sought
+    /// again for each hash, instead of one created per lookup (a sync round's 1250 lookups took
+    /// 10 ms that way). It sees the index as it was when made.
+    pub fn content_lookup(&self) -> ContentLookup<'_> {
         let db = self.db();
-        let mut iter = db.db.iterator_cf(
-            db.cf(CONTENT),
-            rocksdb::IteratorMode::From(&hash.0, rocksdb::Direction::Forward),
-        );
-        let Some(item) = iter.next() else {
-            return Ok(None);
+        ContentLookup {
+            db,
+            iter: db
+                .db
+                .raw_iterator_cf_opt(db.cf(CONTENT), Db::prefix_reads()),
+        }
+    }
+}
+
+/// See [`Store::content_lookup`].
+pub struct ContentLookup<'a> {
+    db: &'a Db,
+    iter: rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB>,
+}
+
+impl ContentLookup<'_> {
+    /// Where content `hash` is held, if anywhere: (disk id, chunk index).
+    pub fn find(&mut self, hash: &ChunkHash) -> Result<Option<(u32, u64)>> {
+        self.iter.seek(hash.0);
+        let Some(k) = self.iter.key() else {
+            return self
+                .iter
+                .status()
+                .map(|()| None)
+                .map_err(|e| self.db.err(e));
         };
-        let (k, _) = item.map_err(|e| db.err(e))?;
         if k.len() != 44 || k[..32] != hash.0 {
             return Ok(None);
         }

@@ -367,8 +367,12 @@ fn plan(
     progress: &SeedProgress,
 ) -> Result<Plan, StoreError> {
     let g = replica.geometry();
-    let mut w = replica.writer()?;
+    let mut w = match only {
+        Some(list) => replica.writer_for(list)?,
+        None => replica.writer()?,
+    };
     let store = replica.store().clone();
+    let mut lookup = store.content_lookup();
     let mut fetch = Vec::new();
     let mut first_of: HashMap<ChunkHash, u64> = HashMap::new();
     let mut dups: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -407,7 +411,7 @@ fn plan(
                     dups.entry(first).or_default().push(index);
                     continue;
                 }
-                let copied = match store.find_content(&h)? {
+                let copied = match lookup.find(&h)? {
                     Some((src_id, src_index)) => w.copy_local(src_id, src_index, index, h)?,
                     None => false,
                 };
@@ -461,7 +465,19 @@ fn land(
 ) -> Result<Replica, StoreError> {
     let add = |a: &AtomicU64, n: u64| a.fetch_add(n, Ordering::Relaxed);
     let mut own: Option<u32> = None;
-    while let Some(landing) = rx.blocking_recv() {
+    loop {
+        let landing = match rx.try_recv() {
+            Ok(l) => l,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Nothing else to gather: start the writes held back so far, then wait.
+                w.kick()?;
+                match rx.blocking_recv() {
+                    Some(l) => l,
+                    None => break,
+                }
+            }
+        };
         match landing {
             Landing::Zero { index } => w.put_zero(index)?,
             Landing::Data {
@@ -470,7 +486,7 @@ fn land(
                 data,
                 dups,
             } => {
-                w.put(index, hash, &data)?;
+                w.put_streaming(index, hash, &data)?;
                 let id = *own.get_or_insert_with(|| w.replica().record().id);
                 for j in dups {
                     if !w.copy_local(id, index, j, hash)? {
