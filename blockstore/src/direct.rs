@@ -1,11 +1,13 @@
 //! Streaming chunk writes past the page cache: `O_DIRECT` through io_uring.
 //!
-//! A seed or sync round lands data that nobody reads soon and that must be durable before it
-//! is recorded. Through the page cache every byte is first copied into freshly allocated cache
-//! pages, then written back by `fdatasync`. On these virtual machines touching fresh memory is
-//! slow (the host takes back what the guest frees), and a sync round spent half its time in that
-//! copy. Written directly from a few reused buffers, the device takes the bytes as they come,
-//! several writes in flight, and the commit's `fdatasync` only has metadata left to write.
+//! A sync round overwrites chunks scattered over the disk, and they must be durable before
+//! they are recorded. Through the page cache every byte is first copied into freshly allocated
+//! cache pages, then written back by `fdatasync`. On these virtual machines touching fresh
+//! memory is slow (the host takes back what the guest frees), and a sync round spent half its
+//! time in that copy. Written directly from a few reused buffers, the device takes the bytes as
+//! they come, several writes in flight, and the commit's `fdatasync` has little left to do.
+//! [`crate::replica::ChunkWriter::put_streaming`] sends only overwrites here: filling holes
+//! (a first seed) goes better through the page cache.
 //! (Two simpler designs were measured first and lost to the page cache: a pool of threads doing
 //! `pwrite`, because of their wake-ups, and one write at a time.)
 //!

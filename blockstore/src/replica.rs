@@ -337,12 +337,22 @@ impl ChunkWriter {
         Ok(())
     }
 
-    /// Like [`ChunkWriter::put`], for bulk transfers (seeding, sync rounds): the bytes go to
-    /// the device directly ([`crate::direct`]), several writes at a time, and may still be in
-    /// flight when this returns. Every other method of the writer waits for them first, so the
+    /// Like [`ChunkWriter::put`], for bulk transfers (seeding, sync rounds): a chunk that
+    /// overwrites data goes to the device directly ([`crate::direct`]), several writes at a
+    /// time, and may still be in flight when this returns. Every other method of the writer waits for them first, so the
     /// writer itself (as [`ChunkWriter::copy_local`]) reads them back; readers of the file
     /// elsewhere see them after the next commit.
     pub fn put_streaming(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
+        // Only overwrites go direct. Filling a hole is cheaper through the page cache: ext4
+        // allocates whole runs at writeback, while a direct write into a hole must allocate
+        // as it goes, and io_uring hands such writes to worker threads (a loopback seed of a
+        // fresh disk measured 4.3-6.2 s direct against 3.7-4.1 s through the cache).
+        if !matches!(
+            self.state(index),
+            Some(ChunkState::Data(_) | ChunkState::Written)
+        ) {
+            return self.put(index, hash, data);
+        }
         if let Direct::Unopened = self.direct {
             let g = self.replica.record.geometry;
             self.direct = match DirectWriter::open(
@@ -650,28 +660,32 @@ mod tests {
     fn streamed_chunks_read_back_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let g = Geometry::new(64 * 8192, 8192).unwrap();
-        let chunk = |i: u64| vec![i as u8 + 1; 8192];
+        let chunk = |i: u64, round: u8| vec![i as u8 + round; 8192];
         {
             let store = Store::open(dir.path()).unwrap();
             let r = store.open_or_create("a", g).unwrap();
             let mut w = r.writer().unwrap();
-            for i in 0..40 {
-                let data = chunk(i);
-                w.put_streaming(i, ChunkHash::of(&data), &data).unwrap();
+            // A seed fills holes (through the page cache), a sync round overwrites (directly).
+            for round in [1u8, 100] {
+                for i in 0..40 {
+                    let data = chunk(i, round);
+                    w.put_streaming(i, ChunkHash::of(&data), &data).unwrap();
+                }
+                // Reading back through the writer waits for the writes in flight.
+                let h = ChunkHash::of(&chunk(39, round));
+                assert!(w.copy_local(r.record().id, 39, 63, h).unwrap());
+                assert_eq!(w.commit().unwrap(), 41);
             }
-            // Reading back through the writer waits for the writes in flight.
-            let h = ChunkHash::of(&chunk(39));
-            assert!(w.copy_local(r.record().id, 39, 63, h).unwrap());
-            assert_eq!(w.commit().unwrap(), 41);
         }
         let store = Store::open(dir.path()).unwrap();
         let r = store.replica("a").unwrap();
         for i in 0..40 {
-            assert_eq!(r.read_chunk(i).unwrap(), chunk(i), "chunk {i}");
+            assert_eq!(r.read_chunk(i).unwrap(), chunk(i, 100), "chunk {i}");
         }
-        assert_eq!(r.read_chunk(63).unwrap(), chunk(39));
+        assert_eq!(r.read_chunk(63).unwrap(), chunk(39, 100));
         let listed = r.writer_for(&[3, 50]).unwrap();
-        assert_eq!(listed.state(3), Some(ChunkState::Data(ChunkHash::of(&chunk(3)))));
+        let h3 = ChunkHash::of(&chunk(3, 100));
+        assert_eq!(listed.state(3), Some(ChunkState::Data(h3)));
         assert_eq!(listed.state(50), None);
     }
 
