@@ -123,6 +123,16 @@ impl DirectWriter {
             }
             self.wait_for(1)?;
         };
+        // A direct write into a range the page cache holds cannot start without blocking
+        // (the cached pages must go first), so io_uring hands it to a worker, and its workers
+        // take one file's writes one at a time: a sync round after a buffered seed ran its
+        // writes at depth 1. Dropping the clean cached copy here lets the write start at once.
+        let _ = nix::fcntl::posix_fadvise(
+            self.plain.as_raw_fd(),
+            offset as i64,
+            data.len() as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
         let s = &mut self.slots[slot];
         s.buf[s.start..s.start + data.len()].copy_from_slice(data);
         s.len = data.len();
