@@ -124,12 +124,10 @@ impl Replica {
                 break;
             }
             // Invariant: an 8-byte slice of a 12-byte key.
-            let index = u64::from_be_bytes(k[4..].try_into().expect("8 bytes")) as usize;
-            let state = ChunkState::decode(v).ok_or_else(|| {
-                db.corrupt(format!("chunk {index} of disk {:?}", self.record.name))
-            })?;
-            if index < n {
-                out[index] = Some(state);
+            let index = u64::from_be_bytes(k[4..].try_into().expect("8 bytes"));
+            let state = self.decode_state(index, v)?;
+            if let Some(slot) = out.get_mut(index as usize) {
+                *slot = Some(state);
             }
             iter.next();
         }
@@ -153,6 +151,15 @@ impl Replica {
         self.store.put_disk(&self.record)
     }
 
+    /// Decodes chunk `index`'s stored state; an undecodable one means a corrupt store.
+    fn decode_state(&self, index: u64, raw: &[u8]) -> Result<ChunkState> {
+        ChunkState::decode(raw).ok_or_else(|| {
+            self.store
+                .db()
+                .corrupt(format!("chunk {index} of disk {:?}", self.record.name))
+        })
+    }
+
     /// The states of the chunks `indexes` (point lookups, for a few chunks of a large disk).
     fn states_of(&self, indexes: &[u64]) -> Result<HashMap<u64, Option<ChunkState>>> {
         let db = self.store.db();
@@ -163,12 +170,9 @@ impl Replica {
             .iter()
             .zip(values)
             .map(|(&index, v)| {
-                let v = v.map_err(|e| db.err(e))?;
-                let state = match v {
+                let state = match v.map_err(|e| db.err(e))? {
                     None => None,
-                    Some(raw) => Some(ChunkState::decode(&raw).ok_or_else(|| {
-                        db.corrupt(format!("chunk {index} of disk {:?}", self.record.name))
-                    })?),
+                    Some(raw) => Some(self.decode_state(index, &raw)?),
                 };
                 Ok((index, state))
             })
@@ -328,13 +332,16 @@ impl ChunkWriter {
     pub fn put(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
         self.settle()?;
         self.ensure_space(data.len() as u64)?;
-        let g = self.replica.record.geometry;
-        self.replica
-            .file
-            .write_all_at(data, g.offset(index))
-            .map_err(io_err("cannot write replica", &self.replica.path))?;
+        self.write_cached(data, self.replica.record.geometry.offset(index))?;
         self.record(index, ChunkState::Data(hash), data.len() as u64);
         Ok(())
+    }
+
+    fn write_cached(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.replica
+            .file
+            .write_all_at(data, offset)
+            .map_err(io_err("cannot write replica", &self.replica.path))
     }
 
     /// Like [`ChunkWriter::put`], for bulk transfers (seeding, sync rounds): a chunk that
@@ -353,33 +360,34 @@ impl ChunkWriter {
         ) {
             return self.put(index, hash, data);
         }
+        self.ensure_space(data.len() as u64)?;
+        let offset = self.replica.record.geometry.offset(index);
+        let started = match self.direct_writer() {
+            Some(d) => d.submit(data, offset),
+            None => Ok(false),
+        }
+        .map_err(io_err("cannot write replica", &self.replica.path))?;
+        if !started {
+            // Declined (no direct I/O here, or a short last chunk): through the page cache.
+            self.write_cached(data, offset)?;
+        }
+        self.record(index, ChunkState::Data(hash), data.len() as u64);
+        Ok(())
+    }
+
+    /// The direct writer, opened on first use; `None` where direct I/O is unavailable.
+    fn direct_writer(&mut self) -> Option<&mut DirectWriter> {
         if let Direct::Unopened = self.direct {
-            let g = self.replica.record.geometry;
-            self.direct = match DirectWriter::open(
-                &self.replica.path,
-                &self.replica.file,
-                g.chunk_size as usize,
-            ) {
+            let chunk = self.replica.record.geometry.chunk_size as usize;
+            self.direct = match DirectWriter::open(&self.replica.path, &self.replica.file, chunk) {
                 Some(d) => Direct::Open(Box::new(d)),
                 None => Direct::Unavailable,
             };
         }
-        if !matches!(self.direct, Direct::Open(_)) {
-            return self.put(index, hash, data);
+        match &mut self.direct {
+            Direct::Open(d) => Some(d),
+            _ => None,
         }
-        self.ensure_space(data.len() as u64)?;
-        let offset = self.replica.record.geometry.offset(index);
-        let Direct::Open(d) = &mut self.direct else {
-            unreachable!("checked just above")
-        };
-        let started = d
-            .submit(data, offset)
-            .map_err(io_err("cannot write replica", &self.replica.path))?;
-        if !started {
-            return self.put(index, hash, data);
-        }
-        self.record(index, ChunkState::Data(hash), data.len() as u64);
-        Ok(())
     }
 
     /// Starts streamed writes gathered so far; call before waiting for more chunks.
