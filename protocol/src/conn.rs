@@ -153,14 +153,14 @@ impl Conn {
 
     /// Sends a frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
-        let body = encode(frame, &self.peer)?;
+        let body = frame.encode().map_err(malformed(&self.peer))?;
         self.send_raw(body).await
     }
 
     /// Receives a frame.
     pub async fn recv(&mut self) -> Result<Frame, ConnError> {
         let body = self.recv_raw().await?;
-        decode(body, &self.peer)
+        Frame::decode(body).map_err(malformed(&self.peer))
     }
 
     /// Client side of the hello exchange.
@@ -228,20 +228,12 @@ impl Conn {
     }
 }
 
-fn encode(frame: &Frame, peer: &str) -> Result<bytes::Bytes, ConnError> {
-    frame
-        .encode()
-        .map_err(|MalformedFrame(detail)| ConnError::Malformed {
-            peer: peer.to_string(),
-            detail,
-        })
-}
-
-fn decode(body: bytes::Bytes, peer: &str) -> Result<Frame, ConnError> {
-    Frame::decode(body).map_err(|MalformedFrame(detail)| ConnError::Malformed {
+/// A frame that does not encode or decode, as an error of the connection to `peer`.
+fn malformed(peer: &str) -> impl FnOnce(MalformedFrame) -> ConnError + '_ {
+    move |MalformedFrame(detail)| ConnError::Malformed {
         peer: peer.to_string(),
         detail,
-    })
+    }
 }
 
 async fn recv_body<S>(stream: &mut S, peer: &str) -> Result<bytes::Bytes, ConnError>
@@ -279,7 +271,7 @@ impl FrameReader {
     /// Receives a frame.
     pub async fn recv(&mut self) -> Result<Frame, ConnError> {
         let body = recv_body(&mut self.stream, &self.peer).await?;
-        decode(body, &self.peer)
+        Frame::decode(body).map_err(malformed(&self.peer))
     }
 
     /// The peer's address.
@@ -330,7 +322,7 @@ impl FrameWriter {
 
     /// Queues a frame without flushing; call [`FrameWriter::flush`] after a burst.
     pub async fn feed(&mut self, frame: &Frame) -> Result<(), ConnError> {
-        let mut head = encode_head(frame, &self.peer)?;
+        let mut head = frame.encode_head(4).map_err(malformed(&self.peer))?;
         let len = head.len() - 4 + frame.payload.len();
         if len > MAX_FRAME {
             return Err(ConnError::Malformed {
@@ -403,15 +395,6 @@ impl FrameWriter {
             source,
         }
     }
-}
-
-fn encode_head(frame: &Frame, peer: &str) -> Result<BytesMut, ConnError> {
-    frame
-        .encode_head(4)
-        .map_err(|MalformedFrame(detail)| ConnError::Malformed {
-            peer: peer.to_string(),
-            detail,
-        })
 }
 
 /// Dials `addr`, runs TLS when `tls` is given, and exchanges hellos.
