@@ -22,9 +22,10 @@ fn family_options(prefix: Option<usize>) -> Options {
     opts.set_compression_type(rocksdb::DBCompressionType::None);
     if let Some(len) = prefix {
         // Most lookups by prefix miss (content never seen before): bloom filters on the prefix
-        // answer those without reading the tables' blocks.
+        // answer those without reading the tables' blocks. No bloom on the memtable: it is
+        // sized from the write buffer (6.4 MB at a ratio of 0.1) and zeroed at every open and
+        // flush, which cost a sync round ~3,500 page faults for a memtable of ~1,000 keys.
         opts.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(len));
-        opts.set_memtable_prefix_bloom_ratio(0.1);
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
         table.set_whole_key_filtering(false);

@@ -160,6 +160,7 @@ impl Fetcher {
                 id,
                 index,
                 compress: self.compress,
+                round: None,
             }))
             .await;
         if let Err(e) = sent {

@@ -169,6 +169,8 @@ struct Shared {
     geometry: Geometry,
     /// The manifest digest streams must find, when the transfer depends on it.
     digest: Option<ChunkHash>,
+    /// The sync round fetched, if any (the source may answer from what its plan read).
+    round: Option<u64>,
     manifest: Vec<ChunkEntry>,
     queue: Mutex<VecDeque<u64>>,
     remaining: AtomicUsize,
@@ -199,7 +201,7 @@ pub async fn seed(
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
     let (info, manifest) = manifest_with_retries(&opts, store.id()).await?;
-    let mut report = transfer(store, &opts, &info, manifest, None, progress, cancel, true).await?;
+    let mut report = transfer(store, &opts, &info, manifest, Scope::Seed, progress, cancel).await?;
     store
         .replica(&opts.name)?
         .mark_seeded(info.manifest_digest)?;
@@ -208,22 +210,31 @@ pub async fn seed(
     Ok(report)
 }
 
-/// Plans and fetches chunks of `opts.name` into `store`: every chunk of `manifest`, or only
-/// those listed in `only` (a sync round). With `check_digest`, streams refuse a source whose
-/// manifest changed meanwhile (a live disk's does, and sync rounds carry their own list).
-#[allow(clippy::too_many_arguments)]
+/// What a transfer fetches.
+pub(crate) enum Scope {
+    /// Every chunk of the manifest. Streams refuse a source whose manifest changed meanwhile.
+    Seed,
+    /// A sync round: only `chunks`, as the plan of the round cut at `generation` listed them
+    /// (a live disk's manifest changes all the time; the round carries its own list).
+    Round { chunks: Vec<u64>, generation: u64 },
+}
+
+/// Plans and fetches chunks of `opts.name` into `store`, as much as `scope` says.
 pub(crate) async fn transfer(
     store: &Store,
     opts: &SeedOptions,
     info: &protocol::DiskInfo,
     manifest: Vec<ChunkEntry>,
-    only: Option<Vec<u64>>,
+    scope: Scope,
     progress: Arc<SeedProgress>,
     cancel: CancellationToken,
-    check_digest: bool,
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
     let g = info.geometry;
+    let (only, round) = match scope {
+        Scope::Seed => (None, None),
+        Scope::Round { chunks, generation } => (Some(chunks), Some(generation)),
+    };
     let (total, count) = match &only {
         None => (g.size, g.chunk_count()),
         Some(list) => (
@@ -254,7 +265,8 @@ pub(crate) async fn transfer(
     let shared = Arc::new(Shared {
         name: opts.name.clone(),
         geometry: g,
-        digest: check_digest.then_some(info.manifest_digest),
+        digest: round.is_none().then_some(info.manifest_digest),
+        round,
         manifest,
         remaining: AtomicUsize::new(fetch.len()),
         queue: Mutex::new(fetch.into()),
@@ -629,6 +641,7 @@ async fn pump(shared: &Shared, mut conn: protocol::Conn) -> PumpEnd {
                     id: next_id,
                     index,
                     compress,
+                    round: shared.round,
                 }))
                 .await
             {

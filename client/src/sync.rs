@@ -8,7 +8,7 @@
 //! `until_converged` repeats rounds until what is left is at most `max_dirty`, and stops, with
 //! both rates named, when the disk is written at least as fast as rounds can ship it.
 
-use crate::seed::{transfer, SeedError, SeedOptions, SeedProgress};
+use crate::seed::{transfer, Scope, SeedError, SeedOptions, SeedProgress};
 use crate::session::SessionError;
 use blockstore::Store;
 use protocol::{ChunkEntry, Frame, Message};
@@ -132,10 +132,12 @@ pub async fn sync(
             &opts.seed,
             &info,
             manifest,
-            Some(list),
+            Scope::Round {
+                chunks: list,
+                generation,
+            },
             progress,
             cancel.clone(),
-            false,
         )
         .await?;
         // Only now, with the chunks durable, may the source advance this replica.

@@ -20,4 +20,5 @@ pub use conn::{connect, Conn, ConnError, FrameReader, FrameWriter};
 pub use message::{DiskInfo, Encoding, ErrorKind, Frame, Message};
 
 /// Version of the replication protocol spoken by this build; carried in every hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `GetChunk` names the sync round it fetches for.
+pub const PROTOCOL_VERSION: u32 = 2;

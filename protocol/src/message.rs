@@ -91,6 +91,10 @@ pub enum Message {
         index: u64,
         /// Compress the payload (worth it on a WAN; on a LAN the CPU costs more than it saves).
         compress: bool,
+        /// The sync round (the generation its plan was cut at) the chunk is fetched for: the
+        /// source may answer with what that round's plan read. `None` for seeds and on-demand
+        /// fetches, which must get the image as it is now.
+        round: Option<u64>,
     },
     /// A chunk; payload encoded as `encoding` says.
     Chunk {
@@ -169,7 +173,7 @@ pub enum Message {
         message: String,
     },
     // Memory migration. Added after every disk message so that their encodings (bincode
-    // numbers variants in order) stay as version 1 agents know them.
+    // numbers variants in order) stay as earlier agents numbered them.
     /// Memory migration: the source describes the guest (JSON of `memory::MigrationSpec`) so
     /// that the destination can build an empty one of the same shape.
     MemStart {

@@ -5,6 +5,7 @@
 //! - [`listen`]: accepting connections, with mutual TLS, and the loopback-only rule without it.
 //! - [`export`]: a store replica as an NBD device: on-demand fetch, background copy, local
 //!   writes, status (`helio export`, `helio status`).
+//! - [`planned`]: what a sync round's plan read at the source, kept for that round's requests.
 //! - [`tracked`]: write tracking at the source: the NBD device a running VM writes through, and
 //!   the generations that tell each sync round what to ship.
 //! - [`nbd`]: the NBD server (protocol, handshake, transmission, listeners).
@@ -12,6 +13,7 @@
 pub mod export;
 pub mod listen;
 pub mod nbd;
+pub mod planned;
 pub mod source;
 pub mod tracked;
 

@@ -5,6 +5,7 @@
 //! sees a chunk whose hash differs from the manifest's, never bytes mislabelled as old content.
 
 use crate::listen::Acceptor;
+use crate::planned::{Planned, PlannedChunks};
 use crate::tracked::Tracker;
 use blockstore::Image;
 use bytes::Bytes;
@@ -39,6 +40,8 @@ pub struct SourceDisk {
     pub tracker: Option<Arc<Tracker>>,
     /// Dirty extents come from the QEMU dirty bitmap of the NBD image instead.
     pub bitmap: bool,
+    /// The chunks the latest sync plan read, for that round's requests.
+    pub planned: PlannedChunks,
 }
 
 /// A manifest and what it is current to.
@@ -79,6 +82,7 @@ pub struct Source {
     disks: HashMap<String, Arc<SourceDisk>>,
     agent: String,
     level: i32,
+    requests: AtomicU64,
 }
 
 impl Source {
@@ -91,7 +95,13 @@ impl Source {
                 .collect(),
             agent: agent.into(),
             level,
+            requests: AtomicU64::new(0),
         })
+    }
+
+    /// Requests received so far, on all connections (tells an idle source from a busy one).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// Serves connections until the task is dropped.
@@ -136,6 +146,7 @@ impl Source {
                 Ok(f) => f,
                 Err(e) => break Err(e),
             };
+            self.requests.fetch_add(1, Ordering::Relaxed);
             let reply = match frame.msg {
                 Message::ListDisks => {
                     let mut list: Vec<_> = self.disks.values().map(|d| d.info()).collect();
@@ -168,6 +179,7 @@ impl Source {
                     id,
                     index,
                     compress,
+                    round,
                 } => match &disk {
                     None => error_frame(Some(id), ErrorKind::NotOpen, "open a disk first".into()),
                     Some(d) if index >= d.geometry.chunk_count() => error_frame(
@@ -186,6 +198,7 @@ impl Source {
                             id,
                             index,
                             level: compress.then_some(self.level),
+                            round,
                         };
                         if reads.send(read).await.is_err() {
                             break Ok(());
@@ -262,25 +275,43 @@ fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 impl SourceDisk {
     /// Re-reads and re-hashes `chunks`, updating the manifest; returns their new entries.
-    fn refresh(&self, chunks: &[u64], generation: u64) -> Result<Vec<(u64, ChunkEntry)>, String> {
+    /// With `keep`, the hashes are kept for the requests of the round cut at `generation`.
+    fn refresh(
+        &self,
+        chunks: &[u64],
+        generation: u64,
+        keep: bool,
+    ) -> Result<Vec<(u64, ChunkEntry)>, String> {
+        let tracker = self.tracker.as_ref().filter(|_| keep);
         // Parallel: a round can list thousands of chunks, and the replica waits for the plan.
-        let fresh: Vec<(u64, ChunkEntry)> = chunks
+        let read: Vec<(u64, ChunkEntry, Option<u64>)> = chunks
             .par_iter()
             .map(|&c| {
+                let before = tracker.and_then(|t| t.settled_version(c));
                 let data = self
                     .image
                     .read_chunk(&self.geometry, c)
                     .map_err(|e| e.to_string())?;
-                Ok((c, ChunkEntry::of(&data)))
+                let entry = ChunkEntry::of(&data);
+                let after = tracker.and_then(|t| t.settled_version(c));
+                Ok((c, entry, before.filter(|&v| after == Some(v))))
             })
             .collect::<Result<_, String>>()?;
-        let mut m = write_lock(&self.manifest);
-        for (c, e) in &fresh {
-            m.entries[*c as usize] = *e;
+        {
+            let mut m = write_lock(&self.manifest);
+            for (c, e, _) in &read {
+                m.entries[*c as usize] = *e;
+            }
+            m.digest = blockstore::scan::digest(&m.entries);
+            m.generation = m.generation.max(generation);
         }
-        m.digest = blockstore::scan::digest(&m.entries);
-        m.generation = m.generation.max(generation);
-        Ok(fresh)
+        if tracker.is_some() {
+            let planned = read.iter().filter_map(|&(c, entry, version)| {
+                version.map(|version| (c, Planned { entry, version }))
+            });
+            self.planned.keep(generation, planned);
+        }
+        Ok(read.into_iter().map(|(c, e, _)| (c, e)).collect())
     }
 
     /// Sync requests answered from a QEMU dirty bitmap. QEMU's bitmap is not cleared through
@@ -301,7 +332,9 @@ impl SourceDisk {
                     .collect();
                 chunks.sort_unstable();
                 chunks.dedup();
-                match self.refresh(&chunks, 0) {
+                // Not kept: every round of a bitmap source is generation 0, so a request could
+                // not tell this plan's bytes from an older one's.
+                match self.refresh(&chunks, 0, false) {
                     Ok(fresh) => plan_frame(&fresh, 0, 0),
                     Err(e) => fail(e),
                 }
@@ -346,7 +379,7 @@ impl SourceDisk {
                     Err(e) => return fail(e.message),
                 };
                 let since = read_lock(&self.manifest).generation;
-                if let Err(e) = self.refresh(&t.written_between(since, cut), cut) {
+                if let Err(e) = self.refresh(&t.written_between(since, cut), cut, false) {
                     return fail(e);
                 }
                 match t.set_synced(&replica, cut) {
@@ -364,7 +397,7 @@ impl SourceDisk {
                     Ok(c) => c,
                     Err(e) => return fail(e.message),
                 };
-                let fresh = match self.refresh(&t.written_between(since, cut), cut) {
+                let fresh = match self.refresh(&t.written_between(since, cut), cut, true) {
                     Ok(f) => f,
                     Err(e) => return fail(e),
                 };
@@ -374,6 +407,7 @@ impl SourceDisk {
                 replica,
                 generation,
             } => {
+                self.planned.forget(generation);
                 let current = t.synced(&replica).ok().flatten().unwrap_or(0);
                 match t.set_synced(&replica, generation.max(current)) {
                     Ok(()) => Frame::new(Message::SyncDoneOk),
@@ -469,6 +503,7 @@ struct ChunkRead {
     id: u64,
     index: u64,
     level: Option<i32>,
+    round: Option<u64>,
 }
 
 /// Starts a session's chunk reader: reads, hashes and compresses the chunks asked for, in
@@ -485,7 +520,7 @@ fn spawn_chunk_reader(
         .name("chunk-reader".into())
         .spawn(move || {
             while let Some(r) = rx.blocking_recv() {
-                let frame = read_chunk(&r.disk, r.id, r.index, r.level);
+                let frame = read_chunk(&r);
                 if replies.blocking_send(frame).is_err() {
                     return;
                 }
@@ -499,24 +534,32 @@ fn spawn_chunk_reader(
     Ok(tx)
 }
 
-fn read_chunk(d: &SourceDisk, id: u64, index: u64, level: Option<i32>) -> Frame {
-    let data = match d.image.read_chunk(&d.geometry, index) {
+fn read_chunk(r: &ChunkRead) -> Frame {
+    let (d, id, index) = (&r.disk, r.id, r.index);
+    let planned = r.round.and_then(|g| d.planned.take(g, index));
+    let data = match read_image(d, id, index) {
         Ok(data) => data,
-        Err(blockstore::StoreError::Truncated { detail, .. }) => {
-            tracing::error!(disk = %d.name, index, %detail, "image is shorter than its manifest");
-            return error_frame(
-                Some(id),
-                ErrorKind::ImageTruncated,
-                format!("image of disk {:?} is shorter than its manifest ({detail}); restart the source to rescan it", d.name),
-            );
-        }
-        Err(e) => return error_frame(Some(id), ErrorKind::ImageRead, e.to_string()),
+        Err(frame) => return frame,
     };
-    let (hash, encoding, payload) = match ChunkEntry::of(&data) {
+    // The plan's hash holds if no write to the chunk began since the plan read it.
+    let unchanged = |p: &Planned| {
+        let now = d.tracker.as_ref().and_then(|t| t.settled_version(index));
+        now == Some(p.version)
+    };
+    let entry = match planned {
+        Some(p) if unchanged(&p) => p.entry,
+        _ => ChunkEntry::of(&data),
+    };
+    chunk_frame(id, index, entry, Bytes::from(data), r.level)
+}
+
+/// The reply carrying chunk `index` (`data`, whose entry is `entry`), compressed at `level`.
+fn chunk_frame(id: u64, index: u64, entry: ChunkEntry, data: Bytes, level: Option<i32>) -> Frame {
+    let (hash, encoding, payload) = match entry {
         ChunkEntry::Zero => (protocol::ChunkHash::of(&data), Encoding::Zero, Bytes::new()),
         ChunkEntry::Data(hash) => match level.and_then(|l| codec::compress(&data, l)) {
             Some(z) => (hash, Encoding::Zstd, Bytes::from(z)),
-            None => (hash, Encoding::Raw, Bytes::from(data)),
+            None => (hash, Encoding::Raw, data),
         },
     };
     Frame::with_payload(
@@ -528,6 +571,20 @@ fn read_chunk(d: &SourceDisk, id: u64, index: u64, level: Option<i32>) -> Frame 
         },
         payload,
     )
+}
+
+fn read_image(d: &SourceDisk, id: u64, index: u64) -> Result<Vec<u8>, Frame> {
+    d.image.read_chunk(&d.geometry, index).map_err(|e| match e {
+        blockstore::StoreError::Truncated { detail, .. } => {
+            tracing::error!(disk = %d.name, index, %detail, "image is shorter than its manifest");
+            error_frame(
+                Some(id),
+                ErrorKind::ImageTruncated,
+                format!("image of disk {:?} is shorter than its manifest ({detail}); restart the source to rescan it", d.name),
+            )
+        }
+        e => error_frame(Some(id), ErrorKind::ImageRead, e.to_string()),
+    })
 }
 
 async fn write_frames(mut writer: FrameWriter, mut rx: mpsc::Receiver<Frame>) {

@@ -31,6 +31,10 @@ pub struct Tracker {
     geometry: Geometry,
     generation: AtomicU64,
     stamps: Vec<AtomicU64>,
+    /// Per chunk, writes begun (high 32 bits) and ended (low 32 bits): equal halves mean no
+    /// write is in flight, and an unchanged value means no write began in between (see
+    /// [`Tracker::settled_version`]).
+    versions: Vec<AtomicU64>,
     hot: Mutex<HashSet<u64>>,
     unflushed: Mutex<HashMap<u64, u64>>,
     /// Serialises generation cuts (and their catalog writes).
@@ -53,6 +57,9 @@ impl Tracker {
             disk: disk.to_string(),
             geometry,
             generation: AtomicU64::new(loaded.generation),
+            versions: (0..loaded.stamps.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             stamps: loaded.stamps.into_iter().map(AtomicU64::new).collect(),
             hot: Mutex::new(HashSet::new()),
             unflushed: Mutex::new(HashMap::new()),
@@ -98,6 +105,34 @@ impl Tracker {
                 unflushed.insert(c, s.load(Ordering::SeqCst));
             }
         }
+    }
+
+    /// Right before a write touches the image's bytes of `chunks`.
+    pub fn begin_write(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks {
+            if let Some(v) = self.versions.get(c as usize) {
+                v.fetch_add(1 << 32, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Right after that write returned, whether or not it succeeded.
+    pub fn end_write(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks {
+            if let Some(v) = self.versions.get(c as usize) {
+                // After 2^32 writes to one chunk the carry reaches the high half: the halves
+                // never match again and the chunk is simply always read and hashed afresh.
+                v.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Chunk `c`'s write version if no write to it is in flight. Bytes read between two
+    /// loads that both return the same settled version are the chunk's bytes for as long as
+    /// the version stays unchanged: every write to the chunk changes it before it starts.
+    pub fn settled_version(&self, c: u64) -> Option<u64> {
+        let v = self.versions.get(c as usize)?.load(Ordering::SeqCst);
+        (v >> 32 == v & 0xffff_ffff).then_some(v)
     }
 
     /// Shared side of the write gate: hold it from the activity-log check to the stamp.
@@ -230,8 +265,12 @@ impl TrackedImage {
         {
             let _gate = self.tracker.write_gate();
             self.tracker.before_write(chunks.clone())?;
-            write(&self.file).map_err(Self::io("cannot write image"))?;
+            self.tracker.begin_write(chunks.clone());
+            let written = write(&self.file);
+            self.tracker.end_write(chunks.clone());
+            // Stamped even when the write failed: part of it may have landed.
             self.tracker.after_write(chunks);
+            written.map_err(Self::io("cannot write image"))?;
         }
         if fua {
             self.sync()?;

@@ -96,6 +96,78 @@ fn kill_9_of_the_source_between_writes_and_sync_loses_no_extent() {
     verify_equal(&store, "a", &img);
 }
 
+/// The source reuses the plan's hash for a chunk it sends in the same round only while nothing
+/// wrote the chunk in between: here the VM rewrites a planned chunk before the destination
+/// asks for it, and the reply must carry the new bytes with their own hash.
+#[test]
+fn a_chunk_rewritten_after_the_plan_is_sent_with_the_hash_of_its_new_bytes() {
+    use protocol::{ChunkEntry, ChunkHash, Encoding, Frame, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    sample_image(&img, "8MiB", 44);
+    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let replica = [7u8; 16];
+    async fn ask(conn: &mut protocol::Conn, msg: Message) -> Frame {
+        conn.send(&Frame::new(msg)).await.unwrap();
+        conn.recv().await.unwrap()
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut conn = protocol::connect(&src.addr, None, "test").await.unwrap();
+        let opened = ask(&mut conn, Message::Open { disk: "a".into() }).await;
+        assert!(matches!(opened.msg, Message::Opened(_)), "{:?}", opened.msg);
+        let registered = ask(&mut conn, Message::Register { replica }).await;
+        assert!(
+            matches!(registered.msg, Message::Registered { .. }),
+            "{:?}",
+            registered.msg
+        );
+
+        let (ok, text) = qemu_io(&vm, &["write -P 0x11 0 65536", "flush"]);
+        assert!(ok, "{text}");
+        let plan = ask(&mut conn, Message::SyncBegin { replica }).await;
+        let Message::SyncPlan {
+            generation, count, ..
+        } = plan.msg
+        else {
+            panic!("expected a plan, got {:?}", plan.msg);
+        };
+        assert_eq!(count, 1);
+        let raw = zstd::bulk::decompress(&plan.payload, 1 << 16).unwrap();
+        assert_eq!(u64::from_be_bytes(raw[..8].try_into().unwrap()), 0);
+        let first = vec![0x11u8; 65536];
+        assert_eq!(
+            ChunkEntry::decode(&raw[8..]),
+            Some(ChunkEntry::Data(ChunkHash::of(&first)))
+        );
+
+        let (ok, text) = qemu_io(&vm, &["write -P 0x22 0 65536", "flush"]);
+        assert!(ok, "{text}");
+        let get = Message::GetChunk {
+            id: 1,
+            index: 0,
+            compress: false,
+            round: Some(generation),
+        };
+        let reply = ask(&mut conn, get).await;
+        let Message::Chunk { hash, encoding, .. } = reply.msg else {
+            panic!("expected the chunk, got {:?}", reply.msg);
+        };
+        assert_eq!(encoding, Encoding::Raw);
+        assert_eq!(
+            &reply.payload[..],
+            &[0x22u8; 65536][..],
+            "the bytes as they are now"
+        );
+        assert_eq!(
+            hash,
+            ChunkHash::of(&reply.payload),
+            "the hash of the bytes sent, not the plan's"
+        );
+    });
+    drop(src);
+}
+
 #[test]
 fn two_destinations_sync_independently() {
     let dir = tempfile::tempdir().unwrap();
