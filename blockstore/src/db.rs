@@ -20,17 +20,21 @@ fn family_options(prefix: Option<usize>) -> Options {
     // Metadata is hashes and small records: compression would cost CPU and save nothing (the
     // families' own options, not only the database's, must say so: they default to Snappy).
     opts.set_compression_type(rocksdb::DBCompressionType::None);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    // A sync round reads the states of its chunks, scattered over the whole table, in a
+    // process that starts with an empty block cache: with 4 KiB blocks a 1% round of a 4 GiB
+    // disk made ~520 reads, with 32 KiB blocks ~140.
+    table.set_block_size(32 << 10);
     if let Some(len) = prefix {
         // Most lookups by prefix miss (content never seen before): bloom filters on the prefix
         // answer those without reading the tables' blocks. No bloom on the memtable: it is
         // sized from the write buffer (6.4 MB at a ratio of 0.1) and zeroed at every open and
         // flush, which cost a sync round ~3,500 page faults for a memtable of ~1,000 keys.
         opts.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(len));
-        let mut table = rocksdb::BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
         table.set_whole_key_filtering(false);
-        opts.set_block_based_table_factory(&table);
     }
+    opts.set_block_based_table_factory(&table);
     opts
 }
 

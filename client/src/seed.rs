@@ -618,7 +618,9 @@ async fn pump(shared: &Shared, mut conn: protocol::Conn) -> PumpEnd {
         // let socket buffers carry bursts across the link).
         let mut sent = false;
         let mut paced: Option<tokio::time::Instant> = None;
-        while (inflight.len() as u64 + 1) * cs <= window.bytes() {
+        let free = window.bytes().saturating_sub(inflight.len() as u64 * cs);
+        let refill = inflight.is_empty() || free >= window.refill_batch();
+        while refill && (inflight.len() as u64 + 1) * cs <= window.bytes() {
             let charge = shared.wire_per_chunk.load(Ordering::Relaxed);
             if let Some(bucket) = &shared.bucket {
                 let wait = bucket.wait_for(charge);

@@ -95,6 +95,7 @@ pub async fn sync(
         else {
             return Err(SessionError::from_reply(conn.peer(), frame.msg).into());
         };
+        tracing::debug!(disk = %name, generation, chunks = count, "plan received");
         let n = count as usize;
         let raw = zstd::bulk::decompress(&frame.payload, n * (8 + ChunkEntry::ENCODED_LEN))
             .map_err(|_| SessionError::Unexpected {
@@ -140,6 +141,7 @@ pub async fn sync(
             cancel.clone(),
         )
         .await?;
+        tracing::debug!(disk = %name, "round's chunks durable");
         // Only now, with the chunks durable, may the source advance this replica.
         let (mut conn, _) = peer.open(name).await?;
         conn.send(&Frame::new(Message::SyncDone {
@@ -205,6 +207,7 @@ pub async fn sync(
         }
     }
     store.flush_metadata()?;
+    tracing::debug!(disk = %name, "store metadata flushed");
     Ok(SyncReport {
         disk: name.clone(),
         converged: remaining <= opts.max_dirty,

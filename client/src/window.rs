@@ -35,6 +35,12 @@ impl Window {
         self.bytes
     }
 
+    /// Free room worth refilling: requests go out a quarter window at a time, so one write
+    /// (and one wake-up of the source) carries many of them instead of one per reply.
+    pub fn refill_batch(&self) -> u64 {
+        self.bytes / 4
+    }
+
     /// Records the round trip of one request.
     pub fn sample(&mut self, rtt: Duration) {
         self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));

@@ -26,6 +26,7 @@ pub struct Args {
 pub async fn run(a: Args) -> anyhow::Result<i32> {
     let store = a.disk.open()?;
     store.replica(&a.disk.name)?;
+    tracing::debug!(store = %store.dir().display(), "store open");
     let opts = SyncOptions {
         seed: a.link.options(&a.disk.name, "helio-sync")?,
         until_converged: a.until_converged,
