@@ -5,6 +5,8 @@
 //!   [`ChunkState`]. `content`: hash, disk id, chunk index -> (): where each content lives, so a
 //!   chunk held by any disk is copied locally instead of crossing the WAN.
 //! - `DIR/data/<id>.raw`: each disk's bytes, a sparse file of the disk's size.
+//! - `DIR/id`: the store's id (16 bytes), copied from `meta/` so that a sync round can name
+//!   the replica to its source before RocksDB is open. A hint only: `meta/`'s copy wins.
 //!
 //! A chunk is recorded in `chunks` and `content` only after its bytes are durable
 //! ([`crate::ChunkWriter`]), so every record can be trusted after a crash.
@@ -23,6 +25,7 @@ pub(crate) const CHUNKS: &str = "chunks";
 pub(crate) const CONTENT: &str = "content";
 const NEXT_ID: &[u8] = b"next_disk_id";
 const STORE_ID: &[u8] = b"store_id";
+const ID_HINT: &str = "id";
 
 /// A disk held in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +90,15 @@ impl Store {
                 id
             }
         };
+        let hint = dir.join(ID_HINT);
+        if Store::peek_id(dir) != Some(id) {
+            // Written whole or not at all (rename); a store without it only loses the head start.
+            let tmp = dir.join(format!("{ID_HINT}.tmp"));
+            let written = std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, &hint));
+            if let Err(e) = written {
+                tracing::debug!(path = %hint.display(), error = %e, "cannot write the store id hint");
+            }
+        }
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
@@ -95,6 +107,12 @@ impl Store {
                 id_lock: Mutex::new(()),
             }),
         })
+    }
+
+    /// The id of the store in `dir` as its hint file says, without opening it: `None` for a
+    /// store without one (or none at all). [`Store::open`] tells the real id.
+    pub fn peek_id(dir: &Path) -> Option<[u8; 16]> {
+        std::fs::read(dir.join(ID_HINT)).ok()?.try_into().ok()
     }
 
     /// Writes RocksDB's memtables out, so the next open does not replay a long log (called
@@ -262,5 +280,36 @@ impl ContentLookup<'_> {
         let id = u32::from_be_bytes(k[32..36].try_into().expect("4 bytes"));
         let index = u64::from_be_bytes(k[36..44].try_into().expect("8 bytes"));
         Ok(Some((id, index)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_hint_follows_the_store_and_is_rewritten_when_lost_or_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Store::peek_id(dir.path()), None, "no store yet");
+        let id = Store::open(dir.path()).unwrap().id();
+        assert_eq!(Store::peek_id(dir.path()), Some(id));
+        std::fs::write(dir.path().join(ID_HINT), [9u8; 16]).unwrap();
+        assert_eq!(
+            Store::open(dir.path()).unwrap().id(),
+            id,
+            "RocksDB's id wins"
+        );
+        assert_eq!(
+            Store::peek_id(dir.path()),
+            Some(id),
+            "and the hint is corrected"
+        );
+        std::fs::remove_file(dir.path().join(ID_HINT)).unwrap();
+        assert_eq!(Store::open(dir.path()).unwrap().id(), id);
+        assert_eq!(
+            Store::peek_id(dir.path()),
+            Some(id),
+            "a lost hint is written again"
+        );
     }
 }

@@ -9,9 +9,10 @@
 //! both rates named, when the disk is written at least as fast as rounds can ship it.
 
 use crate::seed::{transfer, Scope, SeedError, SeedOptions, SeedProgress};
-use crate::session::SessionError;
+use crate::session::{Peer, SessionError};
 use blockstore::Store;
-use protocol::{ChunkEntry, Frame, Message};
+use bytes::Bytes;
+use protocol::{ChunkEntry, DiskInfo, Frame, Message};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,37 +71,88 @@ fn dirty_query(conn_reply: Message, peer: &str) -> Result<u64, SessionError> {
     }
 }
 
+/// A round whose plan the source has sent (it has cut the round's generation).
+pub struct Begun {
+    /// The replica (destination store id) the plan is for.
+    pub replica: [u8; 16],
+    started: Instant,
+    info: DiskInfo,
+    generation: u64,
+    count: u32,
+    plan: Bytes,
+}
+
+/// Asks the source for the plan of a round of `name` for `replica`. [`sync`] does this for
+/// every round; a caller may do it for the first one while it opens the store (the source
+/// spends that time reading and hashing the round's chunks) and hand it to [`sync_from`].
+pub async fn begin_round(peer: &Peer, name: &str, replica: [u8; 16]) -> Result<Begun, SeedError> {
+    let started = Instant::now();
+    let (mut conn, info) = peer.open(name).await?;
+    conn.send(&Frame::new(Message::SyncBegin { replica }))
+        .await
+        .map_err(SessionError::from)?;
+    let frame = conn.recv().await.map_err(SessionError::from)?;
+    let Message::SyncPlan {
+        generation, count, ..
+    } = frame.msg
+    else {
+        return Err(SessionError::from_reply(conn.peer(), frame.msg).into());
+    };
+    Ok(Begun {
+        replica,
+        started,
+        info,
+        generation,
+        count,
+        plan: frame.payload,
+    })
+}
+
 /// Runs sync rounds of `opts.seed.name` into `store`.
 pub async fn sync(
     store: &Store,
     opts: SyncOptions,
     cancel: CancellationToken,
 ) -> Result<SyncReport, SeedError> {
+    sync_from(store, opts, None, cancel).await
+}
+
+/// [`sync`], whose first round may already have begun (a plan for another replica is
+/// ignored: the round is begun again).
+pub async fn sync_from(
+    store: &Store,
+    opts: SyncOptions,
+    first: Option<Begun>,
+    cancel: CancellationToken,
+) -> Result<SyncReport, SeedError> {
     let replica = store.id();
     let peer = &opts.seed.peer;
     let name = &opts.seed.name;
+    let mut first = first.filter(|b| b.replica == replica);
     let mut rounds: Vec<Round> = Vec::new();
     let stopped;
     let mut remaining;
     loop {
-        let started = Instant::now();
-        let (mut conn, info) = peer.open(name).await?;
-        conn.send(&Frame::new(Message::SyncBegin { replica }))
-            .await
-            .map_err(SessionError::from)?;
-        let frame = conn.recv().await.map_err(SessionError::from)?;
-        let Message::SyncPlan {
-            generation, count, ..
-        } = frame.msg
-        else {
-            return Err(SessionError::from_reply(conn.peer(), frame.msg).into());
+        let begun = match first.take() {
+            Some(b) => b,
+            None => begin_round(peer, name, replica).await?,
         };
+        let Begun {
+            started,
+            info,
+            generation,
+            count,
+            plan,
+            ..
+        } = begun;
         tracing::debug!(disk = %name, generation, chunks = count, "plan received");
         let n = count as usize;
-        let raw = zstd::bulk::decompress(&frame.payload, n * (8 + ChunkEntry::ENCODED_LEN))
-            .map_err(|_| SessionError::Unexpected {
-                peer: peer.addr.clone(),
-                what: "a sync plan that does not decompress".into(),
+        let raw =
+            zstd::bulk::decompress(&plan, n * (8 + ChunkEntry::ENCODED_LEN)).map_err(|_| {
+                SessionError::Unexpected {
+                    peer: peer.addr.clone(),
+                    what: "a sync plan that does not decompress".into(),
+                }
             })?;
         let g = info.geometry;
         let mut manifest = vec![ChunkEntry::Zero; g.chunk_count() as usize];

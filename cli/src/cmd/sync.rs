@@ -24,16 +24,33 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    let store = a.disk.open()?;
-    store.replica(&a.disk.name)?;
-    tracing::debug!(store = %store.dir().display(), "store open");
+    crate::units::check_name(&a.disk.name)?;
     let opts = SyncOptions {
         seed: a.link.options(&a.disk.name, "helio-sync")?,
         until_converged: a.until_converged,
         max_dirty: parse_size(&a.max_dirty)?,
     };
+    // The first round's plan is asked for while the store opens: the source spends that time
+    // reading and hashing the round's chunks. Any failure here is met again, and reported, by
+    // the round itself.
+    let opening = {
+        let dir = a.disk.store.clone();
+        tokio::task::spawn_blocking(move || blockstore::Store::open(&dir))
+    };
+    let early = async {
+        let id = blockstore::Store::peek_id(&a.disk.store)?;
+        client::sync::begin_round(&opts.seed.peer, &a.disk.name, id)
+            .await
+            .ok()
+    };
+    let (store, first) = tokio::join!(opening, early);
+    let store = store
+        .context("store opening task failed")?
+        .with_context(|| format!("cannot open store {}", a.disk.store.display()))?;
+    tracing::debug!(store = %store.dir().display(), early = first.is_some(), "store open");
+    store.replica(&a.disk.name)?;
     let (cancel, watcher) = super::cancel_on_interrupt();
-    let report = client::sync::sync(&store, opts, cancel)
+    let report = client::sync::sync_from(&store, opts, first, cancel)
         .await
         .with_context(|| format!("syncing {:?} failed", a.disk.name));
     watcher.abort();
