@@ -64,6 +64,10 @@ impl Db {
         opts.set_max_file_opening_threads(1);
         // At the info level every open writes some 500 lines of options, a system call each.
         opts.set_log_level(rocksdb::LogLevel::Warn);
+        // Table blocks are read in place from the page cache: a short-lived command (a sync
+        // round) starts with an empty block cache, and copying each block into fresh memory
+        // cost more than the lookups themselves.
+        opts.set_allow_mmap_reads(true);
         let cfs = families.iter().map(|name| {
             let prefix = prefixes.iter().find(|(n, _)| n == name).map(|&(_, l)| l);
             ColumnFamilyDescriptor::new(*name, family_options(prefix))
