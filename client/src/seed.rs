@@ -171,7 +171,7 @@ struct Shared {
     digest: Option<ChunkHash>,
     /// The sync round fetched, if any (the source may answer from what its plan read).
     round: Option<u64>,
-    manifest: Vec<ChunkEntry>,
+    manifest: Arc<Entries>,
     queue: Mutex<VecDeque<u64>>,
     remaining: AtomicUsize,
     dups: Mutex<HashMap<u64, Vec<u64>>>,
@@ -201,7 +201,8 @@ pub async fn seed(
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
     let (info, manifest) = manifest_with_retries(&opts, store.id()).await?;
-    let mut report = transfer(store, &opts, &info, manifest, Scope::Seed, progress, cancel).await?;
+    let scope = Scope::Seed(manifest);
+    let mut report = transfer(store, &opts, &info, scope, progress, cancel).await?;
     store
         .replica(&opts.name)?
         .mark_seeded(info.manifest_digest)?;
@@ -212,11 +213,32 @@ pub async fn seed(
 
 /// What a transfer fetches.
 pub(crate) enum Scope {
-    /// Every chunk of the manifest. Streams refuse a source whose manifest changed meanwhile.
-    Seed,
-    /// A sync round: only `chunks`, as the plan of the round cut at `generation` listed them
-    /// (a live disk's manifest changes all the time; the round carries its own list).
-    Round { chunks: Vec<u64>, generation: u64 },
+    /// Every chunk of the manifest (one entry per chunk). Streams refuse a source whose
+    /// manifest changed meanwhile.
+    Seed(Vec<ChunkEntry>),
+    /// A sync round: only `chunks`, with the entries the plan of the round cut at `generation`
+    /// gave them (a live disk's manifest changes all the time; the round carries its own).
+    Round {
+        chunks: HashMap<u64, ChunkEntry>,
+        generation: u64,
+    },
+}
+
+/// The manifest entries a transfer works from: a round keeps only its own chunks', so its
+/// memory follows the round's size, not the disk's (33 bytes a chunk: ~550 MB for 1 TiB).
+enum Entries {
+    All(Vec<ChunkEntry>),
+    Listed(HashMap<u64, ChunkEntry>),
+}
+
+impl Entries {
+    /// Chunk `index`'s entry; `None` for a chunk a round did not list (never asked for).
+    fn get(&self, index: u64) -> Option<ChunkEntry> {
+        match self {
+            Entries::All(v) => v.get(index as usize).copied(),
+            Entries::Listed(m) => m.get(&index).copied(),
+        }
+    }
 }
 
 /// Plans and fetches chunks of `opts.name` into `store`, as much as `scope` says.
@@ -224,17 +246,21 @@ pub(crate) async fn transfer(
     store: &Store,
     opts: &SeedOptions,
     info: &protocol::DiskInfo,
-    manifest: Vec<ChunkEntry>,
     scope: Scope,
     progress: Arc<SeedProgress>,
     cancel: CancellationToken,
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
     let g = info.geometry;
-    let (only, round) = match scope {
-        Scope::Seed => (None, None),
-        Scope::Round { chunks, generation } => (Some(chunks), Some(generation)),
+    let (entries, only, round) = match scope {
+        Scope::Seed(manifest) => (Entries::All(manifest), None, None),
+        Scope::Round { chunks, generation } => {
+            let mut list: Vec<u64> = chunks.keys().copied().collect();
+            list.sort_unstable();
+            (Entries::Listed(chunks), Some(list), Some(generation))
+        }
     };
+    let entries = Arc::new(entries);
     let (total, count) = match &only {
         None => (g.size, g.chunk_count()),
         Some(list) => (
@@ -247,8 +273,9 @@ pub(crate) async fn transfer(
 
     let replica = store.open_or_create(&opts.name, g)?;
     let (writer, fetch, dups) = {
-        let (replica, manifest, progress) = (replica.clone(), manifest.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || plan(&replica, &manifest, only.as_deref(), &progress))
+        let (replica, entries, progress) = (replica.clone(), entries.clone(), progress.clone());
+        let only = only.clone();
+        tokio::task::spawn_blocking(move || plan(&replica, &entries, only.as_deref(), &progress))
             .await
             .map_err(|e| StoreError::Corrupt {
                 path: store.dir().to_path_buf(),
@@ -267,7 +294,7 @@ pub(crate) async fn transfer(
         geometry: g,
         digest: round.is_none().then_some(info.manifest_digest),
         round,
-        manifest,
+        manifest: entries,
         remaining: AtomicUsize::new(fetch.len()),
         queue: Mutex::new(fetch.into()),
         dups: Mutex::new(dups),
@@ -374,7 +401,7 @@ type Plan = (ChunkWriter, Vec<u64>, HashMap<u64, Vec<u64>>);
 
 fn plan(
     replica: &Replica,
-    manifest: &[ChunkEntry],
+    manifest: &Entries,
     only: Option<&[u64]>,
     progress: &SeedProgress,
 ) -> Result<Plan, StoreError> {
@@ -393,14 +420,16 @@ fn plan(
     let indexes = match only {
         Some(list) => list,
         None => {
-            all = (0..manifest.len() as u64).collect();
+            all = (0..g.chunk_count()).collect();
             &all
         }
     };
     for &index in indexes {
-        let entry = &manifest[index as usize];
+        let Some(entry) = manifest.get(index) else {
+            continue;
+        };
         let len = g.len(index) as u64;
-        match (*entry, w.state(index)) {
+        match (entry, w.state(index)) {
             (ChunkEntry::Zero, Some(ChunkState::Zero)) | (ChunkEntry::Zero, None) => {
                 // A fresh replica file is sparse: recording the zero is all it takes.
                 if w.state(index).is_none() {
@@ -448,7 +477,7 @@ fn plan(
             return true;
         }
         list.retain(|&j| {
-            let ChunkEntry::Data(h) = manifest[j as usize] else {
+            let Some(ChunkEntry::Data(h)) = manifest.get(j) else {
                 return false;
             };
             match w.copy_local(own, *first, j, h) {
@@ -787,9 +816,10 @@ async fn deliver(
             return Ok(false);
         }
     };
-    let changed = match shared.manifest[index as usize] {
-        ChunkEntry::Data(h) => h != hash || encoding == Encoding::Zero,
-        ChunkEntry::Zero => encoding != Encoding::Zero,
+    let changed = match shared.manifest.get(index) {
+        Some(ChunkEntry::Data(h)) => h != hash || encoding == Encoding::Zero,
+        Some(ChunkEntry::Zero) => encoding != Encoding::Zero,
+        None => true,
     };
     let mut dups = lock(&shared.dups).remove(&index).unwrap_or_default();
     if changed {

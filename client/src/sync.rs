@@ -14,6 +14,7 @@ use blockstore::Store;
 use bytes::Bytes;
 use protocol::{ChunkEntry, DiskInfo, Frame, Message};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -155,16 +156,13 @@ pub async fn sync_from(
                 }
             })?;
         let g = info.geometry;
-        let mut manifest = vec![ChunkEntry::Zero; g.chunk_count() as usize];
-        let mut list = Vec::with_capacity(n);
+        let mut chunks = HashMap::with_capacity(n);
         for rec in raw.chunks_exact(8 + ChunkEntry::ENCODED_LEN) {
             // Invariant: chunks_exact gives 8 + 33 bytes.
             let index = u64::from_be_bytes(rec[..8].try_into().expect("8 bytes"));
-            let entry = ChunkEntry::decode(&rec[8..]);
-            match (entry, manifest.get_mut(index as usize)) {
-                (Some(e), Some(slot)) => {
-                    *slot = e;
-                    list.push(index);
+            match ChunkEntry::decode(&rec[8..]) {
+                Some(e) if index < g.chunk_count() => {
+                    chunks.insert(index, e);
                 }
                 _ => {
                     return Err(SessionError::Unexpected {
@@ -177,18 +175,13 @@ pub async fn sync_from(
                 }
             }
         }
-        list.sort_unstable();
-        let dirty_bytes: u64 = list.iter().map(|&i| g.len(i) as u64).sum();
+        let dirty_bytes: u64 = chunks.keys().map(|&i| g.len(i) as u64).sum();
         let progress = Arc::new(SeedProgress::default());
         let report = transfer(
             store,
             &opts.seed,
             &info,
-            manifest,
-            Scope::Round {
-                chunks: list,
-                generation,
-            },
+            Scope::Round { chunks, generation },
             progress,
             cancel.clone(),
         )
