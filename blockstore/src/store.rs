@@ -116,7 +116,7 @@ impl Store {
     }
 
     /// Writes RocksDB's memtables out, so the next open does not replay a long log (called
-    /// after a seed or a sync round, which record tens of thousands of chunks).
+    /// after a seed, which records a record per chunk of the disk).
     pub fn flush_metadata(&self) -> Result<()> {
         let db = self.db();
         for cf in [DISKS, CHUNKS, CONTENT] {

@@ -251,8 +251,10 @@ pub async fn sync_from(
             return Err(SeedError::Interrupted);
         }
     }
-    store.flush_metadata()?;
-    tracing::debug!(disk = %name, "store metadata flushed");
+    // No flush of RocksDB's memtables here, unlike after a seed: a round's few thousand records
+    // are in the synced log, and replaying them at the next open costs less than writing
+    // tables now; that open also overlaps the source's plan (see `helio sync`), where this
+    // flush was on every round's path.
     Ok(SyncReport {
         disk: name.clone(),
         converged: remaining <= opts.max_dirty,
