@@ -30,12 +30,19 @@ fn random_file(dir: &Path, len: usize) -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn scattered_writes_are_shipped_exactly_and_the_replica_equals_the_image() {
+/// A sample image of `size` served by a tracking source: (its directory, the image, the
+/// source, the NBD URI its VM writes through).
+fn tracked_sample(size: &str, seed: u64) -> (tempfile::TempDir, std::path::PathBuf, Agent, String) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.img");
-    sample_image(&img, "32MiB", 41);
+    sample_image(&img, size, seed);
     let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    (dir, img, src, vm)
+}
+
+#[test]
+fn scattered_writes_are_shipped_exactly_and_the_replica_equals_the_image() {
+    let (dir, img, src, vm) = tracked_sample("32MiB", 41);
     let store = dir.path().join("store");
     seed_into(&src.addr, "a", &store);
 
@@ -102,10 +109,7 @@ fn kill_9_of_the_source_between_writes_and_sync_loses_no_extent() {
 #[test]
 fn a_chunk_rewritten_after_the_plan_is_sent_with_the_hash_of_its_new_bytes() {
     use protocol::{ChunkEntry, ChunkHash, Encoding, Frame, Message};
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "8MiB", 44);
-    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let (_dir, _img, src, vm) = tracked_sample("8MiB", 44);
     let replica = [7u8; 16];
     async fn ask(conn: &mut protocol::Conn, msg: Message) -> Frame {
         conn.send(&Frame::new(msg)).await.unwrap();
@@ -170,10 +174,7 @@ fn a_chunk_rewritten_after_the_plan_is_sent_with_the_hash_of_its_new_bytes() {
 
 #[test]
 fn two_destinations_sync_independently() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "16MiB", 43);
-    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let (dir, img, src, vm) = tracked_sample("16MiB", 43);
     let (s1, s2) = (dir.path().join("store1"), dir.path().join("store2"));
     for s in [&s1, &s2] {
         seed_into(&src.addr, "a", s);
@@ -196,10 +197,7 @@ fn two_destinations_sync_independently() {
 
 #[test]
 fn a_writer_faster_than_the_link_is_reported_as_not_converging() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.img");
-    sample_image(&img, "16MiB", 44);
-    let (src, vm) = tracking_source(dir.path(), &img, &dir.path().join("state"), "127.0.0.1:0");
+    let (dir, _img, src, vm) = tracked_sample("16MiB", 44);
     let store = dir.path().join("store");
     seed_into(&src.addr, "a", &store);
     // A writer rewriting an 8 MiB working set with fresh data at about 20 MB/s for at most 40 s
