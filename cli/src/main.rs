@@ -1,7 +1,6 @@
 //! `helio`: the heliotrope command. Each subcommand lives in its own module under `cmd/`.
 
 mod cmd;
-mod heap;
 mod progress;
 mod sample;
 mod units;
@@ -47,7 +46,6 @@ enum Command {
 }
 
 fn main() {
-    heap::keep_freed();
     let cli = Cli::parse();
     // The demo narrates on stdout; agents' routine logs would drown it.
     let default_level = if matches!(cli.command, Command::Demo(_)) {

@@ -82,7 +82,6 @@ pub struct Source {
     disks: HashMap<String, Arc<SourceDisk>>,
     agent: String,
     level: i32,
-    requests: AtomicU64,
 }
 
 impl Source {
@@ -95,13 +94,7 @@ impl Source {
                 .collect(),
             agent: agent.into(),
             level,
-            requests: AtomicU64::new(0),
         })
-    }
-
-    /// Requests received so far, on all connections (tells an idle source from a busy one).
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
     }
 
     /// Serves connections until the task is dropped.
@@ -146,7 +139,6 @@ impl Source {
                 Ok(f) => f,
                 Err(e) => break Err(e),
             };
-            self.requests.fetch_add(1, Ordering::Relaxed);
             let reply = match frame.msg {
                 Message::ListDisks => {
                     let mut list: Vec<_> = self.disks.values().map(|d| d.info()).collect();

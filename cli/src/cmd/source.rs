@@ -164,13 +164,8 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     // Scripts and tests wait for this line to learn the bound port.
     println!("listening on {addr}");
     let serve = tokio::spawn(Arc::clone(&source).serve(acceptor));
-    let trim = {
-        let source = Arc::clone(&source);
-        tokio::spawn(crate::heap::trim_when_idle(move || source.requests()))
-    };
     super::interrupted().await;
     serve.abort();
-    trim.abort();
     if let Some(t) = nbd_task {
         t.abort();
     }
