@@ -82,14 +82,9 @@ impl PlannedChunks {
         }
     }
 
-    /// Chunks kept now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn kept(&self) -> usize {
         self.lock().as_ref().map_or(0, |r| r.chunks.len())
-    }
-
-    /// Nothing kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -119,16 +114,16 @@ mod tests {
             "a newer plan replaces the older round"
         );
         p.forget(7);
-        assert_eq!(p.len(), 1, "forgetting an older round keeps the newer");
+        assert_eq!(p.kept(), 1, "forgetting an older round keeps the newer");
         p.forget(8);
-        assert!(p.is_empty());
+        assert_eq!(p.kept(), 0);
     }
 
     #[test]
     fn keeps_at_most_the_limit() {
         let p = PlannedChunks::with_limit(2);
         p.keep(1, (0..5).map(planned));
-        assert_eq!(p.len(), 2);
+        assert_eq!(p.kept(), 2);
         assert!(p.take(1, 1).is_some());
         assert!(
             p.take(1, 2).is_none(),

@@ -81,48 +81,41 @@ impl Tracker {
         (first..=last).filter(|e| !hot.contains(e)).collect()
     }
 
-    /// Before a write: makes sure the activity log covers the chunks (synced when it grows).
+    /// Before a write: makes sure the activity log covers the chunks (synced when it grows),
+    /// then marks the write in flight in the chunks' versions until [`Tracker::after_write`].
     pub fn before_write(&self, chunks: std::ops::Range<u64>) -> Result<(), DeviceError> {
         let extents = self.cold_extents(&chunks);
-        if extents.is_empty() {
-            return Ok(());
+        if !extents.is_empty() {
+            self.catalog
+                .dirty(&self.disk)
+                .activate(&extents)
+                .map_err(Self::store_err)?;
+            lock(&self.hot).extend(extents);
         }
-        self.catalog
-            .dirty(&self.disk)
-            .activate(&extents)
-            .map_err(Self::store_err)?;
-        lock(&self.hot).extend(extents);
+        for c in chunks {
+            if let Some(v) = self.versions.get(c as usize) {
+                v.fetch_add(1 << 32, Ordering::SeqCst);
+            }
+        }
         Ok(())
     }
 
-    /// After a write landed: stamps its chunks with the current generation.
+    /// After a write returned, landed or not (part of a failed one may have landed): ends it
+    /// in the chunks' versions and stamps the chunks with the current generation.
     pub fn after_write(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks.clone() {
+            if let Some(v) = self.versions.get(c as usize) {
+                // After 2^32 writes to one chunk the carry reaches the high half: the halves
+                // never match again and the chunk is simply always read and hashed afresh.
+                v.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         let g = self.generation.load(Ordering::SeqCst);
         let mut unflushed = lock(&self.unflushed);
         for c in chunks {
             if let Some(s) = self.stamps.get(c as usize) {
                 s.fetch_max(g, Ordering::SeqCst);
                 unflushed.insert(c, s.load(Ordering::SeqCst));
-            }
-        }
-    }
-
-    /// Right before a write touches the image's bytes of `chunks`.
-    pub fn begin_write(&self, chunks: std::ops::Range<u64>) {
-        for c in chunks {
-            if let Some(v) = self.versions.get(c as usize) {
-                v.fetch_add(1 << 32, Ordering::SeqCst);
-            }
-        }
-    }
-
-    /// Right after that write returned, whether or not it succeeded.
-    pub fn end_write(&self, chunks: std::ops::Range<u64>) {
-        for c in chunks {
-            if let Some(v) = self.versions.get(c as usize) {
-                // After 2^32 writes to one chunk the carry reaches the high half: the halves
-                // never match again and the chunk is simply always read and hashed afresh.
-                v.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
@@ -265,10 +258,7 @@ impl TrackedImage {
         {
             let _gate = self.tracker.write_gate();
             self.tracker.before_write(chunks.clone())?;
-            self.tracker.begin_write(chunks.clone());
             let written = write(&self.file);
-            self.tracker.end_write(chunks.clone());
-            // Stamped even when the write failed: part of it may have landed.
             self.tracker.after_write(chunks);
             written.map_err(Self::io("cannot write image"))?;
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use wan::Rate;
 
 /// A disk in a destination store: `--store DIR --name NAME`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct StoreDisk {
     /// The destination store directory.
     #[arg(long)]

@@ -24,7 +24,6 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    crate::units::check_name(&a.disk.name)?;
     let opts = SyncOptions {
         seed: a.link.options(&a.disk.name, "helio-sync")?,
         until_converged: a.until_converged,
@@ -34,8 +33,8 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     // reading and hashing the round's chunks. Any failure here is met again, and reported, by
     // the round itself.
     let opening = {
-        let dir = a.disk.store.clone();
-        tokio::task::spawn_blocking(move || blockstore::Store::open(&dir))
+        let disk = a.disk.clone();
+        tokio::task::spawn_blocking(move || disk.open())
     };
     let early = async {
         let id = blockstore::Store::peek_id(&a.disk.store)?;
@@ -44,9 +43,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             .ok()
     };
     let (store, first) = tokio::join!(opening, early);
-    let store = store
-        .context("store opening task failed")?
-        .with_context(|| format!("cannot open store {}", a.disk.store.display()))?;
+    let store = store.context("store opening task failed")??;
     tracing::debug!(store = %store.dir().display(), early = first.is_some(), "store open");
     store.replica(&a.disk.name)?;
     let (cancel, watcher) = super::cancel_on_interrupt();
