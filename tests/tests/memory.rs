@@ -258,7 +258,7 @@ fn holding_hot_pages_sends_fewer_bytes() {
     let (h, p) = (first3(&held), first3(&plain));
     assert!(
         h + 200.0 * 4096.0 < p,
-        "rounds 1-3: held {h} bytes, plain {p} bytes"
+        "rounds 1-3: held {h} bytes, plain {p} bytes\nheld: {held:#}\nplain: {plain:#}"
     );
     let (h, p) = (f(&held, "wire_bytes"), f(&plain, "wire_bytes"));
     assert!(h < p, "in all: held {h} bytes, plain {p} bytes");

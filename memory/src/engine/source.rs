@@ -31,6 +31,10 @@ const MIN_SHRINK: f64 = 0.9;
 /// Measured d/r at which pre-copy is taken not to converge. Just under 1: a guest that rewrites
 /// all of memory within a round saturates the dirty log, and then measures as d/r ≈ 1.
 const DIVERGING: f64 = 0.95;
+/// Once throttled, the throttle steps up each round whose d/r stays above this (QEMU's
+/// `throttle-trigger-threshold`, 50%): at d/r 0.9 the dirty set shrinks only 10% a round and
+/// Xen's limits end the migration before it converges; at 0.5 it halves each round.
+const THROTTLE_TRIGGER: f64 = 0.5;
 /// Share of the link the post-copy push takes, leaving room for demand pages.
 const PUSH_SHARE: f64 = 0.9;
 
@@ -538,7 +542,9 @@ async fn run(
             prev_dirty[n - 1] as f64 > MIN_SHRINK * prev_dirty[n - 2] as f64
                 && prev_dirty[n - 2] as f64 > MIN_SHRINK * prev_dirty[n - 3] as f64
         };
-        let diverging = d_over_r >= DIVERGING || stuck;
+        let throttled = throttle > 0.0;
+        let diverging =
+            d_over_r >= DIVERGING || stuck || (throttled && d_over_r > THROTTLE_TRIGGER);
         if round - limit_base.0 >= MAX_ROUNDS
             || (logical_total - limit_base.1) as f64 >= MAX_SENT_FACTOR * memory.bytes() as f64
         {
