@@ -572,8 +572,38 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     ) {
         Ok(()) => Ok(()),
         // A filesystem without hole punching still reads zeros if we write them.
-        Err(_) => file.write_all_at(&vec![0u8; len as usize], offset),
+        Err(_) => write_zeros(file, offset, len),
     }
+}
+
+/// Makes a range read as zeros and keeps it allocated (`FALLOC_FL_ZERO_RANGE`): the kernel
+/// marks the blocks unwritten without moving data. Used for NBD WRITE_ZEROES, where punching
+/// freed the blocks, and a filesystem mounted with `discard` waited on the device for each
+/// punch: a 1 GiB `nbdcopy` upload through the tracking export took 2.8-4 s instead of 1.2 s
+/// once earlier writes had allocated its zero regions. Freeing space is TRIM's job.
+/// Writes zeros where the filesystem cannot (never a hole: NBD's NO_HOLE forbids one).
+pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    match fallocate(fd, flags, offset as i64, len as i64) {
+        Ok(()) => Ok(()),
+        Err(_) => write_zeros(file, offset, len),
+    }
+}
+
+/// Writes `len` zero bytes at `offset`, a bounded buffer at a time (an NBD request may zero
+/// up to 4 GiB).
+fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = PIECE.min(len - done) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes between files with `copy_file_range`, so filesystems with reflinks share

@@ -298,22 +298,24 @@ impl Device for TrackedImage {
         &self,
         offset: u64,
         len: u32,
-        no_hole: bool,
+        _no_hole: bool,
         fua: bool,
     ) -> Result<(), DeviceError> {
+        // Zeroed ranges stay allocated, which NO_HOLE asks for and costs nothing otherwise:
+        // the VM wrote zeros, it did not give the space back (that is TRIM).
         tokio::task::block_in_place(|| {
             self.tracked_write(offset, len as u64, fua, |f| {
-                if no_hole {
-                    f.write_all_at(&vec![0u8; len as usize], offset)
-                } else {
-                    blockstore::replica::punch_hole(f, offset, len as u64)
-                }
+                blockstore::replica::zero_range(f, offset, len as u64)
             })
         })
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
-        self.write_zeroes(offset, len, false, fua).await
+        tokio::task::block_in_place(|| {
+            self.tracked_write(offset, len as u64, fua, |f| {
+                blockstore::replica::punch_hole(f, offset, len as u64)
+            })
+        })
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {

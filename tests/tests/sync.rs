@@ -423,3 +423,52 @@ fn qemu_owned_qcow2_syncs_from_its_persistent_dirty_bitmap() {
         "the replica differs from the qcow2 after the bitmap sync"
     );
 }
+
+#[test]
+fn zeroed_and_discarded_ranges_are_tracked_and_only_discard_frees_space() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, img, src, vm) = tracked_sample("16MiB", 44);
+    let store = dir.path().join("store");
+    let data = random_file(dir.path(), 1 << 20);
+    let d = data.to_str().unwrap();
+    let mib = 1u64 << 20;
+    let cmds: Vec<String> = [4, 8, 12]
+        .iter()
+        .map(|m| format!("write -s {d} {} {mib}", m * mib))
+        .chain(["flush".to_string()])
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let (ok, text) = qemu_io(&vm, &refs);
+    assert!(ok, "{text}");
+    seed_into(&src.addr, "a", &store);
+    let blocks = || std::fs::metadata(&img).unwrap().blocks();
+    let before = blocks();
+
+    // WRITE_ZEROES with NO_HOLE (-z), WRITE_ZEROES that may unmap (-z -u), and TRIM. qemu-io
+    // sends the last two only when opened with discard=unmap.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-d", "unmap"])
+        .args(["-c", &format!("write -z {} {mib}", 4 * mib)])
+        .args(["-c", &format!("write -z -u {} {mib}", 8 * mib)])
+        .args(["-c", &format!("discard {} {mib}", 12 * mib)])
+        .args(["-c", "flush", &vm])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let bytes = std::fs::read(&img).unwrap();
+    for m in [4, 8, 12] {
+        let r = (m * mib) as usize..((m + 1) * mib) as usize;
+        assert!(bytes[r].iter().all(|&b| b == 0), "{m} MiB: not zero");
+    }
+    // Zeroing keeps the blocks (the VM wrote zeros); only the discard gives 1 MiB back
+    // (2048 sectors; a few more or less for the filesystem's own extent records).
+    let freed = before as i64 - blocks() as i64;
+    assert!(
+        (2048 - 16..=2048 + 16).contains(&freed),
+        "{freed} sectors freed, expected 2048"
+    );
+    let r = sync_json(&src.addr, &store, &[]);
+    assert_eq!(r["rounds"][0]["chunks"].as_u64(), Some(48), "{r}");
+    verify_equal(&store, "a", &img);
+}

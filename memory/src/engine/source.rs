@@ -542,9 +542,8 @@ async fn run(
             prev_dirty[n - 1] as f64 > MIN_SHRINK * prev_dirty[n - 2] as f64
                 && prev_dirty[n - 2] as f64 > MIN_SHRINK * prev_dirty[n - 3] as f64
         };
-        let throttled = throttle > 0.0;
-        let diverging =
-            d_over_r >= DIVERGING || stuck || (throttled && d_over_r > THROTTLE_TRIGGER);
+        let diverging = d_over_r >= DIVERGING || stuck;
+        let too_slow = throttle > 0.0 && d_over_r > THROTTLE_TRIGGER;
         if round - limit_base.0 >= MAX_ROUNDS
             || (logical_total - limit_base.1) as f64 >= MAX_SENT_FACTOR * memory.bytes() as f64
         {
@@ -553,8 +552,15 @@ async fn run(
             unsent = pending;
             break;
         }
-        if diverging {
-            info!(round, d_over_r, stuck, policy = %opts.on_diverge, "pre-copy does not converge");
+        if diverging || too_slow {
+            if diverging {
+                info!(round, d_over_r, stuck, policy = %opts.on_diverge, "pre-copy does not converge");
+            } else {
+                info!(
+                    round,
+                    d_over_r, throttle, "throttled pre-copy converges too slowly"
+                );
+            }
             match opts.on_diverge {
                 Policy::Throttle => {
                     report.policy_applied = "throttle".into();

@@ -581,14 +581,9 @@ impl ReplicaDevice {
                 if self.state(i) != WRITTEN {
                     self.mark(i, WRITTEN, &mut rec);
                 }
-                if no_hole {
-                    self.file
-                        .write_all_at(&vec![0u8; (e - s) as usize], s)
-                        .map_err(io_err("cannot write replica"))?;
-                } else {
-                    blockstore::replica::punch_hole(&self.file, s, e - s)
-                        .map_err(io_err("cannot punch replica"))?;
-                }
+                // The chunk stays data (allocated), as NO_HOLE asks and its state reports.
+                blockstore::replica::zero_range(&self.file, s, e - s)
+                    .map_err(io_err("cannot zero replica"))?;
             }
         }
         Ok(())
