@@ -8,12 +8,18 @@ use common::{helio, last_json};
 use serde_json::Value;
 use std::sync::Mutex;
 
-/// Migrations measure time; running two at once on a 2-core machine would skew them.
+/// Migrations measure time; running two at once on a 2-core machine would skew them, and so
+/// would this file's other tests (agents and the model) running beside one.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Held by each test while it runs processes (a test that failed poisons it harmlessly).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Runs `helio memory demo --json ARGS`; returns the report and whether the command succeeded.
 fn demo(args: &[&str]) -> (Value, bool) {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = serial();
     let mut all = vec!["memory", "demo", "--json"];
     all.extend_from_slice(args);
     let out = helio(&all);
@@ -283,6 +289,7 @@ fn a_dropped_link_leaves_the_guest_running_at_the_source() {
 
 #[test]
 fn model_prints_the_d_over_r_prediction() {
+    let _one = serial();
     let out = common::helio_ok(&[
         "memory",
         "model",
@@ -318,6 +325,7 @@ fn model_prints_the_d_over_r_prediction() {
 /// Sends `frames` to a fresh `helio memory dest` (after the hello, and after its `MemReady`
 /// when the first frame is a valid `MemStart`); returns its exit status and log.
 fn feed_destination(tag: &str, frames: Vec<protocol::Frame>) -> (std::process::ExitStatus, String) {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join(format!("{tag}.log"));
     let mut dest = common::Agent::start(&["memory", "dest"], &log);
