@@ -247,6 +247,8 @@ impl TrackedImage {
         self.tracker.flush()
     }
 
+    /// Runs `write` on the image, tracked, on the calling worker thread (it blocks: image I/O,
+    /// and a synced activity-log write when it touches a new extent).
     fn tracked_write(
         &self,
         offset: u64,
@@ -255,17 +257,19 @@ impl TrackedImage {
         write: impl FnOnce(&File) -> std::io::Result<()>,
     ) -> Result<(), DeviceError> {
         let chunks = self.geometry.chunks_touching(offset, len);
-        {
-            let _gate = self.tracker.write_gate();
-            self.tracker.before_write(chunks.clone())?;
-            let written = write(&self.file);
-            self.tracker.after_write(chunks);
-            written.map_err(Self::io("cannot write image"))?;
-        }
-        if fua {
-            self.sync()?;
-        }
-        Ok(())
+        tokio::task::block_in_place(|| {
+            {
+                let _gate = self.tracker.write_gate();
+                self.tracker.before_write(chunks.clone())?;
+                let written = write(&self.file);
+                self.tracker.after_write(chunks);
+                written.map_err(Self::io("cannot write image"))?;
+            }
+            if fua {
+                self.sync()?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -287,10 +291,8 @@ impl Device for TrackedImage {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
-        tokio::task::block_in_place(|| {
-            self.tracked_write(offset, data.len() as u64, fua, |f| {
-                f.write_all_at(&data, offset)
-            })
+        self.tracked_write(offset, data.len() as u64, fua, |f| {
+            f.write_all_at(&data, offset)
         })
     }
 
@@ -303,18 +305,14 @@ impl Device for TrackedImage {
     ) -> Result<(), DeviceError> {
         // Zeroed ranges stay allocated, which NO_HOLE asks for and costs nothing otherwise:
         // the VM wrote zeros, it did not give the space back (that is TRIM).
-        tokio::task::block_in_place(|| {
-            self.tracked_write(offset, len as u64, fua, |f| {
-                blockstore::replica::zero_range(f, offset, len as u64)
-            })
+        self.tracked_write(offset, len as u64, fua, |f| {
+            blockstore::replica::zero_range(f, offset, len as u64)
         })
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
-        tokio::task::block_in_place(|| {
-            self.tracked_write(offset, len as u64, fua, |f| {
-                blockstore::replica::punch_hole(f, offset, len as u64)
-            })
+        self.tracked_write(offset, len as u64, fua, |f| {
+            blockstore::replica::punch_hole(f, offset, len as u64)
         })
     }
 

@@ -444,17 +444,16 @@ fn zeroed_and_discarded_ranges_are_tracked_and_only_discard_frees_space() {
     let blocks = || std::fs::metadata(&img).unwrap().blocks();
     let before = blocks();
 
-    // WRITE_ZEROES with NO_HOLE (-z), WRITE_ZEROES that may unmap (-z -u), and TRIM. qemu-io
-    // sends the last two only when opened with discard=unmap.
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-d", "unmap"])
-        .args(["-c", &format!("write -z {} {mib}", 4 * mib)])
-        .args(["-c", &format!("write -z -u {} {mib}", 8 * mib)])
-        .args(["-c", &format!("discard {} {mib}", 12 * mib)])
-        .args(["-c", "flush", &vm])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    // WRITE_ZEROES with NO_HOLE (-z), WRITE_ZEROES that may unmap (-z -u), and TRIM.
+    let cmds = [
+        format!("write -z {} {mib}", 4 * mib),
+        format!("write -z -u {} {mib}", 8 * mib),
+        format!("discard {} {mib}", 12 * mib),
+        "flush".to_string(),
+    ];
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let (ok, text) = qemu_io_with(&vm, &["-d", "unmap"], &refs);
+    assert!(ok, "{text}");
 
     let bytes = std::fs::read(&img).unwrap();
     for m in [4, 8, 12] {

@@ -257,8 +257,14 @@ pub fn export(dir: &Path, store: &Path, name: &str, extra: &[&str]) -> (Agent, P
 /// Runs `qemu-io -f raw` with commands against `uri`; returns (success, combined output).
 /// qemu-io reports failed commands in its output, so callers check both.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    qemu_io_with(uri, &[], cmds)
+}
+
+/// [`qemu_io`] with more of qemu-io's options (e.g. `-d unmap`, without which it sends no
+/// TRIM and no WRITE_ZEROES that may unmap).
+pub fn qemu_io_with(uri: &str, opts: &[&str], cmds: &[&str]) -> (bool, String) {
     let mut c = Command::new("qemu-io");
-    c.arg("-f").arg("raw");
+    c.arg("-f").arg("raw").args(opts);
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
