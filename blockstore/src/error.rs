@@ -67,6 +67,14 @@ pub enum StoreError {
         /// Bytes kept back.
         reserve: u64,
     },
+    /// A commit failed earlier; the replica acknowledges nothing more until it is reopened.
+    #[error("replica {path} stopped after a failed commit ({detail}): it acknowledges nothing more; restart the command or export to reopen it, which fetches again whatever was not durably recorded")]
+    Failed {
+        /// The replica's data file.
+        path: PathBuf,
+        /// The failure that stopped it.
+        detail: String,
+    },
     /// A disk's shape changed incompatibly.
     #[error("disk {name:?}: {detail}")]
     Geometry {

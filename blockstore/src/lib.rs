@@ -7,14 +7,19 @@
 //! - [`catalog`]: the source agent's `--state`: manifests kept in RocksDB, reused across restarts.
 //! - [`store`]: the destination's `--store`: disks, per-chunk state and the content index in
 //!   RocksDB; each disk's bytes in a sparse raw file served later by a plain `pread`.
-//! - [`replica`]: one disk in the store, and [`replica::ChunkWriter`], which makes chunks durable
-//!   before recording them (data `fdatasync`, then one synced RocksDB batch).
+//! - [`replica`]: one disk in the store; opening it checks the data file against its records.
+//! - [`writer`]: [`ChunkWriter`], which makes chunks durable before recording them (data
+//!   `fdatasync`, then one synced RocksDB batch) and withdraws a record before its bytes change.
+//! - [`datafile`]: the operations on a data file, behind a trait; [`crashsim`] puts a
+//!   page-cache model with injected faults under it for crash tests.
 //! - [`direct`]: streaming chunk data to the device (`O_DIRECT` through io_uring), past the
 //!   page cache, for seeds and sync rounds.
 //! - [`dirty`]: the source's write generations, activity log and replicas' sync points.
 //! - [`db`]: opening RocksDB with a versioned layout.
 
 pub mod catalog;
+pub mod crashsim;
+pub mod datafile;
 pub mod db;
 pub mod direct;
 pub mod dirty;
@@ -24,9 +29,11 @@ pub mod nbd_client;
 pub mod replica;
 pub mod scan;
 pub mod store;
+pub mod writer;
 
 pub use catalog::Catalog;
 pub use error::StoreError;
 pub use image::Image;
-pub use replica::{ChunkState, ChunkWriter, Replica};
+pub use replica::{ChunkState, Replica};
 pub use store::Store;
+pub use writer::ChunkWriter;

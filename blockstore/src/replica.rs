@@ -1,16 +1,23 @@
 //! One disk in the destination store: its chunk states and its sparse data file.
+//!
+//! Opening a replica checks its data file against the records that vouch for it: a missing
+//! or short file, or sampled chunks whose bytes no longer hash to their records, make the
+//! records that cannot be vouched for absent (durably), so the chunks are fetched again
+//! instead of being served as zeros or as other bytes. See [`crate::writer`] for how records
+//! are kept true while chunks are written.
 
-use crate::direct::DirectWriter;
-use crate::error::{io_err, Result, StoreError};
+use crate::datafile::{fsync_dir, DataFile};
+use crate::error::{io_err, Result};
 use crate::store::{chunk_key, content_key, DiskRecord, Store, CHUNKS, CONTENT};
+use crate::writer::{ChunkWriter, Known};
 use protocol::{ChunkHash, Geometry};
+use rand::Rng;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// What the store knows of one chunk. A chunk with no state is absent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +32,7 @@ pub enum ChunkState {
 }
 
 impl ChunkState {
-    fn encode(&self) -> [u8; 33] {
+    pub(crate) fn encode(&self) -> [u8; 33] {
         let mut v = [0u8; 33];
         match self {
             ChunkState::Zero => {}
@@ -50,39 +57,151 @@ impl ChunkState {
             _ => None,
         }
     }
+
+    /// True for the states that vouch for the bytes (a hash, or zeros): bytes changed under
+    /// such a record would make it lie. `Written` vouches for no particular content.
+    pub fn vouches(&self) -> bool {
+        matches!(self, ChunkState::Zero | ChunkState::Data(_))
+    }
 }
+
+/// Chunks sampled and re-hashed when a replica is opened.
+const OPEN_SAMPLE: usize = 16;
 
 /// One disk of the store.
 #[derive(Clone)]
 pub struct Replica {
     store: Store,
     record: DiskRecord,
-    file: Arc<File>,
+    file: Arc<dyn DataFile>,
     path: PathBuf,
+    /// The data file was created by this open: every chunk without a record is a hole.
+    fresh: bool,
+    /// Records this open dropped because the data file could not vouch for them.
+    repaired: usize,
 }
 
 impl Replica {
-    pub(crate) fn open(store: Store, record: DiskRecord) -> Result<Replica> {
+    /// Opens disk `record`'s data file, creating it for a disk just `created`; otherwise
+    /// checks the file against the records (see the module's documentation).
+    pub(crate) fn open(store: Store, record: DiskRecord, created: bool) -> Result<Replica> {
         let path = store.data_path(record.id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err("cannot open replica data file", &path))?;
-        let len = file.metadata().map_err(io_err("cannot stat", &path))?.len();
-        if len != record.geometry.size {
-            // Sparse: costs no space until chunks land.
-            file.set_len(record.geometry.size)
-                .map_err(io_err("cannot size", &path))?;
-        }
-        Ok(Replica {
+        let layer = store.files();
+        let (file, fresh) = match layer.open(&path, false) {
+            Ok(f) => (f, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = layer
+                    .open(&path, true)
+                    .map_err(io_err("cannot create replica data file", &path))?;
+                if let Some(dir) = path.parent() {
+                    fsync_dir(dir).map_err(io_err("cannot sync directory", dir))?;
+                }
+                (f, true)
+            }
+            Err(e) => return Err(io_err("cannot open replica data file", &path)(e)),
+        };
+        let mut replica = Replica {
             store,
             record,
-            file: Arc::new(file),
+            file,
             path,
-        })
+            fresh,
+            repaired: 0,
+        };
+        if fresh && !created {
+            tracing::warn!(disk = %replica.record.name, path = %replica.path.display(),
+                "the replica's data file was missing: every chunk will be fetched again");
+            replica.repaired += replica.forget_where(|_, _| true)?;
+        }
+        replica.fit_file_length()?;
+        if !fresh {
+            replica.check_sample()?;
+        }
+        Ok(replica)
+    }
+
+    /// Sizes the data file to the disk; records of chunks a short file cut off are dropped.
+    fn fit_file_length(&mut self) -> Result<()> {
+        let size = self.record.geometry.size;
+        let len = self
+            .file
+            .file_len()
+            .map_err(io_err("cannot stat", &self.path))?;
+        if len == size {
+            return Ok(());
+        }
+        if len < size && !self.fresh {
+            let g = self.record.geometry;
+            let lost = self.forget_where(|i, _| g.offset(i) + g.len(i) as u64 > len)?;
+            self.repaired += lost;
+            tracing::warn!(disk = %self.record.name, path = %self.path.display(), len, size, lost,
+                "the replica's data file is shorter than the disk: chunks past its end will be fetched again");
+        }
+        // Sparse: costs no space until chunks land.
+        self.file
+            .set_len(size)
+            .map_err(io_err("cannot size", &self.path))
+    }
+
+    /// Re-hashes a sample of recorded chunks; if any differs, checks every record and drops
+    /// those whose bytes do not match.
+    fn check_sample(&mut self) -> Result<()> {
+        let n = self.record.geometry.chunk_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let mut rng = rand::thread_rng();
+        let mut sample = vec![0, n - 1];
+        sample.extend((0..OPEN_SAMPLE).map(|_| rng.gen_range(0..n)));
+        sample.sort_unstable();
+        sample.dedup();
+        let states = self.states_of(&sample)?;
+        let bad = sample
+            .iter()
+            .filter_map(|i| Some((*i, states.get(i).copied().flatten()?)))
+            .any(|(i, s)| !self.bytes_match(i, s));
+        if !bad {
+            return Ok(());
+        }
+        let lost = self.forget_where(|i, s| !self.bytes_match(i, s))?;
+        self.repaired += lost;
+        tracing::warn!(disk = %self.record.name, path = %self.path.display(), lost,
+            "chunks of the replica no longer match their records (the data file was replaced or damaged): they will be fetched again");
+        Ok(())
+    }
+
+    /// True when chunk `index`'s bytes are what `state` says (any bytes for `Written`).
+    fn bytes_match(&self, index: u64, state: ChunkState) -> bool {
+        match (state, self.read_chunk(index)) {
+            (ChunkState::Written, _) => true,
+            (_, Err(_)) => false,
+            (ChunkState::Zero, Ok(b)) => b.iter().all(|&x| x == 0),
+            (ChunkState::Data(h), Ok(b)) => ChunkHash::of(&b) == h,
+        }
+    }
+
+    /// Deletes, in one synced batch, the records of the chunks that `doomed` picks; returns
+    /// how many.
+    fn forget_where(&self, doomed: impl Fn(u64, ChunkState) -> bool) -> Result<usize> {
+        let db = self.store.db();
+        let id = self.record.id;
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut n = 0;
+        for (i, s) in self.states()?.into_iter().enumerate() {
+            let Some(s) = s else { continue };
+            if !doomed(i as u64, s) {
+                continue;
+            }
+            batch.delete_cf(db.cf(CHUNKS), chunk_key(id, i as u64));
+            if let ChunkState::Data(h) = s {
+                batch.delete_cf(db.cf(CONTENT), content_key(&h, id, i as u64));
+            }
+            n += 1;
+        }
+        if n > 0 {
+            db.write_sync(batch)?;
+        }
+        Ok(n)
     }
 
     /// The disk's record.
@@ -95,8 +214,8 @@ impl Replica {
         self.record.geometry
     }
 
-    /// The data file (for serving reads with `pread`).
-    pub fn file(&self) -> &Arc<File> {
+    /// The data file.
+    pub fn file(&self) -> &Arc<dyn DataFile> {
         &self.file
     }
 
@@ -108,6 +227,17 @@ impl Replica {
     /// The store holding this disk.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// How many chunk records opening the replica dropped because the data file could not
+    /// vouch for them (missing, short, or bytes that no longer match); they are absent now.
+    pub fn repaired(&self) -> usize {
+        self.repaired
+    }
+
+    /// True when this open created the data file: chunks without records are holes.
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// The state of every chunk (`None`: absent).
@@ -181,429 +311,18 @@ impl Replica {
 
     /// A writer that lands chunks durably in batches.
     pub fn writer(&self) -> Result<ChunkWriter> {
-        self.writer_with(Known::All(self.states()?))
+        Ok(ChunkWriter::new(self.clone(), Known::all(self.states()?)))
     }
 
     /// A writer for the chunks `indexes` only (a sync round): it reads their states alone,
     /// not the whole disk's (18 ms for a 4 GiB disk, a tenth of a 1% round). It must not be
     /// given other chunks.
     pub fn writer_for(&self, indexes: &[u64]) -> Result<ChunkWriter> {
-        self.writer_with(Known::Listed(self.states_of(indexes)?))
+        Ok(ChunkWriter::new(
+            self.clone(),
+            Known::listed(self.states_of(indexes)?),
+        ))
     }
-
-    fn writer_with(&self, known: Known) -> Result<ChunkWriter> {
-        Ok(ChunkWriter {
-            replica: self.clone(),
-            known,
-            batch: rocksdb::WriteBatch::default(),
-            pending: Vec::new(),
-            pending_bytes: 0,
-            oldest: None,
-            sources: HashMap::new(),
-            unchecked: u64::MAX,
-            syncing: None,
-            direct: Direct::Unopened,
-        })
-    }
-}
-
-/// Batching thresholds: a commit costs one `fdatasync` and one synced RocksDB write.
-const COMMIT_BYTES: u64 = 64 << 20;
-const COMMIT_CHUNKS: usize = 2048;
-const COMMIT_AGE: Duration = Duration::from_millis(500);
-/// Free space kept for RocksDB (WAL, flushes, reopening): a RocksDB that meets ENOSPC may
-/// refuse to open again, so the data files must never take the last of the volume.
-pub const SPACE_RESERVE: u64 = 32 << 20;
-/// Bytes written between free-space checks.
-const SPACE_CHECK_EVERY: u64 = 4 << 20;
-
-/// Lands chunks in one replica. Bytes are written at once; their records are committed in
-/// batches after an `fdatasync`, so a recorded chunk is always durable. Chunks written but not
-/// committed when the process dies are simply absent after restart.
-pub struct ChunkWriter {
-    replica: Replica,
-    known: Known,
-    batch: rocksdb::WriteBatch,
-    pending: Vec<u64>,
-    pending_bytes: u64,
-    oldest: Option<Instant>,
-    sources: HashMap<u32, Arc<File>>,
-    unchecked: u64,
-    /// The batch being made durable in the background, if any.
-    syncing: Option<std::thread::JoinHandle<Result<usize>>>,
-    /// Streamed writes past the page cache ([`ChunkWriter::put_streaming`]).
-    direct: Direct,
-}
-
-/// Chunk states as a writer knows them, its own writes included.
-enum Known {
-    /// Every chunk's.
-    All(Vec<Option<ChunkState>>),
-    /// Only those of the chunks the writer was opened for.
-    Listed(HashMap<u64, Option<ChunkState>>),
-}
-
-impl Known {
-    fn get(&self, index: u64) -> Option<ChunkState> {
-        match self {
-            Known::All(v) => v.get(index as usize).copied().flatten(),
-            Known::Listed(m) => {
-                debug_assert!(m.contains_key(&index), "chunk {index} not listed");
-                m.get(&index).copied().flatten()
-            }
-        }
-    }
-
-    fn set(&mut self, index: u64, state: ChunkState) {
-        match self {
-            Known::All(v) => {
-                if let Some(slot) = v.get_mut(index as usize) {
-                    *slot = Some(state);
-                }
-            }
-            Known::Listed(m) => {
-                m.insert(index, Some(state));
-            }
-        }
-    }
-}
-
-enum Direct {
-    Unopened,
-    Open(Box<DirectWriter>),
-    Unavailable,
-}
-
-impl ChunkWriter {
-    /// Fails with [`StoreError::Full`] before `len` more bytes would eat into the reserve.
-    fn ensure_space(&mut self, len: u64) -> Result<()> {
-        self.unchecked = self.unchecked.saturating_add(len);
-        if self.unchecked < SPACE_CHECK_EVERY {
-            return Ok(());
-        }
-        self.unchecked = 0;
-        let dir = self.replica.store.dir();
-        let st = nix::sys::statvfs::statvfs(dir).map_err(|e| StoreError::Io {
-            what: "cannot check free space of",
-            path: dir.to_path_buf(),
-            source: e.into(),
-        })?;
-        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-        if free < SPACE_RESERVE + SPACE_CHECK_EVERY {
-            return Err(StoreError::Full {
-                path: dir.to_path_buf(),
-                free,
-                reserve: SPACE_RESERVE,
-            });
-        }
-        Ok(())
-    }
-
-    /// The replica written to.
-    pub fn replica(&self) -> &Replica {
-        &self.replica
-    }
-
-    /// The state of chunk `index` as this writer knows it (including uncommitted chunks).
-    pub fn state(&self, index: u64) -> Option<ChunkState> {
-        self.known.get(index)
-    }
-
-    fn record(&mut self, index: u64, state: ChunkState, bytes: u64) {
-        let db = self.replica.store.db();
-        let id = self.replica.record.id;
-        if let Some(ChunkState::Data(old)) = self.known.get(index) {
-            self.batch
-                .delete_cf(db.cf(CONTENT), content_key(&old, id, index));
-        }
-        self.batch
-            .put_cf(db.cf(CHUNKS), chunk_key(id, index), state.encode());
-        if let ChunkState::Data(h) = &state {
-            self.batch
-                .put_cf(db.cf(CONTENT), content_key(h, id, index), []);
-        }
-        self.known.set(index, state);
-        self.pending.push(index);
-        self.pending_bytes += bytes;
-        self.oldest.get_or_insert_with(Instant::now);
-    }
-
-    /// Writes chunk `index` with `data`, whose hash the caller has verified to be `hash`.
-    pub fn put(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
-        self.settle()?;
-        self.ensure_space(data.len() as u64)?;
-        self.write_cached(data, self.replica.record.geometry.offset(index))?;
-        self.record(index, ChunkState::Data(hash), data.len() as u64);
-        Ok(())
-    }
-
-    fn write_cached(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.replica
-            .file
-            .write_all_at(data, offset)
-            .map_err(io_err("cannot write replica", &self.replica.path))
-    }
-
-    /// Like [`ChunkWriter::put`], for bulk transfers (seeding, sync rounds): a chunk that
-    /// overwrites data goes to the device directly ([`crate::direct`]), several writes at a
-    /// time, and may still be in flight when this returns. Every other method of the writer waits for them first, so the
-    /// writer itself (as [`ChunkWriter::copy_local`]) reads them back; readers of the file
-    /// elsewhere see them after the next commit.
-    pub fn put_streaming(&mut self, index: u64, hash: ChunkHash, data: &[u8]) -> Result<()> {
-        // Only overwrites go direct. Filling a hole is cheaper through the page cache: ext4
-        // allocates whole runs at writeback, while a direct write into a hole must allocate
-        // as it goes, and io_uring hands such writes to worker threads (a loopback seed of a
-        // fresh disk measured 4.3-6.2 s direct against 3.7-4.1 s through the cache).
-        if !matches!(
-            self.state(index),
-            Some(ChunkState::Data(_) | ChunkState::Written)
-        ) {
-            return self.put(index, hash, data);
-        }
-        self.ensure_space(data.len() as u64)?;
-        let offset = self.replica.record.geometry.offset(index);
-        let started = match self.direct_writer() {
-            Some(d) => d.submit(data, offset),
-            None => Ok(false),
-        }
-        .map_err(io_err("cannot write replica", &self.replica.path))?;
-        if !started {
-            // Declined (no direct I/O here, or a short last chunk): through the page cache.
-            self.write_cached(data, offset)?;
-        }
-        self.record(index, ChunkState::Data(hash), data.len() as u64);
-        Ok(())
-    }
-
-    /// The direct writer, opened on first use; `None` where direct I/O is unavailable.
-    fn direct_writer(&mut self) -> Option<&mut DirectWriter> {
-        if let Direct::Unopened = self.direct {
-            let chunk = self.replica.record.geometry.chunk_size as usize;
-            self.direct = match DirectWriter::open(&self.replica.path, &self.replica.file, chunk) {
-                Some(d) => Direct::Open(Box::new(d)),
-                None => Direct::Unavailable,
-            };
-        }
-        match &mut self.direct {
-            Direct::Open(d) => Some(d),
-            _ => None,
-        }
-    }
-
-    /// Starts streamed writes gathered so far; call before waiting for more chunks.
-    pub fn kick(&mut self) -> Result<()> {
-        match &mut self.direct {
-            Direct::Open(d) => d
-                .kick()
-                .map_err(io_err("cannot write replica", &self.replica.path)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits for streamed writes still in flight.
-    fn settle(&mut self) -> Result<()> {
-        match &mut self.direct {
-            Direct::Open(d) => d
-                .drain()
-                .map_err(io_err("cannot write replica", &self.replica.path)),
-            _ => Ok(()),
-        }
-    }
-
-    /// The `mark_*` methods record what the caller wrote itself (the NBD export, which never
-    /// streams): a streamed write still in flight to the same chunk could land after it.
-    fn assert_not_streaming(&self) {
-        debug_assert!(
-            !matches!(self.direct, Direct::Open(_)),
-            "mark_* on a writer that streams"
-        );
-    }
-
-    /// Records that chunk `index` was written locally (its bytes are already in the file).
-    pub fn mark_written(&mut self, index: u64) {
-        self.assert_not_streaming();
-        if self.state(index) != Some(ChunkState::Written) {
-            self.record(index, ChunkState::Written, 0);
-        }
-    }
-
-    /// Records chunk `index` as zeros without touching the file (the caller punched it).
-    pub fn mark_zero(&mut self, index: u64) {
-        self.assert_not_streaming();
-        self.record(index, ChunkState::Zero, 0);
-    }
-
-    /// Records chunk `index` as zeros, punching out any data it held.
-    pub fn put_zero(&mut self, index: u64) -> Result<()> {
-        self.settle()?;
-        if matches!(self.state(index), Some(ChunkState::Data(_))) {
-            let g = self.replica.record.geometry;
-            punch_hole(&self.replica.file, g.offset(index), g.len(index) as u64)
-                .map_err(io_err("cannot punch a hole in replica", &self.replica.path))?;
-        }
-        self.record(index, ChunkState::Zero, 0);
-        Ok(())
-    }
-
-    /// Copies content `hash` held at (`src_id`, `src_index`) into chunk `index` without the WAN.
-    /// Returns `false` (and copies nothing) if the held bytes no longer match `hash`.
-    pub fn copy_local(
-        &mut self,
-        src_id: u32,
-        src_index: u64,
-        index: u64,
-        hash: ChunkHash,
-    ) -> Result<bool> {
-        self.settle()?;
-        let store = self.replica.store.clone();
-        let src = if src_id == self.replica.record.id {
-            self.replica.file.clone()
-        } else if let Some(f) = self.sources.get(&src_id) {
-            f.clone()
-        } else {
-            let path = store.data_path(src_id);
-            let f = Arc::new(
-                File::open(&path).map_err(io_err("cannot open replica data file", &path))?,
-            );
-            self.sources.insert(src_id, f.clone());
-            f
-        };
-        let g = self.replica.record.geometry;
-        let len = g.len(index);
-        self.ensure_space(len as u64)?;
-        // Source chunks may have other geometry; the content hash fixes the length.
-        let src_offset = src_index * self.chunk_size_of(src_id)? as u64;
-        let mut buf = vec![0u8; len];
-        if src.read_exact_at(&mut buf, src_offset).is_err() || ChunkHash::of(&buf) != hash {
-            tracing::warn!(
-                src_id,
-                src_index,
-                "held content no longer matches its hash; fetching instead"
-            );
-            return Ok(false);
-        }
-        copy_range(&src, src_offset, &self.replica.file, g.offset(index), len)
-            .map_err(io_err("cannot copy into replica", &self.replica.path))?;
-        self.record(index, ChunkState::Data(hash), len as u64);
-        Ok(true)
-    }
-
-    fn chunk_size_of(&self, id: u32) -> Result<u32> {
-        if id == self.replica.record.id {
-            return Ok(self.replica.record.geometry.chunk_size);
-        }
-        let disks = self.replica.store.disks()?;
-        disks
-            .iter()
-            .find(|d| d.id == id)
-            .map(|d| d.geometry.chunk_size)
-            .ok_or_else(|| StoreError::Corrupt {
-                path: self.replica.store.dir().to_path_buf(),
-                detail: format!("content index names disk id {id}, which the store does not hold"),
-            })
-    }
-
-    /// True when enough is pending that a commit is due.
-    pub fn commit_due(&self) -> bool {
-        self.pending_bytes >= COMMIT_BYTES
-            || self.pending.len() >= COMMIT_CHUNKS
-            || self.oldest.is_some_and(|t| t.elapsed() >= COMMIT_AGE)
-    }
-
-    /// Makes pending chunks durable and records them, waiting until it is done; returns how
-    /// many chunks were committed since the last wait.
-    pub fn commit(&mut self) -> Result<usize> {
-        self.commit_in_background()?;
-        self.wait_for_sync()
-    }
-
-    /// Starts making pending chunks durable on another thread, so writing goes on meanwhile.
-    /// At most one batch is in flight: this first waits for the previous one.
-    pub fn commit_in_background(&mut self) -> Result<usize> {
-        // Streamed bytes must be written before the fdatasync that makes them durable.
-        self.settle()?;
-        let done = self.wait_for_sync()?;
-        if self.pending.is_empty() {
-            return Ok(done);
-        }
-        let batch = std::mem::take(&mut self.batch);
-        let n = self.pending.len();
-        self.pending.clear();
-        self.pending_bytes = 0;
-        self.oldest = None;
-        let (file, path, store) = (
-            self.replica.file.clone(),
-            self.replica.path.clone(),
-            self.replica.store.clone(),
-        );
-        self.syncing = Some(std::thread::spawn(move || {
-            // Order matters: bytes durable first, then the records that vouch for them. Bytes
-            // written meanwhile for the next batch may be synced too, which is harmless.
-            file.sync_data()
-                .map_err(io_err("cannot sync replica", &path))?;
-            store.db().write_sync(batch)?;
-            Ok(n)
-        }));
-        Ok(done)
-    }
-
-    fn wait_for_sync(&mut self) -> Result<usize> {
-        match self.syncing.take() {
-            None => Ok(0),
-            Some(h) => h.join().unwrap_or_else(|_| {
-                Err(StoreError::Corrupt {
-                    path: self.replica.path.clone(),
-                    detail: "commit thread panicked".into(),
-                })
-            }),
-        }
-    }
-}
-
-/// Deallocates a range so it reads as zeros (writing zeros where holes are not supported).
-pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    match fallocate(
-        std::os::fd::AsRawFd::as_raw_fd(file),
-        flags,
-        offset as i64,
-        len as i64,
-    ) {
-        Ok(()) => Ok(()),
-        // A filesystem without hole punching still reads zeros if we write them.
-        Err(_) => write_zeros(file, offset, len),
-    }
-}
-
-/// Makes a range read as zeros and keeps it allocated (`FALLOC_FL_ZERO_RANGE`): the kernel
-/// marks the blocks unwritten without moving data. Used for NBD WRITE_ZEROES, where punching
-/// freed the blocks, and a filesystem mounted with `discard` waited on the device for each
-/// punch: a 1 GiB `nbdcopy` upload through the tracking export took 2.8-4 s instead of 1.2 s
-/// once earlier writes had allocated its zero regions. Freeing space is TRIM's job.
-/// Writes zeros where the filesystem cannot (never a hole: NBD's NO_HOLE forbids one).
-pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let flags = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    match fallocate(fd, flags, offset as i64, len as i64) {
-        Ok(()) => Ok(()),
-        Err(_) => write_zeros(file, offset, len),
-    }
-}
-
-/// Writes `len` zero bytes at `offset`, a bounded buffer at a time (an NBD request may zero
-/// up to 4 GiB).
-fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    const PIECE: u64 = 1 << 20;
-    let zeros = vec![0u8; PIECE.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = PIECE.min(len - done) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 /// Copies `len` bytes between files with `copy_file_range`, so filesystems with reflinks share
@@ -647,6 +366,7 @@ pub fn copy_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::StoreError;
 
     #[test]
     fn committed_chunks_survive_reopen_and_dedup_finds_them() {

@@ -8,9 +8,12 @@
 //! - `DIR/id`: the store's id (16 bytes), copied from `meta/` so that a sync round can name
 //!   the replica to its source before RocksDB is open. A hint only: `meta/`'s copy wins.
 //!
-//! A chunk is recorded in `chunks` and `content` only after its bytes are durable
-//! ([`crate::ChunkWriter`]), so every record can be trusted after a crash.
+//! A chunk is recorded in `chunks` and `content` only after its bytes are durable, and a
+//! record is withdrawn before its bytes change ([`crate::writer`]), so every record can be
+//! trusted after a crash. Data files are opened through a [`FileLayer`] (plain files, or a
+//! crash model in tests).
 
+use crate::datafile::{fsync_dir, FileLayer, OsFiles};
 use crate::db::Db;
 use crate::error::{io_err, Result, StoreError};
 use crate::replica::Replica;
@@ -45,6 +48,7 @@ pub(crate) struct Inner {
     id: [u8; 16],
     pub(crate) dir: PathBuf,
     id_lock: Mutex<()>,
+    files: Arc<dyn FileLayer>,
 }
 
 /// An open store; cheap to clone.
@@ -70,8 +74,21 @@ pub(crate) fn content_key(hash: &ChunkHash, id: u32, index: u64) -> [u8; 44] {
 impl Store {
     /// Opens (creating) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(dir.join("data"))
-            .map_err(io_err("cannot create store directory", dir))?;
+        Store::open_with(dir, Arc::new(OsFiles))
+    }
+
+    /// Opens (creating) the store in `dir`, its data files through `files`.
+    pub fn open_with(dir: &Path, files: Arc<dyn FileLayer>) -> Result<Store> {
+        let data = dir.join("data");
+        if !data.is_dir() {
+            std::fs::create_dir_all(&data).map_err(io_err("cannot create store directory", dir))?;
+            // The new directories' names must be durable before anything in them is.
+            for d in [dir, data.as_path()] {
+                if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    fsync_dir(parent).map_err(io_err("cannot sync directory", parent))?;
+                }
+            }
+        }
         let db = Db::open_with_prefixes(
             &dir.join("meta"),
             &[DISKS, CHUNKS, CONTENT],
@@ -94,7 +111,9 @@ impl Store {
         if Store::peek_id(dir) != Some(id) {
             // Written whole or not at all (rename); a store without it only loses the head start.
             let tmp = dir.join(format!("{ID_HINT}.tmp"));
-            let written = std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, &hint));
+            let written = std::fs::write(&tmp, id)
+                .and_then(|()| std::fs::rename(&tmp, &hint))
+                .and_then(|()| fsync_dir(dir));
             if let Err(e) = written {
                 tracing::debug!(path = %hint.display(), error = %e, "cannot write the store id hint");
             }
@@ -105,6 +124,7 @@ impl Store {
                 id,
                 dir: dir.to_path_buf(),
                 id_lock: Mutex::new(()),
+                files,
             }),
         })
     }
@@ -137,6 +157,11 @@ impl Store {
 
     pub(crate) fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// How data files are opened.
+    pub(crate) fn files(&self) -> &dyn FileLayer {
+        self.inner.files.as_ref()
     }
 
     /// Path of disk `id`'s data file.
@@ -190,7 +215,7 @@ impl Store {
     /// Opens disk `name`, creating it with `geometry` if the store does not hold it yet.
     pub fn open_or_create(&self, name: &str, geometry: Geometry) -> Result<Replica> {
         let _guard = self.inner.id_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = match self.disk(name)? {
+        let (rec, created) = match self.disk(name)? {
             Some(rec) => {
                 if rec.geometry != geometry {
                     return Err(StoreError::Geometry {
@@ -202,7 +227,7 @@ impl Store {
                         ),
                     });
                 }
-                rec
+                (rec, false)
             }
             None => {
                 let db = self.db();
@@ -222,10 +247,10 @@ impl Store {
                     seeded_digest: None,
                 };
                 self.put_disk(&rec)?;
-                rec
+                (rec, true)
             }
         };
-        Replica::open(self.clone(), rec)
+        Replica::open(self.clone(), rec, created)
     }
 
     /// Opens disk `name`, which must exist.
@@ -234,7 +259,7 @@ impl Store {
             name: name.to_string(),
             path: self.inner.dir.clone(),
         })?;
-        Replica::open(self.clone(), rec)
+        Replica::open(self.clone(), rec, false)
     }
 
     /// Where content `hash` is held durably, if anywhere.

@@ -424,6 +424,20 @@ fn plan(
             &all
         }
     };
+    // Records of chunks whose content will change are withdrawn first, in one synced batch:
+    // after a crash mid-transfer they are absent and fetched again, never trusted over new or
+    // torn bytes.
+    let stale: Vec<u64> = indexes
+        .iter()
+        .copied()
+        .filter(|&i| match (manifest.get(i), w.state(i)) {
+            (Some(ChunkEntry::Data(h)), Some(ChunkState::Data(have))) => h != have,
+            (Some(ChunkEntry::Data(_)), Some(ChunkState::Zero)) => true,
+            (Some(ChunkEntry::Zero), Some(ChunkState::Data(_))) => true,
+            _ => false,
+        })
+        .collect();
+    w.forget(&stale)?;
     for &index in indexes {
         let Some(entry) = manifest.get(index) else {
             continue;
@@ -470,10 +484,14 @@ fn plan(
             w.commit()?;
         }
     }
-    // Duplicates of content copied locally can be copied now too.
+    // Duplicates of content copied locally can be copied now too. Chunks that cannot be
+    // copied join the fetch list after the pass: `fetched` is what the plan fetched before
+    // it, so each distinct content is fetched once.
     let own = replica.record().id;
+    let fetched: std::collections::HashSet<u64> = fetch.iter().copied().collect();
+    let mut refetch = Vec::new();
     dups.retain(|first, list| {
-        if fetch.binary_search(first).is_ok() {
+        if fetched.contains(first) {
             return true;
         }
         list.retain(|&j| {
@@ -489,12 +507,20 @@ fn plan(
                 _ => true,
             }
         });
+        // Could not copy (the local bytes failed their hash): fetch the content once, for
+        // the first of them, and copy it to the others when it lands.
         if !list.is_empty() {
-            // Could not copy (the local bytes failed their hash): fetch them instead.
-            fetch.extend(list.iter().copied());
+            let head = list.remove(0);
+            refetch.push((head, std::mem::take(list)));
         }
         false
     });
+    for (head, rest) in refetch {
+        fetch.push(head);
+        if !rest.is_empty() {
+            dups.insert(head, rest);
+        }
+    }
     w.commit()?;
     Ok((w, fetch, dups))
 }

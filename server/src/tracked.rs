@@ -306,13 +306,13 @@ impl Device for TrackedImage {
         // Zeroed ranges stay allocated, which NO_HOLE asks for and costs nothing otherwise:
         // the VM wrote zeros, it did not give the space back (that is TRIM).
         self.tracked_write(offset, len as u64, fua, |f| {
-            blockstore::replica::zero_range(f, offset, len as u64)
+            blockstore::datafile::zero_range(f, offset, len as u64)
         })
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
         self.tracked_write(offset, len as u64, fua, |f| {
-            blockstore::replica::punch_hole(f, offset, len as u64)
+            blockstore::datafile::punch_hole(f, offset, len as u64)
         })
     }
 

@@ -30,7 +30,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     out.set_len(g.size)
         .with_context(|| format!("cannot size {}", a.out.display()))?;
-    let src = replica.file();
+    let src = std::fs::File::open(replica.data_path())
+        .with_context(|| format!("cannot open {}", replica.data_path().display()))?;
     // Runs of present chunks are copied in one call; zeros and absent chunks stay holes.
     let mut i = 0u64;
     let n = g.chunk_count();
@@ -53,7 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         let off = g.offset(start);
         let len = (g.offset(i).min(g.size) - off) as usize;
-        blockstore::replica::copy_range(src, off, &out, off, len)
+        blockstore::replica::copy_range(&src, off, &out, off, len)
             .with_context(|| format!("cannot write {}", a.out.display()))?;
     }
     out.sync_all()

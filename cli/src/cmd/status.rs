@@ -62,5 +62,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         s.on_demand_p99_ms,
         s.complete
     );
+    if let Some(why) = &s.failed {
+        println!("  FAILED, acknowledging no writes or flushes until restarted: {why}");
+        return Ok(1);
+    }
     Ok(0)
 }

@@ -5,28 +5,33 @@
 //! share one fetch; sequential readers get read-ahead; the background copier pulls everything
 //! else, pausing while reads wait, and releases the source when the replica is complete.
 //!
-//! Ordering rule (xNBD's, and the classic bug when broken): a local write marks its chunks
-//! written *before* touching the file, under the chunk's lock; a fetch that lands afterwards
-//! finds the mark under the same lock and is discarded, so older source data never overwrites
-//! a newer local write. A partial write to an absent chunk fetches the chunk first.
+//! Ordering rule (xNBD's, and the classic bug when broken): a local write holds its chunks'
+//! stripe locks while it writes the bytes and then marks the chunks written; a fetch lands
+//! only under the same lock and only into a chunk still absent, so older source data never
+//! overwrites a newer local write. A partial write to an absent chunk fetches the chunk first.
 //!
-//! Durability: fetched chunks and local-write marks are recorded in batches after an
-//! `fdatasync` ([`blockstore::ChunkWriter`]); FLUSH and FUA sync the file and commit the marks
-//! before answering, so an acknowledged write survives `kill -9`.
+//! Durability ([`blockstore::writer`]): a chunk's mark is recorded only after its bytes are
+//! written, in a batch committed after an `fdatasync`, so a crash before the commit leaves an
+//! absent chunk (fetched again: its old content) rather than a mark over a hole. A chunk whose
+//! record vouches for its bytes (fetched data, or zero) is first recorded `Written`, durably,
+//! before a local write changes them. A failed write leaves no mark and returns its error. FLUSH
+//! and FUA commit and sync before answering, so an acknowledged write survives `kill -9`; after
+//! a failed commit or sync the export acknowledges no write or flush until it is restarted.
 
+#[cfg(test)]
+mod crash_model;
 mod lowprio;
 pub mod status;
 
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::{Device, DeviceError, Extent};
+use blockstore::datafile::DataFile;
 use blockstore::{ChunkState, ChunkWriter, Replica, Store};
 use client::fetch::{Fetched, Fetcher};
 use client::session::Peer;
 use protocol::{ChunkEntry, Geometry};
 use status::ExportStats;
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +89,9 @@ struct Remote {
     bucket: Option<TokenBucket>,
     waiting_reads: AtomicUsize,
     released: AtomicBool,
+    /// Bytes the background copier's fetches took on the wire, to settle its bandwidth cap
+    /// with what really crossed (compression varies chunk to chunk).
+    background_wire: AtomicU64,
     /// Where background chunks are verified and landed, below the reads' priority.
     low: lowprio::LowPriority,
 }
@@ -92,7 +100,7 @@ struct Remote {
 pub struct ReplicaDevice {
     name: String,
     replica: Replica,
-    file: Arc<File>,
+    file: Arc<dyn DataFile>,
     g: Geometry,
     read_only: bool,
     states: Vec<AtomicU8>,
@@ -160,6 +168,7 @@ impl ReplicaDevice {
                     bucket: opts.bandwidth.map(TokenBucket::new),
                     waiting_reads: AtomicUsize::new(0),
                     released: AtomicBool::new(false),
+                    background_wire: AtomicU64::new(0),
                     low: lowprio::LowPriority::start("helio-copier").map_err(|e| {
                         blockstore::StoreError::Io {
                             what: "cannot start the copier thread for",
@@ -178,17 +187,16 @@ impl ReplicaDevice {
             // Zero chunks need no transfer: record them now.
             for (i, e) in manifest.iter().enumerate() {
                 if states[i] == ABSENT && *e == ChunkEntry::Zero {
-                    blockstore::replica::punch_hole(
-                        replica.file(),
-                        g.offset(i as u64),
-                        g.len(i as u64) as u64,
-                    )
-                    .map_err(|e| blockstore::StoreError::Io {
-                        what: "cannot punch",
-                        path: replica.data_path().clone(),
-                        source: e,
-                    })?;
-                    records.mark_zero(i as u64);
+                    // The chunk may hold bytes written but never recorded before a crash.
+                    replica
+                        .file()
+                        .punch_hole(g.offset(i as u64), g.len(i as u64) as u64)
+                        .map_err(|e| blockstore::StoreError::Io {
+                            what: "cannot punch",
+                            path: replica.data_path().clone(),
+                            source: e,
+                        })?;
+                    records.mark_zero(i as u64)?;
                     states[i] = ZERO;
                 }
             }
@@ -252,15 +260,15 @@ impl ReplicaDevice {
         }
         let mut rec = lock(&self.records);
         if f.zero {
-            blockstore::replica::punch_hole(&self.file, self.g.offset(index), f.data.len() as u64)
+            self.file
+                .punch_hole(self.g.offset(index), f.data.len() as u64)
                 .map_err(io_err("cannot punch replica"))?;
-            rec.mark_zero(index);
-            self.states[index as usize].store(ZERO, Ordering::SeqCst);
+            rec.mark_zero(index).map_err(store_err)?;
+            self.set_state(index, ZERO);
         } else {
             rec.put(index, f.hash, &f.data).map_err(store_err)?;
-            self.states[index as usize].store(DATA, Ordering::SeqCst);
+            self.set_state(index, DATA);
         }
-        self.absent.fetch_sub(1, Ordering::SeqCst);
         if rec.commit_due() {
             rec.commit_in_background().map_err(store_err)?;
         }
@@ -269,10 +277,18 @@ impl ReplicaDevice {
 
     /// Makes every completed write durable, with its records.
     pub fn sync(&self) -> Result<(), DeviceError> {
-        let mut rec = lock(&self.records);
-        rec.commit().map_err(store_err)?;
-        // Writes to chunks already marked leave nothing pending: sync their bytes anyway.
-        self.file.sync_data().map_err(io_err("cannot sync replica"))
+        lock(&self.records).flush().map_err(store_err)
+    }
+
+    /// Why the export stopped acknowledging writes, if it did (a failed commit or sync).
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.records).failure().map(str::to_string)
+    }
+
+    /// True when a write of `len` bytes at `offset` replaces all of chunk `i`.
+    fn covers(&self, i: u64, offset: u64, len: u64) -> bool {
+        let (cs, ce) = (self.g.offset(i), self.g.offset(i) + self.g.len(i) as u64);
+        offset <= cs && offset + len >= ce
     }
 
     /// Ensures chunks `range` are local, fetching absent ones (all at once) on the priority path.
@@ -287,8 +303,7 @@ impl ReplicaDevice {
                 continue;
             }
             if let Some((off, len)) = only_partial {
-                let (cs, ce) = (self.g.offset(i), self.g.offset(i) + self.g.len(i) as u64);
-                if off <= cs && off + len >= ce {
+                if self.covers(i, off, len) {
                     continue; // fully overwritten: no need for the old bytes
                 }
             }
@@ -405,6 +420,9 @@ impl ReplicaDevice {
                 };
                 out.map(|(landed, len, wire)| {
                     self.stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+                    if !priority {
+                        remote.background_wire.fetch_add(wire, Ordering::Relaxed);
+                    }
                     if landed && !priority {
                         self.stats.background_chunks.fetch_add(1, Ordering::Relaxed);
                         self.stats
@@ -425,6 +443,7 @@ impl ReplicaDevice {
         let Some(remote) = &self.remote else { return };
         let slots = Arc::new(tokio::sync::Semaphore::new(BACKGROUND_IN_FLIGHT));
         let mut pause = Duration::from_millis(200);
+        let (mut charged, mut done_chunks) = (0u64, 0u64);
         while !self.is_complete() {
             let failures = Arc::new(AtomicU64::new(0));
             for index in 0..self.g.chunk_count() {
@@ -436,7 +455,16 @@ impl ReplicaDevice {
                     tokio::time::sleep(Duration::from_micros(500)).await;
                 }
                 if let Some(bucket) = &remote.bucket {
-                    bucket.take(self.g.len(index) as u64 / 2).await;
+                    // Charged an estimate before asking, settled with the real wire bytes.
+                    let used = remote.background_wire.load(Ordering::Relaxed);
+                    bucket.settle(used as i64 - charged as i64);
+                    done_chunks += 1;
+                    let estimate = match used {
+                        0 => self.g.chunk_size as u64,
+                        _ => used / done_chunks,
+                    };
+                    bucket.take(estimate).await;
+                    charged = used + estimate;
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
@@ -511,6 +539,7 @@ impl ReplicaDevice {
             on_demand_p50_ms: status::percentile_ms(&waits, 0.5),
             on_demand_p99_ms: status::percentile_ms(&waits, 0.99),
             wire_bytes: self.stats.wire_bytes.load(Ordering::Relaxed),
+            failed: self.failure(),
             complete: complete
                 && self
                     .remote
@@ -530,9 +559,10 @@ impl ReplicaDevice {
         ids.into_iter().map(|s| lock(&self.stripes[s])).collect()
     }
 
-    fn mark(&self, i: u64, new: u8, rec: &mut ChunkWriter) {
+    /// Moves chunk `i` to state `new`, keeping the counters.
+    fn set_state(&self, i: u64, new: u8) {
         let old = self.states[i as usize].swap(new, Ordering::SeqCst);
-        if old == ABSENT {
+        if old == ABSENT && new != ABSENT {
             self.absent.fetch_sub(1, Ordering::SeqCst);
         }
         if old != WRITTEN && new == WRITTEN {
@@ -541,49 +571,74 @@ impl ReplicaDevice {
         if old == WRITTEN && new != WRITTEN {
             self.written.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records chunk `i`, whose bytes the caller has written, as `new` (ZERO or WRITTEN).
+    fn mark(&self, i: u64, new: u8) -> Result<(), DeviceError> {
+        let mut rec = lock(&self.records);
         match new {
             ZERO => rec.mark_zero(i),
             _ => rec.mark_written(i),
         }
+        .map_err(store_err)?;
+        self.set_state(i, new);
+        Ok(())
+    }
+
+    /// Before a local write changes chunks `range` (their stripes held): refuses once the
+    /// store has failed, keeps the space reserve for `len` bytes that may allocate, and
+    /// records as `Written`, durably, the chunks whose records vouch for their bytes.
+    fn before_local_write(&self, range: std::ops::Range<u64>, len: u64) -> Result<(), DeviceError> {
+        let mut rec = lock(&self.records);
+        let vouching: Vec<u64> = range
+            .filter(|&i| matches!(self.state(i), DATA | ZERO))
+            .collect();
+        rec.record_written_now(&vouching).map_err(store_err)?;
+        for i in vouching {
+            self.set_state(i, WRITTEN);
+        }
+        rec.reserve(len).map_err(store_err)
     }
 
     fn apply_write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let range = self.g.chunks_touching(offset, data.len() as u64);
         let _guards = self.lock_stripes(range.clone());
-        {
-            let mut rec = lock(&self.records);
-            // Marked before the bytes move: a fetch landing later sees the mark and is dropped.
-            for i in range {
-                if self.state(i) != WRITTEN {
-                    self.mark(i, WRITTEN, &mut rec);
-                }
-            }
-        }
+        self.before_local_write(range.clone(), data.len() as u64)?;
+        // Bytes first, marks after: a chunk marked over bytes that never landed would read
+        // as a hole after a crash.
         self.file
             .write_all_at(data, offset)
-            .map_err(io_err("cannot write replica"))
+            .map_err(io_err("cannot write replica"))?;
+        for i in range {
+            if self.state(i) != WRITTEN {
+                self.mark(i, WRITTEN)?;
+            }
+        }
+        Ok(())
     }
 
     fn apply_zero(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), DeviceError> {
         let range = self.g.chunks_touching(offset, len);
         let _guards = self.lock_stripes(range.clone());
-        let mut rec = lock(&self.records);
+        // Punching frees space; only ranges kept allocated may need it.
+        self.before_local_write(range.clone(), if no_hole { len } else { 0 })?;
         for i in range {
             let (cs, cl) = (self.g.offset(i), self.g.len(i) as u64);
             let s = offset.max(cs);
             let e = (offset + len).min(cs + cl);
-            let whole = s == cs && e == cs + cl;
-            if whole && !no_hole {
-                self.mark(i, ZERO, &mut rec);
-                blockstore::replica::punch_hole(&self.file, s, e - s)
+            if self.covers(i, offset, len) && !no_hole {
+                self.file
+                    .punch_hole(s, e - s)
                     .map_err(io_err("cannot punch replica"))?;
+                self.mark(i, ZERO)?;
             } else {
-                if self.state(i) != WRITTEN {
-                    self.mark(i, WRITTEN, &mut rec);
-                }
                 // The chunk stays data (allocated), as NO_HOLE asks and its state reports.
-                blockstore::replica::zero_range(&self.file, s, e - s)
+                self.file
+                    .zero_range(s, e - s)
                     .map_err(io_err("cannot zero replica"))?;
+                if self.state(i) != WRITTEN {
+                    self.mark(i, WRITTEN)?;
+                }
             }
         }
         Ok(())
@@ -688,6 +743,14 @@ impl Device for Exported {
             Ok(())
         })
         .await
+    }
+
+    fn zeroing_is_fast(&self, offset: u64, len: u32) -> bool {
+        // An absent chunk zeroed only in part needs its other bytes from the source first.
+        let dev = &self.0;
+        dev.g
+            .chunks_touching(offset, len as u64)
+            .all(|i| dev.state(i) != ABSENT || dev.covers(i, offset, len as u64))
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {

@@ -73,6 +73,10 @@ pub struct Status {
     pub on_demand_p99_ms: f64,
     /// Bytes received from the source.
     pub wire_bytes: u64,
+    /// Why the export stopped acknowledging writes and flushes (a failed commit or sync of
+    /// its store), or null. Restart the export to reopen the replica.
+    #[serde(default)]
+    pub failed: Option<String>,
     /// Every chunk is local; the source has been released.
     pub complete: bool,
     /// Unix time of this snapshot.
@@ -92,7 +96,11 @@ pub fn write(store: &Path, status: &Status) -> std::io::Result<()> {
     }
     let tmp = p.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(status).unwrap_or_default())?;
-    std::fs::rename(tmp, p)
+    std::fs::rename(tmp, &p)?;
+    match p.parent() {
+        Some(dir) => blockstore::datafile::fsync_dir(dir),
+        None => Ok(()),
+    }
 }
 
 /// Percentile of microsecond samples, in milliseconds.

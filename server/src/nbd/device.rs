@@ -22,6 +22,14 @@ impl DeviceError {
         }
     }
 
+    /// Not supported (FAST_ZERO that would be slow).
+    pub fn notsup(message: impl Into<String>) -> Self {
+        DeviceError {
+            errno: super::proto::ENOTSUP,
+            message: message.into(),
+        }
+    }
+
     /// Out of space.
     pub fn nospc(message: impl Into<String>) -> Self {
         DeviceError {
@@ -67,6 +75,12 @@ pub trait Device: Send + Sync + 'static {
         no_hole: bool,
         fua: bool,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// True when zeroing the range is fast (no slower than writing it would be). A
+    /// WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO over a range where this is false fails with
+    /// ENOTSUP at once, as the NBD spec asks, so the client can write zeros itself.
+    fn zeroing_is_fast(&self, _offset: u64, _len: u32) -> bool {
+        true
+    }
     /// Discards a range (it may then read as anything; ours reads as zeros).
     fn trim(
         &self,

@@ -264,6 +264,14 @@ async fn handle<D: Device>(dev: &D, req: Request, payload: Vec<u8>, structured: 
             Err(e) => header(error_reply(structured, req.handle, &e)),
         },
         CMD_WRITE => done(dev.write(req.offset, payload, fua).await),
+        CMD_WRITE_ZEROES
+            if req.flags & CMD_FLAG_FAST_ZERO != 0
+                && !dev.zeroing_is_fast(req.offset, req.length) =>
+        {
+            done(Err(DeviceError::notsup(
+                "FAST_ZERO refused: zeroing this range needs data from the source first",
+            )))
+        }
         CMD_WRITE_ZEROES => done(
             dev.write_zeroes(
                 req.offset,
