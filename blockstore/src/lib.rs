@@ -30,6 +30,8 @@ pub mod replica;
 pub mod scan;
 pub mod store;
 pub mod writer;
+#[cfg(test)]
+mod writer_model;
 
 pub use catalog::Catalog;
 pub use error::StoreError;

@@ -447,6 +447,56 @@ mod tests {
         assert_eq!(listed.state(50), None);
     }
 
+    /// A store holding disk "a" of 8 chunks, every one recorded as data.
+    fn full_store(dir: &std::path::Path) -> (Geometry, Vec<Vec<u8>>) {
+        let g = Geometry::new(8 * 4096, 4096).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 4096]).collect();
+        let store = Store::open(dir).unwrap();
+        let r = store.open_or_create("a", g).unwrap();
+        let mut w = r.writer().unwrap();
+        for (i, c) in chunks.iter().enumerate() {
+            w.put(i as u64, ChunkHash::of(c), c).unwrap();
+        }
+        w.commit().unwrap();
+        (g, chunks)
+    }
+
+    #[test]
+    fn a_missing_short_or_replaced_data_file_is_refetched_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, chunks) = full_store(dir.path());
+        let path = Store::open(dir.path()).unwrap().data_path(1);
+
+        std::fs::remove_file(&path).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.replica("a").unwrap();
+        assert_eq!(r.repaired(), 8, "a missing file vouches for nothing");
+        assert!(r.states().unwrap().iter().all(Option::is_none));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), g.size);
+        drop((r, store));
+
+        let (_, _) = full_store(dir.path());
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(3 * 4096 + 100).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.replica("a").unwrap();
+        assert_eq!(r.repaired(), 5, "chunks past the end are dropped");
+        let states = r.states().unwrap();
+        assert!(states[..3].iter().all(Option::is_some));
+        assert!(states[3..].iter().all(Option::is_none));
+        assert_eq!(r.read_chunk(2).unwrap(), chunks[2]);
+        drop((r, store));
+
+        let (_, _) = full_store(dir.path());
+        // Another file of the right size (a restore of the wrong disk, say): every sampled
+        // chunk differs, and every record is checked and dropped.
+        std::fs::write(&path, vec![0xeeu8; g.size as usize]).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.replica("a").unwrap();
+        assert_eq!(r.repaired(), 8);
+        assert!(r.states().unwrap().iter().all(Option::is_none));
+    }
+
     #[test]
     fn overwritten_content_leaves_the_index() {
         let dir = tempfile::tempdir().unwrap();

@@ -535,6 +535,11 @@ impl ChunkWriter {
             })
     }
 
+    /// Chunks recorded and not yet handed to a commit.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// True when enough is pending that a commit is due.
     pub fn commit_due(&self) -> bool {
         self.pending_bytes >= COMMIT_BYTES

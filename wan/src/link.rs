@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -214,7 +214,9 @@ async fn direction(
     mut wr: OwnedWriteHalf,
     to_client: bool,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, usize)>();
+    // Each queued segment holds its share of the wire's budget until it is written or dropped:
+    // a connection that dies with segments queued cannot shrink the link for the others.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, OwnedSemaphorePermit)>();
     let reader = {
         let shared = shared.clone();
         async move {
@@ -229,10 +231,10 @@ async fn direction(
                 // The queue is bounded: a sender that outruns the link waits here, as behind a
                 // real bottleneck, and TCP pushes back on it.
                 let permits = n.min(wire.capacity);
-                let Ok(p) = wire.budget.acquire_many(permits as u32).await else {
+                let Ok(permit) = wire.budget.clone().acquire_many_owned(permits as u32).await
+                else {
                     break;
                 };
-                p.forget();
                 let deliver = wire.book(n, &shared.spec);
                 if to_client {
                     if let Some(every) = shared.spec.corrupt_every {
@@ -247,7 +249,7 @@ async fn direction(
                         }
                     }
                 }
-                if tx.send((deliver, buf, permits)).is_err() {
+                if tx.send((deliver, buf, permit)).is_err() {
                     break;
                 }
             }
@@ -256,16 +258,12 @@ async fn direction(
     let writer = {
         let shared = shared.clone();
         async move {
-            let wire = &shared.wires[usize::from(to_client)];
-            while let Some((deliver, buf, permits)) = rx.recv().await {
+            while let Some((deliver, buf, permit)) = rx.recv().await {
                 tokio::time::sleep_until(deliver).await;
                 let ok = wr.write_all(&buf).await.is_ok();
-                wire.budget.add_permits(permits);
+                drop(permit);
                 if !ok {
-                    // Return the budget of segments that will never be written.
-                    while let Ok((_, _, p)) = rx.try_recv() {
-                        wire.budget.add_permits(p);
-                    }
+                    // Dropping the receiver drops (and releases) what is still queued.
                     return;
                 }
                 let counter = if to_client {
@@ -370,6 +368,55 @@ mod tests {
         assert!(
             matches!(r2, Ok(Ok(0)) | Ok(Err(_))),
             "down link served a connection"
+        );
+    }
+
+    /// A server that writes without end to whoever connects.
+    async fn flood_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let block = vec![1u8; 64 << 10];
+                    while s.write_all(&block).await.is_ok() {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn connections_that_die_with_queued_bytes_leave_the_link_whole() {
+        let spec = LinkSpec {
+            rtt: Duration::from_millis(20),
+            bandwidth: Some(Rate(1_000_000)),
+            corrupt_every: None,
+        };
+        let link = Link::start("127.0.0.1:0", &flood_server().await.to_string(), spec)
+            .await
+            .unwrap();
+        // Each connection fills the shared queue, then dies: cut, or the client killed.
+        for round in 0..6 {
+            let mut s = TcpStream::connect(link.local_addr()).await.unwrap();
+            let mut b = [0u8; 1];
+            let first = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await;
+            assert!(
+                first.is_ok(),
+                "connection {round} gets no bytes: the dead ones kept the budget"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if round % 2 == 0 {
+                link.cut();
+            }
+            drop(s);
+        }
+        let mut s = TcpStream::connect(link.local_addr()).await.unwrap();
+        let mut b = vec![0u8; 100_000];
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await;
+        assert!(
+            r.is_ok(),
+            "a new connection gets no bytes: the dead ones kept the budget"
         );
     }
 }

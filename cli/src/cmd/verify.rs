@@ -35,6 +35,9 @@ struct Report {
     disk: String,
     chunks: u64,
     mismatches: Vec<Mismatch>,
+    /// Chunk records that opening the replica dropped: the data file no longer backed them
+    /// (missing, short, or other bytes). They are absent now and will be fetched again.
+    repaired: usize,
     ok: bool,
 }
 
@@ -55,16 +58,25 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
     }
     let mismatches = check(&replica, image.as_ref())?;
-    let ok = mismatches.is_empty();
+    let repaired = replica.repaired();
+    let ok = mismatches.is_empty() && repaired == 0;
     if a.json {
         let report = Report {
             disk: a.disk.name.clone(),
             chunks: g.chunk_count(),
             mismatches,
+            repaired,
             ok,
         };
         println!("{}", serde_json::to_string(&report)?);
     } else {
+        if repaired > 0 {
+            println!(
+                "{}: {repaired} chunk records did not match the data file and were dropped; \
+                 those chunks are absent now: seed or sync again to fetch them",
+                a.disk.name
+            );
+        }
         for m in &mismatches {
             println!("chunk {} (offset {}): {}", m.chunk, m.offset, m.reason);
         }
