@@ -2,10 +2,12 @@
 //!
 //! Replies are matched to requests by id, never by order: a source may answer out of order
 //! (xNBD's proxy mode takes replies in order and returns wrong data from such a peer). A lost
-//! connection fails the requests in flight; the next request dials again.
+//! connection fails the requests in flight; the next request dials again. So does a source
+//! that stays silent for the peer's timeout while requests wait (a blackholed link keeps the
+//! connection up and answers nothing).
 
 use crate::session::{Peer, SessionError};
-use protocol::{codec, ChunkHash, DiskInfo, Encoding, Frame, FrameWriter, Message};
+use protocol::{codec, ChunkHash, ConnError, DiskInfo, Encoding, Frame, FrameWriter, Message};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,6 +113,8 @@ impl Fetcher {
         let reader = tokio::spawn(async move {
             let err = loop {
                 match reader.recv().await {
+                    // An idle link is silent by right; with requests waiting it is dead.
+                    Err(ConnError::Silent { .. }) if lock(&w).is_empty() => continue,
                     Ok(frame) => {
                         let id = match &frame.msg {
                             Message::Chunk { id, .. } => Some(*id),

@@ -604,6 +604,10 @@ async fn run_stream(shared: &Shared, peer: &Peer, retries: u32, n: usize) -> Res
         match end {
             PumpEnd::Done => return Ok(()),
             PumpEnd::Fatal(e) => return Err(e),
+            // Silence is not retried: the peer's timeout already waited as long as allowed.
+            PumpEnd::Transient(e @ ConnError::Silent { .. }, _) => {
+                return Err(SeedError::SourceLost(e))
+            }
             PumpEnd::Transient(e, progressed) => {
                 failures = if progressed { 1 } else { failures + 1 };
                 if failures > retries {

@@ -1,6 +1,7 @@
 //! One connection to a source agent, with a disk opened on it.
 
 use protocol::tls::TlsClient;
+use std::time::Duration;
 use protocol::{connect, ChunkEntry, Conn, ConnError, DiskInfo, Frame, Message};
 
 /// How to reach a source agent.
@@ -12,7 +13,13 @@ pub struct Peer {
     pub tls: Option<TlsClient>,
     /// Our name, sent in the hello.
     pub agent: String,
+    /// How long the source may stay silent when an answer is due (dialing, the handshake, each
+    /// reply) before the exchange fails with [`ConnError::Silent`].
+    pub timeout: Duration,
 }
+
+/// The default of [`Peer::timeout`] (`--timeout` of seed and sync).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a source said instead of the expected reply.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +83,14 @@ impl SessionError {
 impl Peer {
     /// Connects and opens `disk`.
     pub async fn open(&self, disk: &str) -> Result<(Conn, DiskInfo), SessionError> {
-        let mut conn = connect(&self.addr, self.tls.as_ref(), &self.agent).await?;
+        let dial = connect(&self.addr, self.tls.as_ref(), &self.agent);
+        let mut conn = tokio::time::timeout(self.timeout, dial)
+            .await
+            .map_err(|_| ConnError::Silent {
+                peer: self.addr.clone(),
+                after: self.timeout,
+            })??;
+        conn.set_timeout(Some(self.timeout));
         conn.send(&Frame::new(Message::Open {
             disk: disk.to_string(),
         }))

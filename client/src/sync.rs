@@ -42,8 +42,9 @@ pub struct Round {
     pub wire_bytes: u64,
     /// Wall time.
     pub elapsed_s: f64,
-    /// Bytes dirtied per second while the round ran.
-    pub dirty_rate: f64,
+    /// Bytes dirtied per second while the round ran; `None` (null) when the source cannot
+    /// measure it (a QEMU dirty bitmap).
+    pub dirty_rate: Option<f64>,
     /// Dirty bytes shipped per second.
     pub transfer_rate: f64,
     /// Chunks shipped.
@@ -57,17 +58,18 @@ pub struct SyncReport {
     pub disk: String,
     /// Each round.
     pub rounds: Vec<Round>,
-    /// Bytes written at the source since the last round's cut.
-    pub remaining_dirty_bytes: u64,
-    /// Remaining dirty bytes are at most `max_dirty`.
+    /// Bytes written at the source since the last round's cut; `None` (null) when the source
+    /// cannot measure it (a QEMU dirty bitmap).
+    pub remaining_dirty_bytes: Option<u64>,
+    /// Remaining dirty bytes are known and at most `max_dirty`.
     pub converged: bool,
     /// Why the rounds stopped.
     pub stopped: String,
 }
 
-fn dirty_query(conn_reply: Message, peer: &str) -> Result<u64, SessionError> {
+fn dirty_query(conn_reply: Message, peer: &str) -> Result<Option<u64>, SessionError> {
     match conn_reply {
-        Message::Dirty { bytes, .. } => Ok(bytes),
+        Message::Dirty { bytes, .. } => Ok((bytes != protocol::DIRTY_UNKNOWN).then_some(bytes)),
         other => Err(SessionError::from_reply(peer, other)),
     }
 }
@@ -211,40 +213,26 @@ pub async fn sync_from(
             dirty_bytes,
             wire_bytes: report.wire_bytes,
             elapsed_s: elapsed,
-            dirty_rate: remaining as f64 / elapsed,
+            dirty_rate: remaining.map(|r| r as f64 / elapsed),
             transfer_rate: dirty_bytes as f64 / elapsed,
             chunks: count as u64,
         };
         tracing::info!(
             disk = %name, round = rounds.len() + 1, dirty_bytes, wire_bytes = round.wire_bytes,
-            elapsed_s = format!("{elapsed:.2}"), remaining, "sync round done"
+            elapsed_s = format!("{elapsed:.2}"), remaining = ?remaining, "sync round done"
         );
         rounds.push(round.clone());
         if !opts.until_converged {
             stopped = "one round".to_string();
             break;
         }
-        if remaining <= opts.max_dirty {
-            stopped = format!(
-                "converged: {remaining} dirty bytes left, at most {} wanted",
-                opts.max_dirty
-            );
-            break;
-        }
-        // d/r >= 1 over a round that had real work: another round would ship as much or more.
-        if rounds.len() >= 2 && round.dirty_bytes > 0 && round.dirty_rate >= round.transfer_rate {
-            stopped = format!(
-                "not converging: the disk is dirtied at {:.1} MB/s and rounds ship {:.1} MB/s (d/r = {:.2} >= 1); \
-                 pause the VM or throttle its writes, then run a final round",
-                round.dirty_rate / 1e6,
-                round.transfer_rate / 1e6,
-                round.dirty_rate / round.transfer_rate
-            );
+        if let Some(why) = stop_reason(&rounds, &round, remaining, opts.max_dirty) {
+            stopped = why;
             break;
         }
         if rounds.len() >= MAX_ROUNDS {
             stopped =
-                format!("stopped after {MAX_ROUNDS} rounds with {remaining} dirty bytes left");
+                format!("stopped after {MAX_ROUNDS} rounds with {} dirty bytes left", remaining.unwrap_or(0));
             break;
         }
         if cancel.is_cancelled() {
@@ -257,9 +245,35 @@ pub async fn sync_from(
     // flush was on every round's path.
     Ok(SyncReport {
         disk: name.clone(),
-        converged: remaining <= opts.max_dirty,
+        converged: remaining.is_some_and(|r| r <= opts.max_dirty),
         remaining_dirty_bytes: remaining,
         rounds,
         stopped,
     })
+}
+
+/// Why `--until-converged` stops after `round` (the last of `rounds`), if it does.
+fn stop_reason(rounds: &[Round], round: &Round, remaining: Option<u64>, max: u64) -> Option<String> {
+    let Some(remaining) = remaining else {
+        return Some(
+            "the source cannot measure what is left (a QEMU dirty bitmap holds every write since \
+             it was added): convergence is unknown; pause the VM and run a final round"
+                .to_string(),
+        );
+    };
+    if remaining <= max {
+        return Some(format!("converged: {remaining} dirty bytes left, at most {max} wanted"));
+    }
+    let dirty_rate = round.dirty_rate.unwrap_or(0.0);
+    // d/r >= 1 over a round that had real work: another round would ship as much or more.
+    if rounds.len() >= 2 && round.dirty_bytes > 0 && dirty_rate >= round.transfer_rate {
+        return Some(format!(
+            "not converging: the disk is dirtied at {:.1} MB/s and rounds ship {:.1} MB/s (d/r = {:.2} >= 1); \
+             pause the VM or throttle its writes, then run a final round",
+            dirty_rate / 1e6,
+            round.transfer_rate / 1e6,
+            dirty_rate / round.transfer_rate
+        ));
+    }
+    None
 }

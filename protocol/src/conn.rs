@@ -11,6 +11,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
@@ -85,6 +86,15 @@ pub enum ConnError {
         /// Its reason.
         reason: String,
     },
+    /// The peer sent nothing for as long as the connection allows while a reply was due
+    /// (a blackholed link or a hung peer: the connection stays up, nothing answers).
+    #[error("{peer} sent nothing for {}s while a reply was due (the link is blackholed or the peer hung); check the link and the source", after.as_secs_f64())]
+    Silent {
+        /// The peer.
+        peer: String,
+        /// How long it was silent.
+        after: Duration,
+    },
     /// TLS failed.
     #[error("TLS with {peer} failed: {source}")]
     Tls {
@@ -115,6 +125,8 @@ impl ConnError {
 pub struct Conn {
     framed: Framing,
     peer: String,
+    /// How long a send or a receive may wait for the peer; none waits for ever.
+    timeout: Option<Duration>,
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -129,6 +141,7 @@ impl Conn {
         Conn {
             framed: Framed::new(io, codec()),
             peer: peer.into(),
+            timeout: None,
         }
     }
 
@@ -137,10 +150,16 @@ impl Conn {
         &self.peer
     }
 
+    /// Bounds every later send and receive (and those of the halves of [`Conn::split`]):
+    /// a peer silent for `timeout` fails them with [`ConnError::Silent`].
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
     async fn send_raw(&mut self, body: bytes::Bytes) -> Result<(), ConnError> {
-        self.framed
-            .send(body)
-            .await
+        let send = self.framed.send(body);
+        within(self.timeout, &self.peer, send)
+            .await?
             .map_err(|source| ConnError::Io {
                 peer: self.peer.clone(),
                 source,
@@ -148,7 +167,7 @@ impl Conn {
     }
 
     async fn recv_raw(&mut self) -> Result<bytes::Bytes, ConnError> {
-        recv_body(&mut self.framed, &self.peer).await
+        recv_body(&mut self.framed, &self.peer, self.timeout).await
     }
 
     /// Sends a frame.
@@ -218,12 +237,15 @@ impl Conn {
         let mut stream = FramedRead::new(rd, codec());
         // Bytes that arrived with the hello exchange belong to the next frames.
         stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let mut writer = FrameWriter::new(wr, self.peer.clone());
+        writer.timeout = self.timeout;
         (
             FrameReader {
                 stream,
-                peer: self.peer.clone(),
+                peer: self.peer,
+                timeout: self.timeout,
             },
-            FrameWriter::new(wr, self.peer),
+            writer,
         )
     }
 }
@@ -236,11 +258,34 @@ fn malformed(peer: &str) -> impl FnOnce(MalformedFrame) -> ConnError + '_ {
     }
 }
 
-async fn recv_body<S>(stream: &mut S, peer: &str) -> Result<bytes::Bytes, ConnError>
+/// Runs `fut` for at most `timeout`; past it the peer is [`ConnError::Silent`].
+async fn within<F: std::future::Future>(
+    timeout: Option<Duration>,
+    peer: &str,
+    fut: F,
+) -> Result<F::Output, ConnError> {
+    match timeout {
+        None => Ok(fut.await),
+        Some(after) => tokio::time::timeout(after, fut)
+            .await
+            .map_err(|_| ConnError::Silent {
+                peer: peer.to_string(),
+                after,
+            }),
+    }
+}
+
+// Cancel-safe: a frame partly read stays in the stream's buffer (which is what lets callers
+// time out or select on a receive and call it again).
+async fn recv_body<S>(
+    stream: &mut S,
+    peer: &str,
+    timeout: Option<Duration>,
+) -> Result<bytes::Bytes, ConnError>
 where
     S: futures::Stream<Item = Result<bytes::BytesMut, io::Error>> + Unpin,
 {
-    match stream.next().await {
+    match within(timeout, peer, stream.next()).await? {
         None => Err(ConnError::Closed {
             peer: peer.to_string(),
         }),
@@ -265,12 +310,13 @@ where
 pub struct FrameReader {
     stream: FramedRead<ReadHalf<Box<dyn Io>>, LengthDelimitedCodec>,
     peer: String,
+    timeout: Option<Duration>,
 }
 
 impl FrameReader {
     /// Receives a frame.
     pub async fn recv(&mut self) -> Result<Frame, ConnError> {
-        let body = recv_body(&mut self.stream, &self.peer).await?;
+        let body = recv_body(&mut self.stream, &self.peer, self.timeout).await?;
         Frame::decode(body).map_err(malformed(&self.peer))
     }
 
@@ -293,6 +339,7 @@ pub struct FrameWriter {
     small: BytesMut,
     queued: usize,
     peer: String,
+    timeout: Option<Duration>,
 }
 
 /// Payloads shorter than this are copied into the gathering buffer instead of queued apart.
@@ -311,6 +358,7 @@ impl FrameWriter {
             small: BytesMut::new(),
             queued: 0,
             peer,
+            timeout: None,
         }
     }
 
@@ -342,17 +390,24 @@ impl FrameWriter {
         }
         self.queued += 4 + len;
         if self.queued >= QUEUE_LIMIT {
-            self.write_queued().await?;
+            let (timeout, peer) = (self.timeout, self.peer.clone());
+            within(timeout, &peer, self.write_queued()).await??;
         }
         Ok(())
     }
 
     /// Writes everything queued and flushes the stream.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
-        self.write_queued().await?;
-        self.io.flush().await.map_err(|e| self.io_err(e))
+        let (timeout, peer) = (self.timeout, self.peer.clone());
+        within(timeout, &peer, async {
+            self.write_queued().await?;
+            self.io.flush().await.map_err(|e| self.io_err(e))
+        })
+        .await?
     }
 
+    // Not cancel-safe on its own (a write may be half done): callers bound it as a whole and
+    // treat a timeout as the end of the connection.
     async fn write_queued(&mut self) -> Result<(), ConnError> {
         if !self.small.is_empty() {
             let gathered = self.small.split().freeze();

@@ -17,7 +17,7 @@ pub mod tls;
 
 pub use chunk::{ChunkEntry, ChunkHash, Geometry};
 pub use conn::{connect, Conn, ConnError, FrameReader, FrameWriter};
-pub use message::{DiskInfo, Encoding, ErrorKind, Frame, Message};
+pub use message::{DiskInfo, Encoding, ErrorKind, Frame, Message, DIRTY_UNKNOWN};
 
 /// Version of the replication protocol spoken by this build; carried in every hello.
 /// 2: `GetChunk` names the sync round it fetches for.

@@ -8,6 +8,10 @@ use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+/// `Dirty`'s figures when the source cannot measure what a replica lacks; an older client
+/// reads it as a huge figure, which is the safe reading (not converged).
+pub const DIRTY_UNKNOWN: u64 = u64::MAX;
+
 /// A disk as a source agent announces it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
@@ -148,7 +152,8 @@ pub enum Message {
     },
     /// Reply to `DirtyQuery`.
     Dirty {
-        /// Chunks written since the replica's generation.
+        /// Chunks written since the replica's generation, or [`DIRTY_UNKNOWN`] (with `bytes`)
+        /// when the source cannot tell (a QEMU dirty bitmap is never cut per replica).
         chunks: u64,
         /// Their bytes.
         bytes: u64,

@@ -332,9 +332,11 @@ impl SourceDisk {
                 }
             }
             Message::SyncDone { .. } => Frame::new(Message::SyncDoneOk),
+            // QEMU's bitmap holds every write since it was added, not since this replica's
+            // last round: what the replica lacks cannot be told from it.
             Message::DirtyQuery { .. } => Frame::new(Message::Dirty {
-                chunks: 0,
-                bytes: 0,
+                chunks: protocol::DIRTY_UNKNOWN,
+                bytes: protocol::DIRTY_UNKNOWN,
             }),
             _ => fail("not a sync request".into()),
         }

@@ -461,3 +461,19 @@ fn tcp_export_needs_tls_and_serves_libnbd_over_starttls() {
         .unwrap();
     assert!(!plain.status.success(), "a client without TLS was served");
 }
+
+#[test]
+fn a_replica_seeded_from_an_older_image_serves_the_image_as_it_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = seeded(dir.path(), "8MiB", 81);
+    // The image changes at the source (a VM ran there, unsynced) before the export starts.
+    let now = dir.path().join("now.img");
+    derived_image(&img, &now, 0.3, 82);
+    let src = source(dir.path(), &[(&now, "a")], &[]);
+    let (exp, sock) = export(dir.path(), &store, "a", &["--from", &src.addr]);
+    let uri = nbd_uri(&sock, "a");
+    let out = dir.path().join("out.raw");
+    read_export(&uri, &out);
+    assert!(cmp(&out, &now), "the export served chunks of the older image");
+    assert!(exp.log().contains("no longer serves"), "{}", exp.log());
+}

@@ -398,11 +398,17 @@ fn qemu_owned_qcow2_syncs_from_its_persistent_dirty_bitmap() {
         "d",
         "--store",
         store.to_str().unwrap(),
+        "--until-converged",
         "--json",
     ]);
     let r = last_json(&out);
     // 1048576..1148576 touches chunks 16 and 17; 10000000 touches chunk 152.
     assert_eq!(r["rounds"][0]["chunks"].as_u64(), Some(3), "{r}");
+    // The bitmap cannot say what is left: one round, and no claim of convergence.
+    assert_eq!(r["rounds"].as_array().map(Vec::len), Some(1), "{r}");
+    assert_eq!(r["converged"], false, "{r}");
+    assert!(r["remaining_dirty_bytes"].is_null(), "{r}");
+    assert!(r["stopped"].as_str().unwrap().contains("cannot measure"), "{r}");
     let now = dir.path().join("now.raw");
     run_ok(
         "qemu-img",

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -48,6 +48,8 @@ struct Shared {
     spec: LinkSpec,
     target: String,
     up: AtomicBool,
+    /// True while the link is blackholed: connections stay up and nothing crosses.
+    blackhole: watch::Sender<bool>,
     conns: Mutex<Vec<AbortHandle>>,
     to_target: AtomicU64,
     to_client: AtomicU64,
@@ -107,6 +109,7 @@ impl Link {
         let shared = Arc::new(Shared {
             target: target.to_string(),
             up: AtomicBool::new(true),
+            blackhole: watch::Sender::new(false),
             conns: Mutex::new(Vec::new()),
             to_target: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
@@ -169,6 +172,13 @@ impl Link {
         }
     }
 
+    /// Blackholes the link (connections stay up, new ones are accepted, nothing crosses in
+    /// either direction: what a dead route looks like to TCP) or lifts it; nothing is lost,
+    /// what waited crosses once it is lifted.
+    pub fn set_blackhole(&self, on: bool) {
+        self.shared.blackhole.send_replace(on);
+    }
+
     /// Bytes forwarded so far.
     pub fn stats(&self) -> LinkStats {
         LinkStats {
@@ -221,7 +231,11 @@ async fn direction(
         let shared = shared.clone();
         async move {
             let wire = &shared.wires[usize::from(to_client)];
+            let mut open = shared.blackhole.subscribe();
             loop {
+                if open.wait_for(|hole| !*hole).await.is_err() {
+                    break;
+                }
                 let mut buf = vec![0u8; SEGMENT];
                 let n = match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
@@ -258,8 +272,12 @@ async fn direction(
     let writer = {
         let shared = shared.clone();
         async move {
+            let mut open = shared.blackhole.subscribe();
             while let Some((deliver, buf, permit)) = rx.recv().await {
                 tokio::time::sleep_until(deliver).await;
+                if open.wait_for(|hole| !*hole).await.is_err() {
+                    return;
+                }
                 let ok = wr.write_all(&buf).await.is_ok();
                 drop(permit);
                 if !ok {
@@ -418,5 +436,25 @@ mod tests {
             r.is_ok(),
             "a new connection gets no bytes: the dead ones kept the budget"
         );
+    }
+
+    #[tokio::test]
+    async fn a_blackhole_holds_everything_and_loses_nothing() {
+        let echo = echo_server().await;
+        let link = Link::start("127.0.0.1:0", &echo.to_string(), LinkSpec::default())
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(link.local_addr()).await.unwrap();
+        link.set_blackhole(true);
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        let held = tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut b)).await;
+        assert!(held.is_err(), "bytes crossed a blackholed link");
+        link.set_blackhole(false);
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .expect("the held bytes cross once the blackhole is lifted")
+            .unwrap();
+        assert_eq!(&b, b"ping");
     }
 }

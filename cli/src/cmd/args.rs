@@ -47,6 +47,10 @@ pub struct SourceLink {
     /// Compress chunks on the wire: auto (on a WAN: 2 ms+ round trip or --bandwidth), always, never.
     #[arg(long, default_value = "auto")]
     pub compress: client::Compress,
+    /// How long the source may stay silent while an answer is due (a blackholed link, a hung
+    /// source) before the command fails; what was transferred is kept.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 impl SourceLink {
@@ -60,6 +64,7 @@ impl SourceLink {
                 addr: self.from.clone(),
                 tls: super::tls_client(self.tls.as_deref())?,
                 agent: agent.into(),
+                timeout: self.timeout,
             },
             name: name.to_string(),
             bandwidth: self.bandwidth,

@@ -125,6 +125,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         addr: link.local_addr().to_string(),
         tls: super::tls_client(Some(&pki.join("destination")))?,
         agent: "demo-destination".into(),
+        timeout: client::session::DEFAULT_TIMEOUT,
     };
     let mut reports: Vec<SeedReport> = Vec::new();
     for (name, path, _) in &disks {

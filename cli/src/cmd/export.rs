@@ -47,6 +47,8 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             addr: addr.clone(),
             tls: super::tls_client(a.tls.as_deref())?,
             agent: "helio-export".into(),
+            // A source silent this long while chunks are due is dropped and dialed again.
+            timeout: a.fetch_timeout,
         }),
     };
     let compress = match (a.compress, &peer) {

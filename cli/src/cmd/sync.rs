@@ -64,14 +64,16 @@ pub fn print_report(r: &SyncReport) {
             round.chunks,
             human(round.wire_bytes),
             round.elapsed_s,
-            human(round.dirty_rate as u64),
+            round
+                .dirty_rate
+                .map_or("unknown ".to_string(), |r| human(r as u64)),
             human(round.transfer_rate as u64),
         );
     }
     println!(
         "{}: {} left dirty; {}",
         r.disk,
-        human(r.remaining_dirty_bytes),
+        r.remaining_dirty_bytes.map_or("unknown".to_string(), human),
         r.stopped
     );
 }

@@ -21,6 +21,10 @@ pub struct Args {
     /// Flip one byte per N bytes towards the client, on average (to test corruption handling).
     #[arg(long, hide = true)]
     corrupt_every: Option<u64>,
+    /// Blackhole the link while this file exists (connections stay up, nothing crosses):
+    /// to test how peers handle a dead route.
+    #[arg(long, value_name = "FILE")]
+    blackhole_while: Option<std::path::PathBuf>,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
@@ -36,7 +40,13 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         bandwidth = %a.bandwidth.map_or("unlimited".to_string(), |r| r.to_string()),
         "emulating WAN link"
     );
-    super::interrupted().await;
+    match &a.blackhole_while {
+        None => super::interrupted().await,
+        Some(file) => tokio::select! {
+            _ = super::interrupted() => {}
+            _ = follow_blackhole(&link, file) => {}
+        },
+    }
     let s = link.stats();
     tracing::info!(
         to_target = s.to_target,
@@ -45,4 +55,18 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "link stopped"
     );
     Ok(0)
+}
+
+/// Blackholes `link` while `file` exists, checked every 50 ms; never returns.
+async fn follow_blackhole(link: &Link, file: &std::path::Path) {
+    let mut was = false;
+    loop {
+        let now = file.exists();
+        if now != was {
+            link.set_blackhole(now);
+            tracing::info!(blackholed = now, "link state changed");
+            was = now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -144,6 +144,63 @@ fn store_err(e: blockstore::StoreError) -> DeviceError {
     }
 }
 
+/// The chunk states to serve from, given what the replica records and the manifest the
+/// source serves now: a chunk recorded with other content than the manifest's (the replica
+/// was seeded or synced from an older image) is made absent, durably, so it is fetched again;
+/// zero chunks of the manifest are recorded at once (they need no transfer). Chunks the guest
+/// wrote keep its bytes.
+fn reconcile(
+    replica: &Replica,
+    records: &mut ChunkWriter,
+    recorded: Vec<Option<ChunkState>>,
+    manifest: &[ChunkEntry],
+    source: &str,
+) -> Result<Vec<u8>, blockstore::StoreError> {
+    let g = replica.geometry();
+    let stale: Vec<u64> = recorded
+        .iter()
+        .zip(manifest)
+        .enumerate()
+        .filter(|(_, (state, entry))| match (state, entry) {
+            (Some(ChunkState::Data(h)), ChunkEntry::Data(want)) => h != want,
+            (Some(ChunkState::Data(_)), ChunkEntry::Zero) => true,
+            (Some(ChunkState::Zero), ChunkEntry::Data(_)) => true,
+            _ => false,
+        })
+        .map(|(i, _)| i as u64)
+        .collect();
+    let mut states: Vec<u8> = recorded.into_iter().map(encode_state).collect();
+    if !stale.is_empty() {
+        let seeded = replica.record().seeded_digest;
+        tracing::warn!(
+            disk = %replica.record().name, %source, stale = stale.len(),
+            seeded_from = %seeded.map_or("-".to_string(), |d| d.to_string()),
+            "the replica holds chunks the source no longer serves (seeded or synced from an older image): fetching them again"
+        );
+        records.forget(&stale)?;
+        for &i in &stale {
+            states[i as usize] = ABSENT;
+        }
+    }
+    for (i, e) in manifest.iter().enumerate() {
+        if states[i] == ABSENT && *e == ChunkEntry::Zero {
+            // The chunk may hold bytes written but never recorded before a crash.
+            replica
+                .file()
+                .punch_hole(g.offset(i as u64), g.len(i as u64) as u64)
+                .map_err(|e| blockstore::StoreError::Io {
+                    what: "cannot punch",
+                    path: replica.data_path().clone(),
+                    source: e,
+                })?;
+            records.mark_zero(i as u64)?;
+            states[i] = ZERO;
+        }
+    }
+    records.commit()?;
+    Ok(states)
+}
+
 impl ReplicaDevice {
     /// Opens disk `name` of `store`; with `source`, absent chunks come from that agent.
     pub async fn open(
@@ -182,26 +239,13 @@ impl ReplicaDevice {
         };
         let g = replica.geometry();
         let mut records = replica.writer()?;
-        let mut states: Vec<u8> = replica.states()?.into_iter().map(encode_state).collect();
-        if let Some(manifest) = &manifest {
-            // Zero chunks need no transfer: record them now.
-            for (i, e) in manifest.iter().enumerate() {
-                if states[i] == ABSENT && *e == ChunkEntry::Zero {
-                    // The chunk may hold bytes written but never recorded before a crash.
-                    replica
-                        .file()
-                        .punch_hole(g.offset(i as u64), g.len(i as u64) as u64)
-                        .map_err(|e| blockstore::StoreError::Io {
-                            what: "cannot punch",
-                            path: replica.data_path().clone(),
-                            source: e,
-                        })?;
-                    records.mark_zero(i as u64)?;
-                    states[i] = ZERO;
-                }
+        let recorded = replica.states()?;
+        let states = match (&manifest, &remote) {
+            (Some(manifest), Some(remote)) => {
+                reconcile(&replica, &mut records, recorded, manifest, &remote.addr)?
             }
-            records.commit()?;
-        }
+            _ => recorded.into_iter().map(encode_state).collect(),
+        };
         let absent = states.iter().filter(|&&s| s == ABSENT).count() as u64;
         let written = states.iter().filter(|&&s| s == WRITTEN).count() as u64;
         Ok(Arc::new(ReplicaDevice {
@@ -357,9 +401,19 @@ impl ReplicaDevice {
                     }
                 }
             };
-            let outcome = match rx.wait_for(|o| o.is_some()).await {
-                Ok(v) => v.clone().unwrap_or(Ok(())),
-                Err(_) => Err(DeviceError::io("fetch task vanished")),
+            // A read waits no longer than its deadline, even on a fetch that never ends (a
+            // source that went silent: the fetcher notices only after its own timeout).
+            let wait = async {
+                match rx.wait_for(|o| o.is_some()).await {
+                    Ok(v) => v.clone().unwrap_or(Ok(())),
+                    Err(_) => Err(DeviceError::io("fetch task vanished")),
+                }
+            };
+            let outcome = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), wait)
+                    .await
+                    .unwrap_or_else(|_| Err(DeviceError::io("the source sent nothing in time"))),
+                None => wait.await,
             };
             match outcome {
                 Ok(()) => return Ok(()),
