@@ -477,3 +477,127 @@ fn a_replica_seeded_from_an_older_image_serves_the_image_as_it_is_now() {
     assert!(cmp(&out, &now), "the export served chunks of the older image");
     assert!(exp.log().contains("no longer serves"), "{}", exp.log());
 }
+
+#[test]
+fn fast_zero_that_would_need_a_fetch_is_refused_with_enotsup() {
+    let (dir, img, src) = served_sample("8MiB", 83);
+    let store = dir.path().join("store");
+    // A slow copier: the chunks zeroed below are still absent.
+    let slow = ["--from", src.addr.as_str(), "--bandwidth", "64KiB/s"];
+    let (_exp, sock) = export(dir.path(), &store, "a", &slow);
+    let uri = nbd_uri(&sock, "a");
+    let (part, whole) = (6 * 1024 * 1024 + 4096, 7 * 1024 * 1024);
+    let out = libnbd(
+        &uri,
+        &format!(
+            "
+def err(f):
+    try:
+        f()
+        return 'OK'
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+fast = nbd.CMD_FLAG_FAST_ZERO
+print('partial-fast', err(lambda: h.zero(4096, {part}, flags=fast)))
+print('whole-fast', err(lambda: h.zero(65536, {whole}, flags=fast)))
+print('partial-slow', err(lambda: h.zero(4096, {part})))
+print('read', h.pread(65536, {part} - 4096) == open({img:?}, 'rb').read()[{part} - 4096:{part}] + bytes(4096) + open({img:?}, 'rb').read()[{part} + 4096:{part} + 65536 - 4096])
+",
+            img = img.display().to_string()
+        ),
+    );
+    // Part of an absent chunk needs the rest of it from the source: not fast.
+    assert!(out.contains("partial-fast ENOTSUP"), "{out}");
+    // A whole chunk is zeroed without its old bytes.
+    assert!(out.contains("whole-fast OK"), "{out}");
+    // Without the flag the same request fetches, then zeroes.
+    assert!(out.contains("partial-slow OK"), "{out}");
+    assert!(out.contains("read True"), "{out}");
+}
+
+/// Unmounts a test's tmpfs when dropped.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=72M", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _guard = Mount(mnt.clone());
+    // An all-zero disk: the seeded replica allocates nothing, guest writes allocate it all.
+    let img = dir.path().join("a.img");
+    std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let store = mnt.join("store");
+    seed_into(&src.addr, "a", &store);
+    // Leave 44 MiB free: 12 MiB above the 32 MiB reserve.
+    let st = nix::sys::statvfs::statvfs(&mnt).unwrap();
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let filler = mnt.join("filler");
+    std::fs::File::create(&filler).unwrap();
+    run_ok("fallocate", &["-l", &(free - (44 << 20)).to_string(), filler.to_str().unwrap()]);
+    let (_exp, sock) = export(dir.path(), &store, "a", &[]);
+    let uri = nbd_uri(&sock, "a");
+    let writes: Vec<String> = (0..24)
+        .map(|i| format!("write -P 0x11 {} 1M", i << 20))
+        .collect();
+    let refs: Vec<&str> = writes.iter().map(String::as_str).collect();
+    let (_, text) = qemu_io(&uri, &refs);
+    let failed = text.matches("No space left on device").count();
+    assert!(failed > 0, "24 MiB of writes fit into 12 MiB above the reserve: {text}");
+    assert!(failed < 24, "no write fit above the reserve: {text}");
+    let st = nix::sys::statvfs::statvfs(&mnt).unwrap();
+    let left = st.blocks_available() as u64 * st.fragment_size() as u64;
+    // Guest data stops above the reserve; RocksDB's own writes may use some of it (that is
+    // what it is for). Without the reserve the writes would leave 20 MiB.
+    assert!(left >= 28 << 20, "guest writes ate into the reserve: {left} bytes left");
+    let s = status(&store, "a");
+    assert!(s["failed"].is_null(), "ENOSPC stopped the store: {s}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (ok, text) = qemu_io(&uri, &refs);
+    assert!(ok && !text.contains("No space"), "writes still fail after space was freed: {text}");
+    let (ok, text) = qemu_io(&uri, &["read -P 0x11 0 24M"]);
+    assert!(ok && !text.contains("Pattern verification failed"), "{text}");
+}
+
+#[test]
+fn the_background_copy_keeps_to_its_bandwidth_cap_on_incompressible_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    let mut data = vec![0u8; 4 << 20];
+    blake3::Hasher::new_keyed(&[7; 32])
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let src = source(dir.path(), &[(&img, "a")], &[]);
+    let store = dir.path().join("store");
+    let started = std::time::Instant::now();
+    let (_exp, _sock) = export(
+        dir.path(),
+        &store,
+        "a",
+        &["--from", &src.addr, "--bandwidth", "1MiB/s"],
+    );
+    wait_complete(&store, "a", 60);
+    let took = started.elapsed();
+    // 4 MiB at 1 MiB/s, less a first burst of at most a second's worth.
+    assert!(
+        took >= Duration::from_millis(2900),
+        "4 MiB of random data copied in {took:?} under a 1 MiB/s cap"
+    );
+}

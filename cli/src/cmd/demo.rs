@@ -270,7 +270,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         }
     };
     println!(
-        "\n7. web-01's memory: a {backend} guest of 128 MiB, writing 5000 pages/s, moves live (pre-copy) to a destination process over the same link and TLS"
+        "\n7. a VM's memory, apart from the disks above (the migrate job will couple the two): a {backend} guest of 128 MiB,\n   \
+         writing 5000 pages/s, moves live (pre-copy) between two agent processes over a new emulated link of the\n   \
+         same RTT and bandwidth, with mutual TLS from its own demo CA"
     );
     let mem =
         super::memory::demo::Args::for_demo(backend, a.rtt, a.bandwidth, &dir.join("memory"))?;
