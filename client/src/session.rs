@@ -1,8 +1,8 @@
 //! One connection to a source agent, with a disk opened on it.
 
 use protocol::tls::TlsClient;
-use std::time::Duration;
 use protocol::{connect, ChunkEntry, Conn, ConnError, DiskInfo, Frame, Message};
+use std::time::Duration;
 
 /// How to reach a source agent.
 #[derive(Clone)]

@@ -231,8 +231,10 @@ pub async fn sync_from(
             break;
         }
         if rounds.len() >= MAX_ROUNDS {
-            stopped =
-                format!("stopped after {MAX_ROUNDS} rounds with {} dirty bytes left", remaining.unwrap_or(0));
+            stopped = format!(
+                "stopped after {MAX_ROUNDS} rounds with {} dirty bytes left",
+                remaining.unwrap_or(0)
+            );
             break;
         }
         if cancel.is_cancelled() {
@@ -253,7 +255,12 @@ pub async fn sync_from(
 }
 
 /// Why `--until-converged` stops after `round` (the last of `rounds`), if it does.
-fn stop_reason(rounds: &[Round], round: &Round, remaining: Option<u64>, max: u64) -> Option<String> {
+fn stop_reason(
+    rounds: &[Round],
+    round: &Round,
+    remaining: Option<u64>,
+    max: u64,
+) -> Option<String> {
     let Some(remaining) = remaining else {
         return Some(
             "the source cannot measure what is left (a QEMU dirty bitmap holds every write since \
@@ -262,7 +269,9 @@ fn stop_reason(rounds: &[Round], round: &Round, remaining: Option<u64>, max: u64
         );
     };
     if remaining <= max {
-        return Some(format!("converged: {remaining} dirty bytes left, at most {max} wanted"));
+        return Some(format!(
+            "converged: {remaining} dirty bytes left, at most {max} wanted"
+        ));
     }
     let dirty_rate = round.dirty_rate.unwrap_or(0.0);
     // d/r >= 1 over a round that had real work: another round would ship as much or more.

@@ -474,7 +474,10 @@ fn a_replica_seeded_from_an_older_image_serves_the_image_as_it_is_now() {
     let uri = nbd_uri(&sock, "a");
     let out = dir.path().join("out.raw");
     read_export(&uri, &out);
-    assert!(cmp(&out, &now), "the export served chunks of the older image");
+    assert!(
+        cmp(&out, &now),
+        "the export served chunks of the older image"
+    );
     assert!(exp.log().contains("no longer serves"), "{}", exp.log());
 }
 
@@ -540,7 +543,10 @@ fn guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed(
     let _guard = Mount(mnt.clone());
     // An all-zero disk: the seeded replica allocates nothing, guest writes allocate it all.
     let img = dir.path().join("a.img");
-    std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
     let src = source(dir.path(), &[(&img, "a")], &[]);
     let store = mnt.join("store");
     seed_into(&src.addr, "a", &store);
@@ -549,7 +555,14 @@ fn guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed(
     let free = st.blocks_available() as u64 * st.fragment_size() as u64;
     let filler = mnt.join("filler");
     std::fs::File::create(&filler).unwrap();
-    run_ok("fallocate", &["-l", &(free - (44 << 20)).to_string(), filler.to_str().unwrap()]);
+    run_ok(
+        "fallocate",
+        &[
+            "-l",
+            &(free - (44 << 20)).to_string(),
+            filler.to_str().unwrap(),
+        ],
+    );
     let (_exp, sock) = export(dir.path(), &store, "a", &[]);
     let uri = nbd_uri(&sock, "a");
     let writes: Vec<String> = (0..24)
@@ -558,21 +571,33 @@ fn guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed(
     let refs: Vec<&str> = writes.iter().map(String::as_str).collect();
     let (_, text) = qemu_io(&uri, &refs);
     let failed = text.matches("No space left on device").count();
-    assert!(failed > 0, "24 MiB of writes fit into 12 MiB above the reserve: {text}");
+    assert!(
+        failed > 0,
+        "24 MiB of writes fit into 12 MiB above the reserve: {text}"
+    );
     assert!(failed < 24, "no write fit above the reserve: {text}");
     let st = nix::sys::statvfs::statvfs(&mnt).unwrap();
     let left = st.blocks_available() as u64 * st.fragment_size() as u64;
     // Guest data stops above the reserve; RocksDB's own writes may use some of it (that is
     // what it is for). Without the reserve the writes would leave 20 MiB.
-    assert!(left >= 28 << 20, "guest writes ate into the reserve: {left} bytes left");
+    assert!(
+        left >= 28 << 20,
+        "guest writes ate into the reserve: {left} bytes left"
+    );
     let s = status(&store, "a");
     assert!(s["failed"].is_null(), "ENOSPC stopped the store: {s}");
 
     std::fs::remove_file(&filler).unwrap();
     let (ok, text) = qemu_io(&uri, &refs);
-    assert!(ok && !text.contains("No space"), "writes still fail after space was freed: {text}");
+    assert!(
+        ok && !text.contains("No space"),
+        "writes still fail after space was freed: {text}"
+    );
     let (ok, text) = qemu_io(&uri, &["read -P 0x11 0 24M"]);
-    assert!(ok && !text.contains("Pattern verification failed"), "{text}");
+    assert!(
+        ok && !text.contains("Pattern verification failed"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -66,7 +66,10 @@ fn reads_of_absent_chunks_fail_within_the_fetch_timeout_and_recover_with_the_lin
     wait_complete(&store, "a", 120);
     let out = dir.path().join("out.raw");
     read_export(&uri, &out);
-    assert!(cmp(&out, &img), "the export differs from the source after the blackhole");
+    assert!(
+        cmp(&out, &img),
+        "the export differs from the source after the blackhole"
+    );
 }
 
 #[test]
@@ -83,13 +86,19 @@ fn seed_and_sync_from_a_blackholed_source_end_within_their_timeout_and_resume() 
     let out = helio(&seed_args(&proxy.addr, "a", &store, &["--timeout", "3s"]));
     let blackholed_at = holer.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "seed claimed success behind a blackhole");
+    assert!(
+        !out.status.success(),
+        "seed claimed success behind a blackhole"
+    );
     assert!(
         err.contains("sent nothing") && err.contains("resume"),
         "no clear error: {err}"
     );
     let after = blackholed_at.elapsed();
-    assert!(after < Duration::from_secs(15), "seed ended {after:?} after the blackhole");
+    assert!(
+        after < Duration::from_secs(15),
+        "seed ended {after:?} after the blackhole"
+    );
 
     let kept = {
         let s = blockstore::Store::open(&store).unwrap();
@@ -121,7 +130,14 @@ fn seed_and_sync_from_a_blackholed_source_end_within_their_timeout_and_resume() 
     ];
     let out = helio(&args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "sync claimed success behind a blackhole");
+    assert!(
+        !out.status.success(),
+        "sync claimed success behind a blackhole"
+    );
     assert!(err.contains("sent nothing"), "no clear error: {err}");
-    assert!(started.elapsed() < Duration::from_secs(12), "sync took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "sync took {:?}",
+        started.elapsed()
+    );
 }

@@ -408,7 +408,10 @@ fn qemu_owned_qcow2_syncs_from_its_persistent_dirty_bitmap() {
     assert_eq!(r["rounds"].as_array().map(Vec::len), Some(1), "{r}");
     assert_eq!(r["converged"], false, "{r}");
     assert!(r["remaining_dirty_bytes"].is_null(), "{r}");
-    assert!(r["stopped"].as_str().unwrap().contains("cannot measure"), "{r}");
+    assert!(
+        r["stopped"].as_str().unwrap().contains("cannot measure"),
+        "{r}"
+    );
     let now = dir.path().join("now.raw");
     run_ok(
         "qemu-img",

@@ -58,44 +58,87 @@ impl Drop for Pull {
 
 struct State {
     memory: Arc<Memory>,
+    /// The content of each page as installed: read back from guest memory before the
+    /// switchover (the guest is not running here yet), the installed buffer's during
+    /// post-copy. What the verification compares with the source.
     hashes: Vec<ChunkHash>,
     installed: PageSet,
     pull: Option<Pull>,
     buf: Vec<u8>,
+    /// Where installed pages are read back.
+    check: Vec<u8>,
     /// Page payload bytes installed, for `MemAck`.
     acked: u64,
 }
 
 impl State {
-    fn install(&mut self, page: u64, data: &[u8], hash: ChunkHash) -> Result<(), MigrateError> {
+    fn install(&mut self, page: u64, data: &[u8]) -> Result<(), MigrateError> {
         if page as usize >= self.hashes.len() {
             return Err(MigrateError::Protocol(format!(
                 "page {page} is beyond guest memory"
             )));
         }
-        match &mut self.pull {
-            Some(pull) => {
+        match self.pull.as_ref().map(|p| p.uf.clone()) {
+            Some(uf) => {
                 // EEXIST (false): the guest already has a newer copy, faulted in earlier.
-                if pull.uf.install(page, data)? {
-                    self.hashes[page as usize] = hash;
+                // The guest runs on pages as they land, so reading one back could see its
+                // writes (measured: a few pages a run); UFFDIO_COPY installs the buffer whole,
+                // so the buffer's hash is what landed.
+                if uf.install(page, data)? {
+                    self.hashes[page as usize] = ChunkHash::of(data);
                 }
-                if let Some(t0) = pull
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&page)
-                {
-                    pull.latencies.push(t0.elapsed());
-                }
+                self.fault_served(page);
             }
             None => {
                 self.memory
                     .write_page(page, data)
                     .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-                self.hashes[page as usize] = hash;
+                self.read_back(page)?;
             }
         }
         self.installed.insert(page);
+        Ok(())
+    }
+
+    /// Hashes `page` as guest memory holds it.
+    fn read_back(&mut self, page: u64) -> Result<(), MigrateError> {
+        self.memory
+            .read_page(page, &mut self.check)
+            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
+        self.hashes[page as usize] = ChunkHash::of(&self.check);
+        Ok(())
+    }
+
+    /// Ends the stall of a fault on `page`, if the guest waited on it.
+    fn fault_served(&mut self, page: u64) {
+        if let Some(pull) = &mut self.pull {
+            let waited = pull
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&page);
+            if let Some(t0) = waited {
+                pull.latencies.push(t0.elapsed());
+            }
+        }
+    }
+
+    /// Post-copy's end: every page the source never sent is zero; installing it ends any
+    /// stall on it, which counts like any other.
+    fn zero_fill_rest(&mut self) -> Result<(), MigrateError> {
+        let Some(pull) = &self.pull else {
+            return Ok(());
+        };
+        let uf = pull.uf.clone();
+        for p in 0..self.hashes.len() as u64 {
+            if !self.installed.contains(p) {
+                if uf.install_zero(p)? {
+                    self.hashes[p as usize] = zero_page_hash();
+                }
+                self.fault_served(p);
+                self.installed.insert(p);
+            }
+        }
         Ok(())
     }
 
@@ -110,8 +153,8 @@ impl State {
         let recs = records(&raw).map_err(|e| MigrateError::Protocol(e.to_string()))?;
         for (page, rec) in recs {
             match rec {
-                Record::Zero => self.install(page, &ZERO_PAGE, zero_page_hash())?,
-                Record::Data(d) => self.install(page, d, ChunkHash::of(d))?,
+                Record::Zero => self.install(page, &ZERO_PAGE)?,
+                Record::Data(d) => self.install(page, d)?,
                 Record::Ref { from, hash } => {
                     if self.hashes.get(from as usize) != Some(&hash) {
                         return Err(MigrateError::Protocol(format!(
@@ -122,7 +165,7 @@ impl State {
                     self.memory
                         .read_page(from, &mut buf)
                         .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-                    let r = self.install(page, &buf, hash);
+                    let r = self.install(page, &buf);
                     self.buf = buf;
                     r?;
                 }
@@ -171,6 +214,7 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
         installed: PageSet::new(pages),
         pull: None,
         buf: vec![0u8; PAGE_SIZE],
+        check: vec![0u8; PAGE_SIZE],
         acked: 0,
     };
     send(&mut wr, Message::MemReady).await?;
@@ -211,8 +255,12 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
             } => {
                 if postcopy {
                     uffd::discard(&memory, &discard)?;
-                    for p in &discard {
-                        st.installed.remove(*p);
+                    for &p in &discard {
+                        st.installed.remove(p);
+                        // Dropped: it reads as zero unless the source sends it again.
+                        if let Some(h) = st.hashes.get_mut(p as usize) {
+                            *h = zero_page_hash();
+                        }
                     }
                     st.pull = Some(start_pull(memory.clone(), fault_tx.clone())?);
                 }
@@ -244,13 +292,12 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                 }
                 let mut faults = 0;
                 let mut latencies = Vec::new();
+                let counter_at_push_end = guest.counter();
+                let unanswered_faults = st.pull.as_ref().map_or(0, |p| {
+                    p.pending.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+                });
+                st.zero_fill_rest()?;
                 if let Some(mut pull) = st.pull.take() {
-                    // Whatever the source never sent is zero.
-                    for p in 0..pages as u64 {
-                        if !st.installed.contains(p) {
-                            pull.uf.install_zero(p)?;
-                        }
-                    }
                     pull.uf.unregister()?;
                     pull.stop();
                     latencies = std::mem::take(&mut pull.latencies);
@@ -272,6 +319,9 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                     faults,
                     fault_p50_ms: percentile(&latencies, 0.5),
                     fault_p99_ms: percentile(&latencies, 0.99),
+                    fault_max_ms: percentile(&latencies, 1.0),
+                    unanswered_faults,
+                    counter_at_push_end,
                     error: None,
                 };
                 if !report.memory_hash_equal {

@@ -70,7 +70,9 @@ impl Predicted {
 /// What the destination found after the move.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DestinationReport {
-    /// blake3 of the received memory as of the pause (hex).
+    /// blake3 of the received memory as of the pause (hex), combined from each page as read
+    /// back from guest memory after it was installed (before the switchover; during post-copy
+    /// the hash of the buffer UFFDIO_COPY installed, as the guest runs on the page at once).
     pub memory_hash: String,
     /// Whether that equals the source's.
     pub memory_hash_equal: bool,
@@ -86,6 +88,15 @@ pub struct DestinationReport {
     pub fault_p50_ms: Option<f64>,
     /// 99th percentile, ms.
     pub fault_p99_ms: Option<f64>,
+    /// The longest, ms.
+    #[serde(default)]
+    pub fault_max_ms: Option<f64>,
+    /// Faults still waiting when the source said the push was complete.
+    #[serde(default)]
+    pub unanswered_faults: u64,
+    /// The guest's counter then.
+    #[serde(default)]
+    pub counter_at_push_end: u64,
     /// What went wrong, if anything.
     pub error: Option<String>,
 }
@@ -120,6 +131,15 @@ pub struct PostcopyReport {
     pub fault_p50_ms: Option<f64>,
     /// Fault latency, 99th percentile, ms.
     pub fault_p99_ms: Option<f64>,
+    /// The longest stall, ms (every fault counts, also one the push's end resolved).
+    #[serde(default)]
+    pub fault_max_ms: Option<f64>,
+    /// Faults still waiting when the push ended: the source never answered them (0 expected).
+    #[serde(default)]
+    pub unanswered_faults: u64,
+    /// Writes the guest made at the destination while the push ran (it is not blocked).
+    #[serde(default)]
+    pub guest_writes_during_push: u64,
 }
 
 /// A whole migration, as the source saw it.

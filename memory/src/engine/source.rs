@@ -82,6 +82,9 @@ struct Sender {
     /// Some page at the destination holding each content.
     by_hash: HashMap<ChunkHash, u64>,
     refs: bool,
+    /// True while a page the destination was never sent reads as zero there (fresh memory);
+    /// false after a post-copy switchover, when such a page is missing and faults.
+    missing_is_zero: bool,
     compress: bool,
     wire_bytes: u64,
     saved: Saved,
@@ -113,8 +116,11 @@ impl Sender {
             counts.zero += 1;
             self.saved.zero_pages += 1;
             let zh = zero_page_hash();
-            // The destination's page is zero already, unless it faulted on it (post-copy).
-            if !demanded && (slot.is_none() || *slot == Some(zh)) {
+            // The destination's page is zero already, unless it faulted on it or, in post-copy,
+            // it is missing there (a zero marker costs a few bytes; a skipped one would leave
+            // the guest blocked on the page until the end).
+            let held = *slot == Some(zh) || (slot.is_none() && self.missing_is_zero);
+            if !demanded && held {
                 return Ok(());
             }
             *slot = Some(zh);
@@ -372,6 +378,7 @@ async fn run(
         sent: vec![None; pages],
         by_hash: HashMap::new(),
         refs: true,
+        missing_is_zero: true,
         compress: opts.compress,
         wire_bytes: 0,
         saved: Saved::default(),
@@ -701,15 +708,18 @@ async fn run(
         // Post-copy: the destination drops its stale copies and runs; everything it lacks is
         // pushed in the background, and what it faults on is sent first.
         let discard = final_set.clone();
-        let mut stale = discard.clone();
         for p in discard.iter() {
             tx.sent[p as usize] = None;
         }
-        stale.union(&{
-            let mut never = PageSet::full(pages);
-            never.subtract(&at_dest);
-            never
-        });
+        // Stale: every page the destination does not hold, dropped now or never sent (zero
+        // pages skipped by the live rounds included: under userfaultfd they are missing).
+        let mut stale = PageSet::new(pages);
+        for (p, slot) in tx.sent.iter().enumerate() {
+            if slot.is_none() {
+                stale.insert(p as u64);
+            }
+        }
+        tx.missing_is_zero = false;
         // The guest's own boot area (page tables, code, status) goes ahead of the switch so
         // that neither the first instruction nor the destination's status read faults.
         let boot: Vec<u64> = (0..(crate::workload::WORK_BASE / PAGE_SIZE as u64))
@@ -750,7 +760,11 @@ async fn run(
                 handle_postcopy_msg(f?, &mut demand, report, &mut resumed, paused_unix)?;
             }
             if !demand.is_empty() {
-                let want: Vec<u64> = demand.drain(..).filter(|p| stale.contains(*p)).collect();
+                // Every fault is answered, also for a page the push already sent: that copy
+                // may still be on its way, and a duplicate costs less than a guess.
+                let mut want: Vec<u64> = demand.drain(..).filter(|&p| p < pages as u64).collect();
+                want.sort_unstable();
+                want.dedup();
                 pc.faults += want.len() as u64;
                 for &p in &want {
                     stale.remove(p);
@@ -901,6 +915,11 @@ fn finish(
     if let Some(mut pc) = postcopy {
         pc.fault_p50_ms = dest.fault_p50_ms;
         pc.fault_p99_ms = dest.fault_p99_ms;
+        pc.fault_max_ms = dest.fault_max_ms;
+        pc.unanswered_faults = dest.unanswered_faults;
+        pc.guest_writes_during_push = dest
+            .counter_at_push_end
+            .saturating_sub(dest.counter_at_resume);
         pc.faults = pc.faults.max(dest.faults);
         report.postcopy = Some(pc);
     }
