@@ -5,6 +5,7 @@
 
 pub mod dest;
 mod hashes;
+mod policy;
 pub mod report;
 pub mod source;
 

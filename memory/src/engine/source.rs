@@ -5,7 +5,7 @@ use super::hashes::{hex, memory_hash, zero_page_hash};
 use super::report::{DestinationReport, PostcopyReport, Predicted, Report, RoundReport, Saved};
 use super::{MigrateError, MigrationSpec, Mode, Policy, DEMAND_ROUND};
 use crate::guest::Guest;
-use crate::model::{ModelInput, MAX_ROUNDS, MAX_SENT_FACTOR};
+use crate::model::ModelInput;
 use crate::page::{PageSet, PAGE_SIZE};
 use crate::region::{is_zero, Memory};
 use crate::wire::{BatchBuilder, Record};
@@ -15,7 +15,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
+
+mod live;
+mod postcopy;
 
 /// Wire bytes a frame costs beyond its payload (length prefix, header, TLS record share): an
 /// estimate, for counting wire bytes without asking the socket.
@@ -26,15 +29,6 @@ const BATCH_PAGES: usize = 64;
 const PUSH_BATCH_PAGES: usize = 16;
 /// Pages sampled before round 1 to estimate zero pages and compression for the prediction.
 const SAMPLE_PAGES: u64 = 1024;
-/// A round whose dirty set shrinks by less than this fraction does not converge.
-const MIN_SHRINK: f64 = 0.9;
-/// Measured d/r at which pre-copy is taken not to converge. Just under 1: a guest that rewrites
-/// all of memory within a round saturates the dirty log, and then measures as d/r ≈ 1.
-const DIVERGING: f64 = 0.95;
-/// Once throttled, the throttle steps up each round whose d/r stays above this (QEMU's
-/// `throttle-trigger-threshold`, 50%): at d/r 0.9 the dirty set shrinks only 10% a round and
-/// Xen's limits end the migration before it converges; at 0.5 it halves each round.
-const THROTTLE_TRIGGER: f64 = 0.5;
 /// Share of the link the post-copy push takes, leaving room for demand pages.
 const PUSH_SHARE: f64 = 0.9;
 
@@ -332,7 +326,33 @@ pub async fn migrate(
     report
 }
 
-#[allow(clippy::too_many_lines)]
+/// What one migration's phases share.
+struct Run<'a> {
+    guest: &'a mut dyn Guest,
+    opts: &'a SourceOptions,
+    report: &'a mut Report,
+    phase: &'a mut Phase,
+    tx: Sender,
+    inbox: Inbox,
+    memory: Arc<Memory>,
+    pages: usize,
+    start: Instant,
+    rtt: Duration,
+    /// The round being sent (also numbers the stop-and-copy and the push).
+    round: u32,
+    throttle: f64,
+    paused_at: Instant,
+    paused_unix: u64,
+}
+
+/// How the live rounds ended.
+struct LiveEnd {
+    /// Pages left dirty (or held back) for the switchover.
+    left: PageSet,
+    /// Switch over by post-copy.
+    postcopy: bool,
+}
+
 async fn run(
     guest: &mut dyn Guest,
     spec: &MigrationSpec,
@@ -343,9 +363,64 @@ async fn run(
 ) -> Result<(), MigrateError> {
     let start = Instant::now();
     let memory = guest.memory().clone();
-    let pages = memory.pages();
+    let (tx, inbox, reader) = open_channel(conn, &memory, opts.compress);
+    let _reader = AbortOnDrop(reader);
+    let mut run = Run {
+        pages: memory.pages(),
+        memory,
+        guest,
+        opts,
+        report,
+        phase,
+        tx,
+        inbox,
+        start,
+        rtt: Duration::ZERO,
+        round: 1,
+        throttle: 0.0,
+        paused_at: Instant::now(),
+        paused_unix: 0,
+    };
+    run.handshake(spec).await?;
+    run.guest.start_dirty_log()?;
+    let predictor = run.predictor(spec)?;
+    if let Some(bw) = opts.bandwidth {
+        run.report.predicted = Some(predictor.predicted(bw as f64));
+    }
+    if opts.mode == Mode::Warm {
+        run.pause()?;
+    }
+    let live = match opts.mode {
+        // Post-copy sends nothing before the switch but the boot pages.
+        Mode::Postcopy => LiveEnd {
+            left: PageSet::new(run.pages),
+            postcopy: true,
+        },
+        _ => run.live_rounds(&predictor).await?,
+    };
+    if *run.phase == Phase::Live {
+        run.pause()?;
+    }
+    let mut final_set = run.guest.take_dirty()?;
+    final_set.union(&live.left);
+    let vcpu = run.guest.vcpu_state()?;
+    run.report.verified.counter_at_pause = run.guest.counter();
+    if live.postcopy {
+        run.postcopy(final_set, vcpu).await
+    } else {
+        run.stop_and_copy(final_set, vcpu).await
+    }
+}
+
+/// Splits `conn`: a sender of pages, and an inbox fed by a task that also takes the
+/// destination's acknowledgements (which pace the sender).
+fn open_channel(
+    conn: Conn,
+    memory: &Arc<Memory>,
+    compress: bool,
+) -> (Sender, Inbox, tokio::task::JoinHandle<()>) {
     let (mut rd, wr) = conn.split();
-    let (tx, mut inbox) = mpsc::unbounded_channel();
+    let (inbox_tx, inbox) = mpsc::unbounded_channel();
     let flow = Arc::new(Flow::default());
     let reader = {
         let flow = flow.clone();
@@ -363,7 +438,7 @@ async fn run(
                     continue;
                 }
                 let done = f.is_err();
-                if tx.send(f).is_err() || done {
+                if inbox_tx.send(f).is_err() || done {
                     break;
                 }
             }
@@ -371,15 +446,14 @@ async fn run(
             flow.notify.notify_waiters();
         })
     };
-    let _reader = AbortOnDrop(reader);
-    let mut tx = Sender {
+    let tx = Sender {
         wr,
         memory: memory.clone(),
-        sent: vec![None; pages],
+        sent: vec![None; memory.pages()],
         by_hash: HashMap::new(),
         refs: true,
         missing_is_zero: true,
-        compress: opts.compress,
+        compress,
         wire_bytes: 0,
         saved: Saved::default(),
         buf: vec![0u8; PAGE_SIZE],
@@ -388,469 +462,216 @@ async fn run(
         payload_sent: 0,
         window: 4 << 20,
     };
-    let spec_json =
-        serde_json::to_string(spec).map_err(|e| MigrateError::Protocol(e.to_string()))?;
-    tx.msg(Message::MemStart { spec: spec_json }).await?;
-    expect(&mut inbox, "MemReady", |m| matches!(m, Message::MemReady)).await?;
-    let ping = Instant::now();
-    tx.msg(Message::Ping { id: 1 }).await?;
-    expect(&mut inbox, "Pong", |m| matches!(m, Message::Pong { .. })).await?;
-    let rtt = ping.elapsed();
-    report.rtt_ms = ms(rtt);
-    if let Some(bw) = opts.bandwidth {
-        // A quarter over the product: acknowledgements come after the destination has
-        // installed a batch and queue behind data on a busy link, so exactly one product leaves
-        // the link idle part of the time (measured: 93-118 MB/s of 125 at 1.0×, 124 at 1.25×);
-        // more only queues in front of the stop-and-copy (downtime +3-6 ms at 1.5×).
-        tx.window = (bw as f64 * rtt.as_secs_f64() * 1.25) as u64 + (256 << 10);
+    (tx, inbox, reader)
+}
+
+/// The model's inputs for this guest and link, but the link's rate.
+struct Predictor {
+    input: ModelInput,
+    mode: Mode,
+    compression: f64,
+}
+
+impl Predictor {
+    fn prediction(&self, bandwidth: f64) -> crate::model::Prediction {
+        let m = ModelInput {
+            bandwidth,
+            ..self.input.clone()
+        };
+        match self.mode {
+            Mode::Precopy => m.predict(),
+            Mode::Warm => m.predict_warm(),
+            Mode::Postcopy => m.predict_postcopy(PUSH_SHARE),
+        }
     }
 
-    guest.start_dirty_log()?;
-    let (zero_fraction, compression) = sample(&memory);
-    let layout = spec
-        .workload
-        .layout()
-        .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-    let model = |bandwidth: f64| ModelInput {
-        memory_bytes: (memory.bytes() as f64 * (1.0 - zero_fraction)) as u64,
-        total_pages: pages as u64,
-        dirty_rate: spec.workload.dirty_rate as f64,
-        bandwidth,
-        compression,
-        hot_pages: if layout.hot_per_mille > 0 {
-            layout.hot_pages
-        } else {
-            0
-        },
-        hot_fraction: spec.workload.hot_fraction,
-        rtt: rtt.as_secs_f64(),
-        downtime_target: opts.downtime_target.as_secs_f64(),
-        hold_hot: opts.hold_hot,
-    };
-    let predict = |m: ModelInput| match opts.mode {
-        Mode::Precopy => m.predict(),
-        Mode::Warm => m.predict_warm(),
-        Mode::Postcopy => m.predict_postcopy(PUSH_SHARE),
-    };
-    if let Some(bw) = opts.bandwidth {
-        report.predicted = Some(Predicted::new(&predict(model(bw as f64)), compression));
+    fn predicted(&self, bandwidth: f64) -> Predicted {
+        Predicted::new(&self.prediction(bandwidth), self.compression)
+    }
+}
+
+/// One live round's sending, as measured.
+struct Sent {
+    counts: Counts,
+    elapsed: Duration,
+}
+
+impl Run<'_> {
+    /// Announces the migration, waits for the destination, measures the round trip and sizes
+    /// the window of unacknowledged bytes from it.
+    async fn handshake(&mut self, spec: &MigrationSpec) -> Result<(), MigrateError> {
+        let spec_json =
+            serde_json::to_string(spec).map_err(|e| MigrateError::Protocol(e.to_string()))?;
+        self.tx.msg(Message::MemStart { spec: spec_json }).await?;
+        expect(&mut self.inbox, "MemReady", |m| {
+            matches!(m, Message::MemReady)
+        })
+        .await?;
+        let ping = Instant::now();
+        self.tx.msg(Message::Ping { id: 1 }).await?;
+        expect(&mut self.inbox, "Pong", |m| {
+            matches!(m, Message::Pong { .. })
+        })
+        .await?;
+        self.rtt = ping.elapsed();
+        self.report.rtt_ms = ms(self.rtt);
+        if let Some(bw) = self.opts.bandwidth {
+            // A quarter over the product: acknowledgements come after the destination has
+            // installed a batch and queue behind data on a busy link, so exactly one product
+            // leaves the link idle part of the time (measured: 93-118 MB/s of 125 at 1.0×, 124
+            // at 1.25×); more only queues in front of the stop-and-copy (downtime +3-6 ms at
+            // 1.5×).
+            self.tx.window = (bw as f64 * self.rtt.as_secs_f64() * 1.25) as u64 + (256 << 10);
+        }
+        Ok(())
     }
 
-    let mut at_dest = PageSet::new(pages);
-    let mut carry = PageSet::new(pages);
-    let mut streak = vec![0u8; pages];
-    let mut throttle = 0.0f64;
-    let mut last_take = Instant::now();
-    let mut prev_dirty: Vec<usize> = Vec::new();
-    let mut sent_pages_total = 0u64;
-    let mut logical_total = 0u64;
-    let mut best_wire_bw = 0.0f64;
-    let mut to_send: Vec<u64> = (0..pages as u64).collect();
-    // Dirty pages the live rounds left for the switchover.
-    let mut unsent = PageSet::new(pages);
-    let mut round = 1u32;
-    let mut limit_base = (0u32, 0u64);
-    let mut postcopy = opts.mode == Mode::Postcopy;
-    let mut paused_at = Instant::now();
-    let mut paused_unix = 0;
-
-    if opts.mode == Mode::Warm {
-        paused_at = Instant::now();
-        paused_unix = super::unix_ns();
-        guest.pause()?;
-        *phase = Phase::Paused;
+    /// Samples memory (zero pages, compression) for the model.
+    fn predictor(&self, spec: &MigrationSpec) -> Result<Predictor, MigrateError> {
+        let (zero_fraction, compression) = sample(&self.memory);
+        let layout = spec
+            .workload
+            .layout()
+            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
+        let input = ModelInput {
+            memory_bytes: (self.memory.bytes() as f64 * (1.0 - zero_fraction)) as u64,
+            total_pages: self.pages as u64,
+            dirty_rate: spec.workload.dirty_rate as f64,
+            bandwidth: 0.0,
+            compression,
+            hot_pages: if layout.hot_per_mille > 0 {
+                layout.hot_pages
+            } else {
+                0
+            },
+            hot_fraction: spec.workload.hot_fraction,
+            rtt: self.rtt.as_secs_f64(),
+            downtime_target: self.opts.downtime_target.as_secs_f64(),
+            hold_hot: self.opts.hold_hot,
+        };
+        Ok(Predictor {
+            input,
+            mode: self.opts.mode,
+            compression,
+        })
     }
 
-    // Live rounds (none for post-copy; warm does one round with the guest paused).
-    while !postcopy {
+    fn pause(&mut self) -> Result<(), MigrateError> {
+        self.paused_at = Instant::now();
+        self.paused_unix = super::unix_ns();
+        self.guest.pause()?;
+        *self.phase = Phase::Paused;
+        Ok(())
+    }
+
+    /// Sends `pages` as round `self.round`, timed.
+    async fn send_round(&mut self, pages: &[u64]) -> Result<Sent, MigrateError> {
         let t0 = Instant::now();
         // Rounds follow each other without waiting for acknowledgements (the window paces
         // them), so a round lasts as long as its pages take to send.
-        let counts = tx.send(round, &to_send, BATCH_PAGES).await?;
-        let elapsed = t0.elapsed();
-        for &p in &to_send {
-            at_dest.insert(p);
-        }
-        sent_pages_total += counts.pages;
-        logical_total += counts.pages * PAGE_SIZE as u64;
-        let secs = elapsed.as_secs_f64().max(1e-6);
-        let wire_bw = counts.bytes as f64 / secs;
-        if counts.bytes > 1 << 20 {
-            best_wire_bw = best_wire_bw.max(wire_bw);
-        }
-        let mut rr = RoundReport {
-            round,
-            kind: if opts.mode == Mode::Warm {
-                "warm"
-            } else {
-                "live"
-            }
-            .into(),
-            pages: counts.pages,
-            bytes: counts.bytes,
-            elapsed_ms: ms(elapsed),
-            bandwidth: counts.pages as f64 * PAGE_SIZE as f64 / secs,
-            wire_bandwidth: wire_bw,
-            zero_pages: counts.zero,
-            ref_pages: counts.refs,
-            throttle,
+        let counts = self.tx.send(self.round, pages, BATCH_PAGES).await?;
+        Ok(Sent {
+            counts,
+            elapsed: t0.elapsed(),
+        })
+    }
+
+    fn round_report(&self, kind: &str, sent: &Sent) -> RoundReport {
+        let secs = sent.elapsed.as_secs_f64().max(1e-6);
+        RoundReport {
+            round: self.round,
+            kind: kind.into(),
+            pages: sent.counts.pages,
+            bytes: sent.counts.bytes,
+            elapsed_ms: ms(sent.elapsed),
+            bandwidth: sent.counts.pages as f64 * PAGE_SIZE as f64 / secs,
+            wire_bandwidth: sent.counts.bytes as f64 / secs,
+            zero_pages: sent.counts.zero,
+            ref_pages: sent.counts.refs,
+            throttle: self.throttle,
             ..RoundReport::default()
-        };
-        if opts.mode == Mode::Warm {
-            report.rounds.push(rr);
-            break;
         }
-        let dirty = guest.take_dirty()?;
-        let period = last_take.elapsed().as_secs_f64().max(1e-6);
-        last_take = Instant::now();
-        rr.dirty_rate = dirty.len() as f64 / period;
-        at_dest.subtract(&dirty);
-        let mut pending = dirty.clone();
-        pending.union(&carry);
-        rr.dirty_pages = pending.len() as u64;
-
-        // The link's rate: the operator's figure when given, else the best round measured.
-        let link = opts
-            .bandwidth
-            .map(|b| b as f64)
-            .unwrap_or(best_wire_bw.max(wire_bw))
-            .max(1.0);
-        let wire_per_page = if sent_pages_total > 0 {
-            (tx.wire_bytes as f64 / sent_pages_total as f64).clamp(64.0, PAGE_SIZE as f64 + 64.0)
-        } else {
-            PAGE_SIZE as f64
-        };
-        let page_rate = link / wire_per_page;
-        let predicted_downtime = pending.len() as f64 / page_rate + rtt.as_secs_f64() / 2.0;
-        rr.predicted_downtime_ms = predicted_downtime * 1000.0;
-        if report.predicted.is_none() && round == 1 {
-            report.predicted = Some(Predicted::new(&predict(model(link)), compression));
-        }
-        let d_over_r = rr.dirty_rate / page_rate;
-        info!(
-            round,
-            pages = counts.pages,
-            dirty = pending.len(),
-            d_over_r,
-            predicted_ms = rr.predicted_downtime_ms,
-            "pre-copy round done"
-        );
-        prev_dirty.push(pending.len());
-
-        if predicted_downtime <= opts.downtime_target.as_secs_f64() {
-            report.converged =
-                report.policy_applied == "none" || report.policy_applied == "throttle";
-            report.rounds.push(rr);
-            unsent = pending;
-            break;
-        }
-        let stuck = prev_dirty.len() >= 3 && {
-            let n = prev_dirty.len();
-            prev_dirty[n - 1] as f64 > MIN_SHRINK * prev_dirty[n - 2] as f64
-                && prev_dirty[n - 2] as f64 > MIN_SHRINK * prev_dirty[n - 3] as f64
-        };
-        let diverging = d_over_r >= DIVERGING || stuck;
-        let too_slow = throttle > 0.0 && d_over_r > THROTTLE_TRIGGER;
-        if round - limit_base.0 >= MAX_ROUNDS
-            || (logical_total - limit_base.1) as f64 >= MAX_SENT_FACTOR * memory.bytes() as f64
-        {
-            report.policy_applied = "limit".into();
-            report.rounds.push(rr);
-            unsent = pending;
-            break;
-        }
-        if diverging || too_slow {
-            if diverging {
-                info!(round, d_over_r, stuck, policy = %opts.on_diverge, "pre-copy does not converge");
-            } else {
-                info!(
-                    round,
-                    d_over_r, throttle, "throttled pre-copy converges too slowly"
-                );
-            }
-            match opts.on_diverge {
-                Policy::Throttle => {
-                    report.policy_applied = "throttle".into();
-                    throttle = if throttle == 0.0 {
-                        0.2
-                    } else {
-                        (throttle + 0.1).min(0.99)
-                    };
-                    guest.set_throttle(throttle);
-                    prev_dirty.clear();
-                    // Xen's limits bound a migration that makes no progress; a throttled one
-                    // does, so they count afresh from each step of the throttle.
-                    limit_base = (round, logical_total);
-                }
-                Policy::Stop => {
-                    report.policy_applied = "stop".into();
-                    report.rounds.push(rr);
-                    unsent = pending;
-                    break;
-                }
-                Policy::Postcopy => {
-                    report.policy_applied = "postcopy".into();
-                    report.rounds.push(rr);
-                    unsent = pending;
-                    postcopy = true;
-                    break;
-                }
-                Policy::Abort => {
-                    report.policy_applied = "abort".into();
-                    report.outcome = "aborted".into();
-                    report.rounds.push(rr);
-                    let reason = format!(
-                        "pre-copy does not converge (d/r {d_over_r:.2} after round {round}); \
-                         the guest keeps running at the source"
-                    );
-                    tx.msg(Message::MemAbort {
-                        reason: reason.clone(),
-                    })
-                    .await?;
-                    report.wire_bytes = tx.wire_bytes;
-                    report.saved = tx.saved.clone();
-                    report.total_ms = ms(start.elapsed());
-                    return Err(MigrateError::Aborted(reason));
-                }
-            }
-        }
-
-        // Hold back pages dirtied in each of the last rounds, as many as keep the target.
-        for (p, s) in streak.iter_mut().enumerate() {
-            *s = if dirty.contains(p as u64) {
-                s.saturating_add(1)
-            } else {
-                0
-            };
-        }
-        let mut held = PageSet::new(pages);
-        if opts.hold_hot {
-            let budget = ((opts.downtime_target.as_secs_f64() - rtt.as_secs_f64() / 2.0).max(0.0)
-                * page_rate
-                / 2.0) as usize;
-            for p in pending.iter() {
-                if held.len() >= budget {
-                    break;
-                }
-                if streak[p as usize] >= 2 {
-                    held.insert(p);
-                }
-            }
-        }
-        rr.held_pages = held.len() as u64;
-        tx.saved.held_page_sends += held.len() as u64;
-        pending.subtract(&held);
-        to_send = pending.to_vec();
-        carry = held;
-        report.rounds.push(rr);
-        round += 1;
     }
-
-    // The switchover.
-    if *phase == Phase::Live {
-        paused_at = Instant::now();
-        paused_unix = super::unix_ns();
-        guest.pause()?;
-        *phase = Phase::Paused;
-    }
-    let mut final_set = guest.take_dirty()?;
-    final_set.union(&carry);
-    final_set.union(&unsent);
-    let vcpu = guest.vcpu_state()?;
-    let counter_at_pause = guest.counter();
-    report.verified.counter_at_pause = counter_at_pause;
-    let mut postcopy_report = None;
-
-    if !postcopy {
-        if opts.mode != Mode::Warm {
-            let list = final_set.to_vec();
-            round += 1;
-            let t0 = Instant::now();
-            let counts = tx.send(round, &list, BATCH_PAGES).await?;
-            report.rounds.push(RoundReport {
-                round,
-                kind: "stop-and-copy".into(),
-                pages: counts.pages,
-                bytes: counts.bytes,
-                elapsed_ms: ms(t0.elapsed()),
-                zero_pages: counts.zero,
-                ref_pages: counts.refs,
-                throttle,
-                ..RoundReport::default()
+}
+impl Run<'_> {
+    /// The pre-copy switchover: the last dirty pages with the guest paused, then the vCPU
+    /// state; waits for the destination to resume, then verifies.
+    async fn stop_and_copy(
+        &mut self,
+        final_set: PageSet,
+        vcpu: Vec<u8>,
+    ) -> Result<(), MigrateError> {
+        if self.opts.mode != Mode::Warm {
+            self.round += 1;
+            let sent = self.send_round(&final_set.to_vec()).await?;
+            let rr = self.round_report("stop-and-copy", &sent);
+            self.report.rounds.push(RoundReport {
+                bandwidth: 0.0,
+                wire_bandwidth: 0.0,
+                ..rr
             });
         }
-        tx.wr
-            .send(&Frame::with_payload(
-                Message::MemSwitchover {
-                    paused_at_unix_ns: paused_unix,
-                    postcopy: false,
-                    discard: Vec::new(),
-                },
-                Bytes::from(vcpu),
-            ))
-            .await?;
-        *phase = Phase::Switched;
-        let resumed = expect(&mut inbox, "MemResumed", |m| {
+        self.switch_over(false, Vec::new(), vcpu).await?;
+        let resumed = expect(&mut self.inbox, "MemResumed", |m| {
             matches!(m, Message::MemResumed { .. })
         })
         .await?;
-        report.downtime_ms = ms(paused_at.elapsed());
+        self.report.downtime_ms = ms(self.paused_at.elapsed());
         if let Message::MemResumed {
             at_unix_ns,
             counter,
         } = resumed.msg
         {
-            report.downtime_ms = at_unix_ns.saturating_sub(paused_unix) as f64 / 1e6;
-            report.verified.counter_at_resume = counter;
+            self.report.downtime_ms = at_unix_ns.saturating_sub(self.paused_unix) as f64 / 1e6;
+            self.report.verified.counter_at_resume = counter;
         }
-        report.total_ms = ms(start.elapsed());
-    } else {
-        // Post-copy: the destination drops its stale copies and runs; everything it lacks is
-        // pushed in the background, and what it faults on is sent first.
-        let discard = final_set.clone();
-        for p in discard.iter() {
-            tx.sent[p as usize] = None;
-        }
-        // Stale: every page the destination does not hold, dropped now or never sent (zero
-        // pages skipped by the live rounds included: under userfaultfd they are missing).
-        let mut stale = PageSet::new(pages);
-        for (p, slot) in tx.sent.iter().enumerate() {
-            if slot.is_none() {
-                stale.insert(p as u64);
-            }
-        }
-        tx.missing_is_zero = false;
-        // The guest's own boot area (page tables, code, status) goes ahead of the switch so
-        // that neither the first instruction nor the destination's status read faults.
-        let boot: Vec<u64> = (0..(crate::workload::WORK_BASE / PAGE_SIZE as u64))
-            .filter(|p| stale.contains(*p))
-            .collect();
-        if !report.rounds.is_empty() {
-            round += 1;
-        }
-        let t0 = Instant::now();
-        let mut counts = tx.send(round, &boot, BATCH_PAGES).await?;
-        let mut discard = discard;
-        for &p in &boot {
-            stale.remove(p);
-            discard.remove(p);
-        }
-        tx.refs = false;
-        tx.wr
+        self.report.total_ms = ms(self.start.elapsed());
+        // The source's memory stays as it was at the pause: hash it now that the downtime is
+        // over.
+        let memory_hash = hash_memory(&self.memory).await?;
+        self.tx.msg(Message::MemComplete { memory_hash }).await?;
+        expect(&mut self.inbox, "MemCompleted", |m| {
+            matches!(m, Message::MemCompleted)
+        })
+        .await?;
+        self.verify(memory_hash, None).await
+    }
+
+    /// Sends the switchover (with the pages the destination must drop, for post-copy).
+    async fn switch_over(
+        &mut self,
+        postcopy: bool,
+        discard: Vec<u64>,
+        vcpu: Vec<u8>,
+    ) -> Result<(), MigrateError> {
+        self.tx
+            .wr
             .send(&Frame::with_payload(
                 Message::MemSwitchover {
-                    paused_at_unix_ns: paused_unix,
-                    postcopy: true,
-                    discard: discard.to_vec(),
+                    paused_at_unix_ns: self.paused_unix,
+                    postcopy,
+                    discard,
                 },
                 Bytes::from(vcpu),
             ))
             .await?;
-        *phase = Phase::Switched;
-        let bucket = opts
-            .bandwidth
-            .map(|b| wan::TokenBucket::new(wan::Rate((b as f64 * PUSH_SHARE) as u64)));
-        let mut remaining: std::collections::VecDeque<u64> = stale.iter().collect();
-        let mut pc = PostcopyReport::default();
-        let mut resumed = false;
-        let mut demand: Vec<u64> = Vec::new();
-        loop {
-            // Serve faults first.
-            while let Ok(f) = inbox.try_recv() {
-                handle_postcopy_msg(f?, &mut demand, report, &mut resumed, paused_unix)?;
-            }
-            if !demand.is_empty() {
-                // Every fault is answered, also for a page the push already sent: that copy
-                // may still be on its way, and a duplicate costs less than a guess.
-                let mut want: Vec<u64> = demand.drain(..).filter(|&p| p < pages as u64).collect();
-                want.sort_unstable();
-                want.dedup();
-                pc.faults += want.len() as u64;
-                for &p in &want {
-                    stale.remove(p);
-                }
-                let c = tx.send(DEMAND_ROUND, &want, PUSH_BATCH_PAGES).await?;
-                pc.demand_pages += c.pages;
-                counts.bytes += c.bytes;
-                continue;
-            }
-            let mut batch = Vec::with_capacity(PUSH_BATCH_PAGES);
-            while batch.len() < PUSH_BATCH_PAGES {
-                match remaining.pop_front() {
-                    Some(p) if stale.contains(p) => batch.push(p),
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            if batch.is_empty() {
-                break;
-            }
-            for &p in &batch {
-                stale.remove(p);
-            }
-            let c = tx.send(round, &batch, PUSH_BATCH_PAGES).await?;
-            pc.pushed_pages += c.pages;
-            counts.pages += c.pages;
-            counts.bytes += c.bytes;
-            counts.zero += c.zero;
-            if let Some(bucket) = &bucket {
-                let wait = bucket.reserve(c.bytes);
-                if !wait.is_zero() {
-                    // Sleep off the push's share, but wake for a fault.
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        f = inbox.recv() => {
-                            let f = f.ok_or_else(|| MigrateError::Protocol("connection closed during post-copy".into()))?;
-                            handle_postcopy_msg(f?, &mut demand, report, &mut resumed, paused_unix)?;
-                        }
-                    }
-                }
-            }
-        }
-        let memory_hash = hash_memory(&memory).await?;
-        tx.msg(Message::MemComplete { memory_hash }).await?;
-        loop {
-            let f = inbox.recv().await.ok_or_else(|| {
-                MigrateError::Protocol("connection closed before post-copy completed".into())
-            })??;
-            if matches!(f.msg, Message::MemCompleted) {
-                break;
-            }
-            handle_postcopy_msg(f, &mut demand, report, &mut resumed, paused_unix)?;
-        }
-        report.total_ms = ms(start.elapsed());
-        report.rounds.push(RoundReport {
-            round,
-            kind: "postcopy".into(),
-            pages: counts.pages + pc.demand_pages,
-            bytes: counts.bytes,
-            elapsed_ms: ms(t0.elapsed()),
-            zero_pages: counts.zero,
-            throttle,
-            ..RoundReport::default()
-        });
-        postcopy_report = Some(pc);
-        let verdict = expect(&mut inbox, "MemVerified", |m| {
+        *self.phase = Phase::Switched;
+        Ok(())
+    }
+
+    /// Waits for the destination's verdict and completes the report.
+    async fn verify(
+        &mut self,
+        memory_hash: ChunkHash,
+        postcopy: Option<PostcopyReport>,
+    ) -> Result<(), MigrateError> {
+        let verdict = expect(&mut self.inbox, "MemVerified", |m| {
             matches!(m, Message::MemVerified { .. })
         })
         .await?;
-        finish(report, verdict, memory_hash, postcopy_report, &tx);
-        return Ok(());
+        finish(self.report, verdict, memory_hash, postcopy, &self.tx);
+        Ok(())
     }
-
-    // The source's memory stays as it was at the pause: hash it now that the downtime is over.
-    let memory_hash = hash_memory(&memory).await?;
-    tx.msg(Message::MemComplete { memory_hash }).await?;
-    expect(&mut inbox, "MemCompleted", |m| {
-        matches!(m, Message::MemCompleted)
-    })
-    .await?;
-    let verdict = expect(&mut inbox, "MemVerified", |m| {
-        matches!(m, Message::MemVerified { .. })
-    })
-    .await?;
-    finish(report, verdict, memory_hash, postcopy_report, &tx);
-    Ok(())
 }
 
 async fn hash_memory(memory: &Arc<Memory>) -> Result<ChunkHash, MigrateError> {
@@ -858,33 +679,6 @@ async fn hash_memory(memory: &Arc<Memory>) -> Result<ChunkHash, MigrateError> {
     tokio::task::spawn_blocking(move || memory_hash(&memory))
         .await
         .map_err(|e| MigrateError::Protocol(format!("hashing the guest's memory failed: {e}")))
-}
-
-fn handle_postcopy_msg(
-    f: Frame,
-    demand: &mut Vec<u64>,
-    report: &mut Report,
-    resumed: &mut bool,
-    paused_unix: u64,
-) -> Result<(), MigrateError> {
-    match f.msg {
-        Message::MemFault { pages } => demand.extend(pages),
-        Message::MemResumed {
-            at_unix_ns,
-            counter,
-        } => {
-            *resumed = true;
-            report.downtime_ms = at_unix_ns.saturating_sub(paused_unix) as f64 / 1e6;
-            report.verified.counter_at_resume = counter;
-        }
-        Message::MemAbort { reason } => return Err(MigrateError::Aborted(reason)),
-        other => {
-            return Err(MigrateError::Protocol(format!(
-                "unexpected {other:?} during post-copy"
-            )))
-        }
-    }
-    Ok(())
 }
 
 fn finish(
