@@ -16,6 +16,8 @@ pub mod nbd;
 pub mod planned;
 pub mod source;
 pub mod tracked;
+#[cfg(test)]
+mod tracked_model;
 
 pub use listen::{Acceptor, ListenError};
 pub use source::{Source, SourceDisk};
