@@ -38,11 +38,11 @@ h.flush()
 """
 
 
-def tracking_source(d, img, tag):
+def tracking_source(d, img, tag, binary=HELIO):
     sock = d / f"{tag}.sock"
     sock.unlink(missing_ok=True)
     state = fresh(d / f"state-{tag}")
-    src = Listener([str(HELIO), "source", "--listen", "127.0.0.1:0", "--state", str(state), "--image", str(img),
+    src = Listener([str(binary), "source", "--listen", "127.0.0.1:0", "--state", str(state), "--image", str(img),
                     "--name", "disk", "--nbd", f"unix:{sock}"], d / f"{tag}.log")
     return src, f"nbd+unix:///disk?socket={sock}"
 

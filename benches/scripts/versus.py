@@ -22,27 +22,18 @@ from pathlib import Path
 
 from harness import Listener, fresh, log, machine, print_table, timed, warm
 from seed import parse_size
-from sync import WRITER
+from sync import WRITER, tracking_source
 
 
 def run(binary, *args):
     return subprocess.run([str(binary), *map(str, args)], check=True, capture_output=True, text=True)
 
 
-def tracking_source(binary, d, img, tag):
-    sock = d / f"{tag}.sock"
-    sock.unlink(missing_ok=True)
-    state = fresh(d / f"state-{tag}")
-    src = Listener([str(binary), "source", "--listen", "127.0.0.1:0", "--state", str(state), "--image", str(img),
-                    "--name", "disk", "--nbd", f"unix:{sock}"], d / f"{tag}.log")
-    return src, f"nbd+unix:///disk?socket={sock}"
-
-
 def sync_round(binary, d, base, size, seed):
     """Seconds of one sync round after 1% of the disk was rewritten."""
     img = d / "sync.img"
     subprocess.run(["cp", "--sparse=always", str(base), str(img)], check=True)
-    src, vm = tracking_source(binary, d, img, "sync-src")
+    src, vm = tracking_source(d, img, "sync-src", binary)
     store = fresh(d / "store-sync")
     run(binary, "seed", "--from", src.addr, "--name", "disk", "--store", store)
     extents = max(1, size // 100 // 65536)

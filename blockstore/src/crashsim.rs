@@ -153,12 +153,7 @@ impl CrashSim {
 
 impl FileLayer for CrashSim {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DataFile>> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let file = crate::datafile::open_rw(path, create)?;
         let mut s = self.state();
         if !s.files.contains_key(path) {
             // A file met for the first time is durable as it is.
@@ -247,4 +242,12 @@ impl DataFile for SimFile {
         // Direct I/O and copy_file_range would bypass the model.
         None
     }
+}
+
+/// Cases for a crash model's property test: `HELIO_CRASH_CASES` when set, else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("HELIO_CRASH_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

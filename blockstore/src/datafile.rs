@@ -41,15 +41,19 @@ pub trait FileLayer: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsFiles;
 
+/// Opens a data file for reading and writing, creating it (empty) when `create` is set.
+pub fn open_rw(path: &Path, create: bool) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+}
+
 impl FileLayer for OsFiles {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DataFile>> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
-        Ok(Arc::new(OsFile(file)))
+        Ok(Arc::new(OsFile(open_rw(path, create)?)))
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`dirty`]: the source's write generations, activity log and replicas' sync points.
 //! - [`db`]: opening RocksDB with a versioned layout.
 
+pub mod activity;
 pub mod catalog;
 pub mod crashsim;
 pub mod datafile;

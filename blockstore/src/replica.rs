@@ -6,6 +6,7 @@
 //! instead of being served as zeros or as other bytes. See [`crate::writer`] for how records
 //! are kept true while chunks are written.
 
+use crate::activity;
 use crate::datafile::{fsync_dir, DataFile};
 use crate::error::{io_err, Result};
 use crate::store::{chunk_key, content_key, DiskRecord, Store, CHUNKS, CONTENT};
@@ -75,8 +76,9 @@ pub struct Replica {
     record: DiskRecord,
     file: Arc<dyn DataFile>,
     path: PathBuf,
-    /// The data file was created by this open: every chunk without a record is a hole.
-    fresh: bool,
+    /// The data file was created by this open and nothing was written to it since (by any
+    /// writer of this replica): every chunk without a record is a hole.
+    fresh: Arc<std::sync::atomic::AtomicBool>,
     /// Records this open dropped because the data file could not vouch for them.
     repaired: usize,
 }
@@ -105,7 +107,7 @@ impl Replica {
             record,
             file,
             path,
-            fresh,
+            fresh: Arc::new(std::sync::atomic::AtomicBool::new(fresh)),
             repaired: 0,
         };
         if fresh && !created {
@@ -114,10 +116,57 @@ impl Replica {
             replica.repaired += replica.forget_where(|_, _| true)?;
         }
         replica.fit_file_length()?;
+        // Before the sample check: a chunk a local write changed is the client's, not damage.
+        replica.recover_activity()?;
         if !fresh {
             replica.check_sample()?;
         }
         Ok(replica)
+    }
+
+    /// After a crash during local writes: every vouching record inside an extent of the
+    /// activity log is checked against its bytes; one that no longer matches was overwritten
+    /// by a write (its bytes are the client's) and becomes `Written`. Then the log is cleared.
+    fn recover_activity(&mut self) -> Result<()> {
+        let db = self.store.db();
+        let id = self.record.id;
+        let extents = activity::load(db, id)?;
+        if extents.is_empty() {
+            return Ok(());
+        }
+        let n = self.record.geometry.chunk_count();
+        let indexes: Vec<u64> = extents
+            .iter()
+            .flat_map(|&e| {
+                let first = e.saturating_mul(activity::EXTENT_CHUNKS).min(n);
+                first..first.saturating_add(activity::EXTENT_CHUNKS).min(n)
+            })
+            .collect();
+        let states = self.states_of(&indexes)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut written = 0usize;
+        for &i in &indexes {
+            let Some(Some(s)) = states.get(&i).copied() else {
+                continue;
+            };
+            if !s.vouches() || self.bytes_match(i, s) {
+                continue;
+            }
+            batch.put_cf(
+                db.cf(CHUNKS),
+                chunk_key(id, i),
+                ChunkState::Written.encode(),
+            );
+            if let ChunkState::Data(h) = s {
+                batch.delete_cf(db.cf(CONTENT), content_key(&h, id, i));
+            }
+            written += 1;
+        }
+        activity::retire_in(&mut batch, id, &extents);
+        db.write_sync(batch)?;
+        tracing::info!(disk = %self.record.name, extents = extents.len(), written,
+            "local writes were in progress when the replica was last closed: chunks they changed are recorded as written");
+        Ok(())
     }
 
     /// Sizes the data file to the disk; records of chunks a short file cut off are dropped.
@@ -130,7 +179,7 @@ impl Replica {
         if len == size {
             return Ok(());
         }
-        if len < size && !self.fresh {
+        if len < size && !self.is_fresh() {
             let g = self.record.geometry;
             let lost = self.forget_where(|i, _| g.offset(i) + g.len(i) as u64 > len)?;
             self.repaired += lost;
@@ -235,9 +284,16 @@ impl Replica {
         self.repaired
     }
 
-    /// True when this open created the data file: chunks without records are holes.
+    /// True when this open created the data file and nothing was written to it yet: chunks
+    /// without records are holes.
     pub(crate) fn is_fresh(&self) -> bool {
-        self.fresh
+        self.fresh.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called before bytes are written to the data file: chunks without records may hold
+    /// bytes from then on (a write whose record was withdrawn, or that failed half-way).
+    pub fn note_write(&self) {
+        self.fresh.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The state of every chunk (`None`: absent).

@@ -8,16 +8,19 @@
 //! - **Unvouch before overwriting.** Before bytes are written over a chunk whose vouching
 //!   record may be on disk (committed, or in a batch being committed), that record is deleted
 //!   ([`ChunkWriter::forget`], one synced batch for many chunks: a seed or sync round calls
-//!   it once for the chunks it will replace) or, for the NBD export's local writes, replaced by
-//!   `Written` ([`ChunkWriter::record_written_now`]), which vouches for no particular content.
-//!   Any write path that finds such a chunk not yet unvouched does it itself, one synced
-//!   batch per chunk.
+//!   it once for the chunks it will replace). Any write path that finds such a chunk not yet
+//!   unvouched does it itself, one synced batch per chunk. The NBD export's local writes keep
+//!   the record and log the chunk's extent instead ([`ChunkWriter::activate_for_write`], one
+//!   synced write per 256 chunks written; see [`crate::activity`]): opening after a crash
+//!   re-checks every vouching record in a logged extent, and one whose bytes changed becomes
+//!   `Written`, which vouches for no particular content.
 //!
 //! A failed commit (`fdatasync` or the RocksDB write) is not forgotten: Linux reports a
 //! writeback error once, and the next `fdatasync` would succeed over the lost bytes. The
 //! writer stops (every later call fails with [`StoreError::Failed`]) until the replica is
 //! opened again, which finds only what was durably recorded.
 
+use crate::activity;
 use crate::datafile::DataFile;
 use crate::direct::DirectWriter;
 use crate::error::{io_err, Result, StoreError};
@@ -117,8 +120,12 @@ pub struct ChunkWriter {
     oldest: Option<Instant>,
     sources: HashMap<u32, Arc<dyn DataFile>>,
     unchecked: u64,
-    /// The batch being made durable in the background, and its chunks.
+    /// The batch being made durable in the background.
     syncing: Option<std::thread::JoinHandle<Result<usize>>>,
+    /// The chunks that batch records as vouching for their bytes (data or zero).
+    syncing_vouches: std::collections::HashSet<u64>,
+    /// Extents in the activity log ([`crate::activity`]), logged by this writer.
+    active: std::collections::HashSet<u64>,
     /// Streamed writes past the page cache ([`ChunkWriter::put_streaming`]).
     direct: Direct,
     /// Why the writer stopped, after a commit failed.
@@ -137,13 +144,15 @@ impl ChunkWriter {
             sources: HashMap::new(),
             unchecked: u64::MAX,
             syncing: None,
+            syncing_vouches: std::collections::HashSet::new(),
+            active: std::collections::HashSet::new(),
             direct: Direct::Unopened,
             failed: None,
         }
     }
 
     /// Fails once a commit has failed: nothing more may be acknowledged.
-    fn check(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
             Some(detail) => Err(StoreError::Failed {
@@ -244,17 +253,22 @@ impl ChunkWriter {
             .collect()
     }
 
-    /// Replaces, durably and at once, the records of `indexes` that vouch for their bytes:
-    /// with nothing (`as_written` false: absent, fetched again after a crash) or with
-    /// `Written`. Waits for a commit in flight first, which may be writing those records.
-    fn unvouch(&mut self, indexes: &[u64], as_written: bool) -> Result<()> {
+    /// Deletes, durably and at once, the records of `indexes` that vouch for their bytes (the
+    /// chunks are absent, fetched again after a crash). Waits for a commit in flight first
+    /// when it may be writing those records.
+    fn unvouch(&mut self, indexes: &[u64]) -> Result<()> {
         self.check()?;
         let doomed = self.vouched(indexes);
         if doomed.is_empty() {
             return Ok(());
         }
         self.settle()?;
-        self.wait_for_sync()?;
+        // A batch in flight that records one of these chunks as vouching could commit after
+        // the withdrawal below: wait for it then, and only then (waiting means its fdatasync,
+        // which cost the export's first writes to fetched chunks a third of their rate).
+        if doomed.iter().any(|(i, _)| self.syncing_vouches.contains(i)) {
+            self.wait_for_sync()?;
+        }
         let db = self.replica.store().db();
         let id = self.replica.record().id;
         let mut batch = rocksdb::WriteBatch::default();
@@ -262,32 +276,13 @@ impl ChunkWriter {
             if let ChunkState::Data(h) = st {
                 batch.delete_cf(db.cf(CONTENT), content_key(&h, id, i));
             }
-            if as_written {
-                batch.put_cf(
-                    db.cf(CHUNKS),
-                    chunk_key(id, i),
-                    ChunkState::Written.encode(),
-                );
-            } else {
-                batch.delete_cf(db.cf(CHUNKS), chunk_key(id, i));
-            }
+            batch.delete_cf(db.cf(CHUNKS), chunk_key(id, i));
         }
         if let Err(e) = db.write_sync(batch) {
             return Err(self.fail(e));
         }
         for &(i, _) in &doomed {
-            let slot = match as_written {
-                true => Slot {
-                    state: Some(ChunkState::Written),
-                    on_disk: true,
-                },
-                false => Slot::default(),
-            };
-            self.known.set(i, slot);
-            if as_written {
-                // A pending record of the chunk (say a landed fetch) must not win later.
-                self.record(i, ChunkState::Written, 0);
-            }
+            self.known.set(i, Slot::default());
         }
         Ok(())
     }
@@ -295,26 +290,71 @@ impl ChunkWriter {
     /// Makes the chunks `indexes` absent, durably, before their bytes are replaced (a seed or
     /// sync round calls it once for every chunk whose content it will change).
     pub fn forget(&mut self, indexes: &[u64]) -> Result<()> {
-        self.unvouch(indexes, false)
+        self.unvouch(indexes)
     }
 
-    /// Records the chunks `indexes` as `Written`, durably, before a local write changes
-    /// their bytes (the NBD export); chunks already written or absent need nothing.
-    pub fn record_written_now(&mut self, indexes: &[u64]) -> Result<()> {
-        self.unvouch(indexes, true)?;
-        // A vouching record still pending (a landed fetch not yet committed) must not be
-        // committed over the new bytes either.
-        for &i in indexes {
-            if self.state(i).is_some_and(|s| s.vouches()) {
-                self.record(i, ChunkState::Written, 0);
-            }
+    /// Before a local write (the NBD export) changes chunks `indexes`: logs durably the
+    /// extents of those whose records vouch for their bytes, committed or pending (see
+    /// [`crate::activity`]: opening after a crash re-checks them), and records them `Written`
+    /// in the pending batch. Chunks already written or absent need nothing; a chunk whose
+    /// extent is logged already costs no synced write.
+    pub fn activate_for_write(&mut self, indexes: &[u64]) -> Result<()> {
+        self.check()?;
+        let vouching: Vec<u64> = indexes
+            .iter()
+            .copied()
+            .filter(|&i| self.state(i).is_some_and(|s| s.vouches()))
+            .collect();
+        let mut fresh: Vec<u64> = vouching
+            .iter()
+            .map(|&i| activity::extent_of(i))
+            .filter(|e| !self.active.contains(e))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        if !fresh.is_empty() {
+            let logged =
+                activity::activate(self.replica.store().db(), self.replica.record().id, &fresh);
+            logged.map_err(|e| self.fail(e))?;
+            self.active.extend(fresh);
+        }
+        for i in vouching {
+            self.record(i, ChunkState::Written, 0);
         }
         Ok(())
     }
 
+    /// True while a commit started in the background has not been waited for.
+    #[cfg(test)]
+    pub(crate) fn committing(&self) -> bool {
+        self.syncing.is_some()
+    }
+
+    /// Extents in the activity log.
+    pub fn active_extents(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Clears the activity log: makes every completed write and its record durable
+    /// ([`ChunkWriter::flush`]), then retires the extents. The caller must hold off local
+    /// writes meanwhile: one between its activation and its record would lose its cover.
+    pub fn retire_active(&mut self) -> Result<()> {
+        if self.active.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        let extents: Vec<u64> = self.active.drain().collect();
+        let retired = activity::retire(
+            self.replica.store().db(),
+            self.replica.record().id,
+            &extents,
+        );
+        retired.map_err(|e| self.fail(e))
+    }
+
     /// Before bytes land over chunk `index`.
     fn before_overwrite(&mut self, index: u64) -> Result<()> {
-        self.unvouch(&[index], false)
+        self.unvouch(&[index])
     }
 
     /// Writes chunk `index` with `data`, whose hash the caller has verified to be `hash`.
@@ -329,6 +369,7 @@ impl ChunkWriter {
     }
 
     fn write_cached(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.replica.note_write();
         self.replica
             .file()
             .write_all_at(data, offset)
@@ -359,6 +400,7 @@ impl ChunkWriter {
         self.reserve(data.len() as u64)?;
         let offset = self.replica.geometry().offset(index);
         let path = self.replica.data_path().clone();
+        self.replica.note_write();
         let started = match self.direct_writer() {
             Some(d) => d.submit(data, offset),
             None => Ok(false),
@@ -511,6 +553,7 @@ impl ChunkWriter {
         self.before_overwrite(index)?;
         self.reserve(len as u64)?;
         let dst = self.replica.file();
+        self.replica.note_write();
         let copied = match (src.os_file(), dst.os_file()) {
             (Some(s), Some(d)) => copy_range(s, src_offset, d, g.offset(index), len),
             _ => dst.write_all_at(&buf, g.offset(index)),
@@ -575,9 +618,13 @@ impl ChunkWriter {
         }
         let batch = std::mem::take(&mut self.batch);
         let n = self.pending.len();
+        self.syncing_vouches.clear();
         for i in std::mem::take(&mut self.pending) {
             let mut slot = self.known.get(i);
             slot.on_disk = true;
+            if slot.state.is_some_and(|s| s.vouches()) {
+                self.syncing_vouches.insert(i);
+            }
             self.known.set(i, slot);
         }
         self.pending_bytes = 0;
@@ -600,6 +647,7 @@ impl ChunkWriter {
     }
 
     fn wait_for_sync(&mut self) -> Result<usize> {
+        self.syncing_vouches.clear();
         let outcome = match self.syncing.take() {
             None => return Ok(0),
             Some(h) => h.join().unwrap_or_else(|_| {

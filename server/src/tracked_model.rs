@@ -146,15 +146,8 @@ impl Harness {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("HELIO_CRASH_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: blockstore::crashsim::cases(100), ..ProptestConfig::default() })]
 
     #[test]
     fn every_chunk_written_since_the_synced_generation_is_in_the_next_round(

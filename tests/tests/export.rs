@@ -332,11 +332,21 @@ except nbd.Error as e:
     );
 }
 
+/// `err(f)`: runs `f`, and names the errno it failed with (`OK` if it did not).
+const ERR: &str = "
+def err(f):
+    try:
+        f()
+        return 'OK'
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+";
+
 /// Runs a libnbd Python snippet with `h` connected to `uri` (client-side checks off, so the
-/// server's own checks are exercised).
+/// server's own checks are exercised) and `err` defined (see [`ERR`]).
 fn libnbd(uri: &str, body: &str) -> String {
     let script = format!(
-        "import nbd, errno\nh = nbd.NBD()\nh.set_strict_mode(0)\nh.connect_uri({uri:?})\n{body}\nh.shutdown()\n"
+        "import nbd, errno\n{ERR}\nh = nbd.NBD()\nh.set_strict_mode(0)\nh.connect_uri({uri:?})\n{body}\nh.shutdown()\n"
     );
     run_ok("/usr/bin/python3", &["-c", &script])
 }
@@ -352,12 +362,6 @@ fn out_of_range_and_malformed_requests_get_errors_not_hangs() {
         &uri,
         &format!(
             "
-def err(f):
-    try:
-        f()
-        return 'OK'
-    except nbd.Error as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
 print('read', err(lambda: h.pread(512, {size} - 256)))
 print('write', err(lambda: h.pwrite(b'y' * 512, {size})))
 print('trim', err(lambda: h.trim(4096, {size})))
@@ -494,12 +498,6 @@ fn fast_zero_that_would_need_a_fetch_is_refused_with_enotsup() {
         &uri,
         &format!(
             "
-def err(f):
-    try:
-        f()
-        return 'OK'
-    except nbd.Error as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
 fast = nbd.CMD_FLAG_FAST_ZERO
 print('partial-fast', err(lambda: h.zero(4096, {part}, flags=fast)))
 print('whole-fast', err(lambda: h.zero(65536, {whole}, flags=fast)))
@@ -518,29 +516,14 @@ print('read', h.pread(65536, {part} - 4096) == open({img:?}, 'rb').read()[{part}
     assert!(out.contains("read True"), "{out}");
 }
 
-/// Unmounts a test's tmpfs when dropped.
-struct Mount(std::path::PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=72M", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIPPED guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed: cannot mount a tmpfs here (needs root)");
+    let test = "guest_writes_stop_with_enospc_before_the_space_reserve_and_resume_when_freed";
+    let Some(volume) = small_volume(dir.path(), "72M", test) else {
         return;
-    }
-    let _guard = Mount(mnt.clone());
+    };
+    let mnt = volume.0.clone();
     // An all-zero disk: the seeded replica allocates nothing, guest writes allocate it all.
     let img = dir.path().join("a.img");
     std::fs::File::create(&img)

@@ -67,29 +67,14 @@ fn store_that_cannot_be_created_is_reported() {
     );
 }
 
-struct Mount(std::path::PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn disk_full_fails_clearly_and_keeps_a_consistent_store() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=56M", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !mounted {
-        eprintln!("SKIPPED disk_full_fails_clearly_and_keeps_a_consistent_store: cannot mount a tmpfs here (needs root)");
+    let test = "disk_full_fails_clearly_and_keeps_a_consistent_store";
+    let Some(volume) = small_volume(dir.path(), "56M", test) else {
         return;
-    }
-    let _guard = Mount(mnt.clone());
+    };
+    let mnt = volume.0.clone();
     let img = dir.path().join("a.img");
     sample_image(&img, "64MiB", 4);
     let src = source(dir.path(), &[(&img, "a")], &[]);
@@ -237,14 +222,7 @@ fn source_vanishing_mid_seed_fails_then_resumes() {
     );
     assert!(start.elapsed() < Duration::from_secs(40));
 
-    let kept = {
-        let s = blockstore::Store::open(&store).unwrap();
-        let states = s.replica("a").unwrap().states().unwrap();
-        states
-            .iter()
-            .filter(|st| matches!(st, Some(blockstore::ChunkState::Data(_))))
-            .count()
-    };
+    let kept = data_chunks(&store, "a");
     assert!(kept > 0, "progress before the loss was not kept");
 
     let src2 = source(dir.path(), &[(&img, "a")], &[]);

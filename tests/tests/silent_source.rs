@@ -100,14 +100,7 @@ fn seed_and_sync_from_a_blackholed_source_end_within_their_timeout_and_resume() 
         "seed ended {after:?} after the blackhole"
     );
 
-    let kept = {
-        let s = blockstore::Store::open(&store).unwrap();
-        let states = s.replica("a").unwrap().states().unwrap();
-        states
-            .iter()
-            .filter(|st| matches!(st, Some(blockstore::ChunkState::Data(_))))
-            .count()
-    };
+    let kept = data_chunks(&store, "a");
     assert!(kept > 0, "progress before the blackhole was not kept");
 
     blackhole(&hole, false);

@@ -343,15 +343,8 @@ impl Harness {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("HELIO_CRASH_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: blockstore::crashsim::cases(200), ..ProptestConfig::default() })]
 
     #[test]
     fn every_crash_leaves_old_or_acknowledged_content(ops in prop::collection::vec(op(), 1..48)) {

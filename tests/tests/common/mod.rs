@@ -451,3 +451,39 @@ pub fn verify_equal(store: &Path, name: &str, img: &Path) {
         img.to_str().unwrap(),
     ]);
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `size` (e.g. `56M`) at `dir/small`; `None` (after saying that `test` is
+/// skipped) where mounting needs privileges this process lacks.
+pub fn small_volume(dir: &Path, size: &str, test: &str) -> Option<Mount> {
+    let mnt = dir.join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED {test}: cannot mount a tmpfs here (needs root)");
+        return None;
+    }
+    Some(Mount(mnt))
+}
+
+/// Chunks of disk `name` in `store` recorded with data.
+pub fn data_chunks(store: &Path, name: &str) -> usize {
+    let s = blockstore::Store::open(store).unwrap();
+    let states = s.replica(name).unwrap().states().unwrap();
+    states
+        .iter()
+        .filter(|st| matches!(st, Some(blockstore::ChunkState::Data(_))))
+        .count()
+}
