@@ -63,7 +63,8 @@ pub enum Fault {
 #[derive(Default)]
 struct State {
     files: HashMap<PathBuf, Image>,
-    failing_writes: Vec<Fault>,
+    /// What the next writes meet, in order: a fault, or nothing (the write goes through).
+    failing_writes: Vec<Option<Fault>>,
     failing_syncs: u32,
 }
 
@@ -85,7 +86,14 @@ impl CrashSim {
 
     /// The next write, punch or zeroing fails with `fault` and changes nothing.
     pub fn fail_next_write(&self, fault: Fault) {
-        self.state().failing_writes.push(fault);
+        self.state().failing_writes.push(Some(fault));
+    }
+
+    /// The next `n` writes not yet armed go through: faults armed after fall on later writes.
+    pub fn pass_next_writes(&self, n: usize) {
+        self.state()
+            .failing_writes
+            .extend(std::iter::repeat_n(None, n));
     }
 
     /// The next `fdatasync` fails with `EIO`, and the writes it should have made durable are lost.
@@ -136,8 +144,9 @@ impl CrashSim {
             return Ok(());
         }
         match s.failing_writes.remove(0) {
-            Fault::Io => Err(io::Error::from_raw_os_error(libc::EIO)),
-            Fault::NoSpace => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            None => Ok(()),
+            Some(Fault::Io) => Err(io::Error::from_raw_os_error(libc::EIO)),
+            Some(Fault::NoSpace) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
         }
     }
 

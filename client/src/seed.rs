@@ -889,3 +889,38 @@ async fn deliver(
     shared.remaining.fetch_sub(1, Ordering::SeqCst);
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockstore::crashsim::{CrashSim, Fault};
+
+    #[test]
+    fn duplicates_whose_local_copy_fails_fetch_their_content_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = CrashSim::new();
+        let store = Store::open_with(dir.path(), Arc::new(sim.clone())).unwrap();
+        let g = Geometry::new(4 * 4096, 4096).unwrap();
+        let data = vec![7u8; 4096];
+        let h = ChunkHash::of(&data);
+        // Another disk of the store holds the content.
+        let base = store.open_or_create("base", g).unwrap();
+        let mut w = base.writer().unwrap();
+        w.put(0, h, &data).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        let d = store.open_or_create("d", g).unwrap();
+        let manifest = Entries::All(vec![ChunkEntry::Data(h); 4]);
+        // Chunk 0 is copied from "base"; copying it on to chunks 1 and 2 fails, to 3 works.
+        sim.pass_next_writes(1);
+        sim.fail_next_write(Fault::Io);
+        sim.fail_next_write(Fault::Io);
+        let (_w, fetch, dups) = plan(&d, &manifest, None, &SeedProgress::default()).unwrap();
+        assert_eq!(fetch, vec![1], "the content must be fetched once");
+        assert_eq!(
+            dups.get(&1),
+            Some(&vec![2]),
+            "chunk 2 is copied from 1 once it lands"
+        );
+    }
+}
