@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BLOCK: usize = 4096;
-const SIZE: usize = 24 << 20;
+/// Large enough that the slow copier is still at work in every iteration (the reads cover only
+/// 4-25 MiB; zero and text regions cost the copier little of its wire budget).
+const SIZE: usize = 64 << 20;
 const BLOCKS: usize = SIZE / BLOCK;
 /// Iteration `i` writes into its own 1 MiB at `4 MiB + i MiB`, which the restart before it
 /// fetched: its chunks hold fetched data whose records the writes must not leave standing.
@@ -101,7 +103,7 @@ fn parse(out: &str) -> Reported {
 
 #[test]
 fn kill_9_of_the_export_loses_no_flushed_write_and_invents_nothing() {
-    let (dir, img, src) = served_sample("24MiB", 41);
+    let (dir, img, src) = served_sample("64MiB", 41);
     let proxy = wan_proxy(
         &src.addr,
         &["--rtt", "20ms", "--bandwidth", "100Mbit"],
@@ -114,7 +116,7 @@ fn kill_9_of_the_export_loses_no_flushed_write_and_invents_nothing() {
     let mut allowed: Vec<BTreeSet<Content>> = vec![BTreeSet::from([Content::Source]); BLOCKS];
     let mut copier_running = 0;
     // A slow copier: it is still running in most iterations.
-    let slow = ["--from", proxy.addr.as_str(), "--bandwidth", "64KiB/s"];
+    let slow = ["--from", proxy.addr.as_str(), "--bandwidth", "16KiB/s"];
     let (exp, sock) = export(dir.path(), &store, "a", &slow);
     read_range(&nbd_uri(&sock, "a"), sub_region(0), SUB);
     exp.stop();
@@ -229,12 +231,23 @@ fn records_tell_the_truth(store: &std::path::Path, iter: u32) {
     );
 }
 
+/// A libnbd reader of `LEN` bytes at `OFFSET` of `URI` to stdout, 8 MiB a request (servers
+/// cap request sizes).
+const READER: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+off, end = int(sys.argv[2]), int(sys.argv[2]) + int(sys.argv[3])
+while off < end:
+    n = min(8 << 20, end - off)
+    sys.stdout.buffer.write(h.pread(n, off))
+    off += n
+"#;
+
 /// Reads `len` bytes at `offset` of `uri` with libnbd.
 fn read_range(uri: &str, offset: usize, len: usize) -> Vec<u8> {
-    let script = "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
-                  sys.stdout.buffer.write(h.pread(int(sys.argv[3]), int(sys.argv[2])))\n";
     let out = Command::new("/usr/bin/python3")
-        .args(["-c", script, uri, &offset.to_string(), &len.to_string()])
+        .args(["-c", READER, uri, &offset.to_string(), &len.to_string()])
         .output()
         .expect("run python3");
     assert!(
