@@ -122,3 +122,17 @@ def print_table(command, rows):
     print("|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+
+
+def write_trial(src_file, uri):
+    """Seconds of an `nbdcopy --flush` upload of src_file to uri, then fio 4 KiB random-write
+    IOPS at QD32 for 8 s against it. Synced before each: fio leaves ~600 MB of dirty pages
+    (it does not flush), whose writeback slowed whatever ran next 2-7x."""
+    import json
+    subprocess.run(["sync"], check=True)
+    up, _, _ = timed(["nbdcopy", "--flush", str(src_file), uri])
+    subprocess.run(["sync"], check=True)
+    _, _, out = timed(["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--iodepth=32",
+                       "--runtime=8", "--time_based", "--output-format=json"])
+    iops = json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+    return up, iops

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import print_table, HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm
+from harness import print_table, HELIO, Listener, build, drop_caches, fresh, helio, log, machine, timed, warm, write_trial
 from seed import parse_size
 
 WRITER = r"""
@@ -119,14 +119,7 @@ def bench_overhead(d, base, rows, trials, upload=1 << 30):
         res = {}
         for who in ("qemu-nbd", "helio") if t % 2 == 0 else ("helio", "qemu-nbd"):
             _, uri, _ = servers[who]
-            # fio leaves ~600 MB of random dirty pages (it does not flush); written back during
-            # the next measurement, they slowed whichever server went second 2-7x.
-            subprocess.run(["sync"], check=True)
-            up, _, _ = timed(["nbdcopy", "--flush", str(src_file), uri])
-            subprocess.run(["sync"], check=True)
-            _, _, out = timed(["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--iodepth=32",
-                               "--runtime=8", "--time_based", "--output-format=json"])
-            iops = json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+            up, iops = write_trial(src_file, uri)
             res[who] = (upload / up, iops)
             figures[who][0].append(upload / up)
             figures[who][1].append(iops)

@@ -15,12 +15,11 @@ Usage: benches/scripts/versus.py --old PATH --new PATH [--dir DIR] [--size 1GiB]
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 from pathlib import Path
 
-from harness import Listener, fresh, log, machine, print_table, timed, warm
+from harness import Listener, fresh, log, machine, print_table, timed, warm, write_trial
 from seed import parse_size
 from sync import WRITER, tracking_source
 
@@ -56,12 +55,7 @@ def export_io(binary, d, base, upload, size):
     sock.unlink(missing_ok=True)
     exp = Listener([str(binary), "export", "--store", str(store), "--name", "disk", "--nbd", f"unix:{sock}"], d / "ex.log")
     uri = f"nbd+unix:///disk?socket={sock}"
-    subprocess.run(["sync"], check=True)
-    up, _, _ = timed(["nbdcopy", "--flush", str(upload), uri])
-    subprocess.run(["sync"], check=True)
-    _, _, out = timed(["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--iodepth=32",
-                       "--runtime=8", "--time_based", "--output-format=json"])
-    iops = json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+    up, iops = write_trial(upload, uri)
     subprocess.run(["sync"], check=True)
     rd, _, _ = timed(["nbdcopy", uri, "null:"])
     exp.stop()
