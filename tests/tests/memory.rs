@@ -56,6 +56,9 @@ fn assert_verified(r: &Value, ok: bool) {
     let v = &r["verified"];
     assert_eq!(v["ok"], true, "{r:#}");
     assert_eq!(v["memory_hash_equal"], true, "{r:#}");
+    // The hash came (in part) from the destination's memory itself, not only from what it
+    // recorded while installing.
+    assert!(v["pages_reread"].as_u64() > Some(0), "{r:#}");
     assert_eq!(v["guest_ran_on"], true, "{r:#}");
     assert_eq!(v["counter_at_resume"], v["counter_at_pause"], "{r:#}");
     assert!(

@@ -267,6 +267,9 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                 guest.load_vcpu_state(&f.payload)?;
                 // Read before the guest runs: the counter it resumes from.
                 counter_at_resume = guest.counter();
+                // What the guest writes from here on cannot be compared with the source: the
+                // verification reads back every other page (see `verify_memory`).
+                guest.start_dirty_log()?;
                 guest.resume()?;
                 let at = super::unix_ns();
                 resumed = true;
@@ -304,11 +307,12 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                     faults = latencies.len() as u64;
                 }
                 send(&mut wr, Message::MemCompleted).await?;
-                let ours = combine(&st.hashes);
                 tokio::time::sleep(Duration::from_millis(spec.run_after_ms)).await;
                 let counter_after = guest.counter();
                 let running = guest.is_running();
                 guest.pause()?;
+                let written = guest.take_dirty()?;
+                let (ours, pages_reread) = verify_memory(&mut st, &written).await?;
                 latencies.sort();
                 let report = DestinationReport {
                     memory_hash: hex(&ours),
@@ -322,6 +326,7 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
                     fault_max_ms: percentile(&latencies, 1.0),
                     unanswered_faults,
                     counter_at_push_end,
+                    pages_reread,
                     error: None,
                 };
                 if !report.memory_hash_equal {
@@ -340,6 +345,28 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
             other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
         }
     }
+}
+
+/// The memory hash to compare with the source's, taken from guest memory itself: with the
+/// guest paused, every page it did not write since it resumed here is read back and hashed
+/// (it must hold what arrived); a page it wrote counts with the hash of what was installed.
+/// Returns the hash and how many pages were read back.
+async fn verify_memory(
+    st: &mut State,
+    written: &PageSet,
+) -> Result<(ChunkHash, u64), MigrateError> {
+    let memory = st.memory.clone();
+    let now = tokio::task::spawn_blocking(move || super::hashes::page_hashes(&memory))
+        .await
+        .map_err(|e| MigrateError::Protocol(format!("hashing guest memory failed: {e}")))?;
+    let mut reread = 0;
+    for (p, h) in now.into_iter().enumerate() {
+        if !written.contains(p as u64) {
+            st.hashes[p] = h;
+            reread += 1;
+        }
+    }
+    Ok((combine(&st.hashes), reread))
 }
 
 fn start_pull(

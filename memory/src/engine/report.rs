@@ -97,6 +97,9 @@ pub struct DestinationReport {
     /// The guest's counter then.
     #[serde(default)]
     pub counter_at_push_end: u64,
+    /// Pages whose hash was read from guest memory at the end (see [`Verified::pages_reread`]).
+    #[serde(default)]
+    pub pages_reread: u64,
     /// What went wrong, if anything.
     pub error: Option<String>,
 }
@@ -116,6 +119,10 @@ pub struct Verified {
     pub counter_at_resume: u64,
     /// The destination's counter after running on.
     pub counter_after: u64,
+    /// Pages the destination's hash took from its guest memory itself (read back after the
+    /// guest ran, every page it had not written); the rest count as installed.
+    #[serde(default)]
+    pub pages_reread: u64,
 }
 
 /// Post-copy figures.

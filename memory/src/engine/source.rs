@@ -704,6 +704,7 @@ fn finish(
     let v = &mut report.verified;
     v.memory_hash_equal = dest.memory_hash == hex(&memory_hash);
     v.counter_after = dest.counter_after;
+    v.pages_reread = dest.pages_reread;
     v.guest_ran_on = dest.guest_ran_on && v.counter_at_resume == v.counter_at_pause;
     v.ok = v.memory_hash_equal && v.guest_ran_on && dest.error.is_none();
     if let Some(mut pc) = postcopy {
