@@ -3,7 +3,31 @@
 use protocol::conn::Io;
 use protocol::tls::{is_loopback, TlsServer};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+
+/// Time a peer has to finish TLS and the hello (or the NBD negotiation) after connecting.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A replication peer silent this long between requests is disconnected (its next request
+/// dials again).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Connections served at once by one listener; more are refused (closed at once, logged).
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// A slot among a listener's [`MAX_CONNECTIONS`], or `None` (logged) when all are taken.
+pub fn admit(
+    slots: &Arc<tokio::sync::Semaphore>,
+    peer: &str,
+    what: &str,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permit = slots.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        tracing::warn!(%peer, limit = MAX_CONNECTIONS,
+            "refusing a {what} connection: the listener serves its limit already");
+    }
+    permit
+}
 
 /// Why an agent cannot listen.
 #[derive(Debug, thiserror::Error)]

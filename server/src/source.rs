@@ -4,7 +4,7 @@
 //! the bytes actually read. If the image changed since the manifest was built, the destination
 //! sees a chunk whose hash differs from the manifest's, never bytes mislabelled as old content.
 
-use crate::listen::Acceptor;
+use crate::listen::{self, Acceptor};
 use crate::planned::{Planned, PlannedChunks};
 use crate::tracked::Tracker;
 use blockstore::Image;
@@ -100,6 +100,7 @@ impl Source {
     /// Serves connections until the task is dropped.
     pub async fn serve(self: Arc<Self>, acceptor: Acceptor) {
         let acceptor = Arc::new(acceptor);
+        let slots = Arc::new(tokio::sync::Semaphore::new(listen::MAX_CONNECTIONS));
         loop {
             let (tcp, peer) = match acceptor.accept().await {
                 Ok(x) => x,
@@ -109,15 +110,25 @@ impl Source {
                     continue;
                 }
             };
+            let Some(slot) = listen::admit(&slots, &peer.to_string(), "replication") else {
+                continue;
+            };
             let this = self.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Some(io) = acceptor.secure(tcp, peer).await else {
+                let _slot = slot;
+                let secured =
+                    tokio::time::timeout(listen::HANDSHAKE_TIMEOUT, acceptor.secure(tcp, peer));
+                let Ok(Some(io)) = secured.await else {
+                    tracing::warn!(%peer, "dropped a peer that did not finish TLS in time");
                     return;
                 };
                 if let Err(e) = this.session(io, peer.to_string()).await {
                     match e {
                         ConnError::Closed { .. } => tracing::debug!(%peer, "peer disconnected"),
+                        ConnError::Silent { .. } => {
+                            tracing::debug!(%peer, "idle peer disconnected")
+                        }
                         e => tracing::warn!(%peer, error = %e, "session ended"),
                     }
                 }
@@ -127,7 +138,9 @@ impl Source {
 
     async fn session(self: Arc<Self>, io: Box<dyn Io>, peer: String) -> Result<(), ConnError> {
         let mut conn = Conn::new(io, peer.clone());
+        conn.set_timeout(Some(listen::HANDSHAKE_TIMEOUT));
         conn.server_hello(&self.agent).await?;
+        conn.set_timeout(Some(listen::IDLE_TIMEOUT));
         let (mut reader, writer) = conn.split();
         let (tx, rx) = mpsc::channel::<Frame>(READS_PER_CONN * 2);
         let writer_task = tokio::spawn(write_frames(writer, rx));

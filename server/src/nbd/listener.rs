@@ -3,7 +3,7 @@
 use super::device::Device;
 use super::handshake::{negotiate, Export};
 use super::transmission::serve;
-use crate::listen::ListenError;
+use crate::listen::{self, ListenError};
 use protocol::conn::Io;
 use protocol::tls::{is_loopback, TlsServer};
 use std::os::unix::fs::PermissionsExt;
@@ -102,6 +102,7 @@ impl NbdListener {
     pub async fn run<D: Device>(self, exports: Vec<Export<D>>, tls: Option<TlsServer>) {
         let exports = Arc::new(exports);
         let tls = tls.map(Arc::new);
+        let slots = Arc::new(tokio::sync::Semaphore::new(listen::MAX_CONNECTIONS));
         loop {
             let (io, peer) = match self.accept().await {
                 Ok(x) => x,
@@ -111,9 +112,23 @@ impl NbdListener {
                     continue;
                 }
             };
+            let Some(slot) = listen::admit(&slots, &peer, "NBD") else {
+                continue;
+            };
             let (exports, tls) = (exports.clone(), tls.clone());
             tokio::spawn(async move {
-                match negotiate(io, &exports, tls.as_deref(), &peer).await {
+                let _slot = slot;
+                // A client has the handshake's time to negotiate; once transmitting it may stay
+                // idle for as long as it likes (a VM's disk often is).
+                let negotiated = tokio::time::timeout(
+                    listen::HANDSHAKE_TIMEOUT,
+                    negotiate(io, &exports, tls.as_deref(), &peer),
+                );
+                let Ok(negotiated) = negotiated.await else {
+                    tracing::warn!(%peer, "dropped an NBD client that did not negotiate in time");
+                    return;
+                };
+                match negotiated {
                     Ok(Some(neg)) => {
                         tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured, "NBD client connected");
                         if let Err(e) = serve(neg, peer.clone()).await {
