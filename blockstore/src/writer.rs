@@ -324,12 +324,6 @@ impl ChunkWriter {
         Ok(())
     }
 
-    /// True while a commit started in the background has not been waited for.
-    #[cfg(test)]
-    pub(crate) fn committing(&self) -> bool {
-        self.syncing.is_some()
-    }
-
     /// Extents in the activity log.
     pub fn active_extents(&self) -> usize {
         self.active.len()
