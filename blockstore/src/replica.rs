@@ -64,6 +64,20 @@ impl ChunkState {
     pub fn vouches(&self) -> bool {
         matches!(self, ChunkState::Zero | ChunkState::Data(_))
     }
+
+    /// True when this record vouches for other content than the source's `entry` (the
+    /// replica holds an older image's chunk). `Written` contradicts nothing: the bytes are
+    /// the guest's.
+    pub fn contradicts(&self, entry: &protocol::ChunkEntry) -> bool {
+        use protocol::ChunkEntry;
+        match (self, entry) {
+            (ChunkState::Data(have), ChunkEntry::Data(want)) => have != want,
+            (ChunkState::Data(_), ChunkEntry::Zero) | (ChunkState::Zero, ChunkEntry::Data(_)) => {
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Chunks sampled and re-hashed when a replica is opened.

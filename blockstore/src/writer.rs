@@ -152,7 +152,7 @@ impl ChunkWriter {
     }
 
     /// Fails once a commit has failed: nothing more may be acknowledged.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
             Some(detail) => Err(StoreError::Failed {
@@ -573,7 +573,8 @@ impl ChunkWriter {
     }
 
     /// Chunks recorded and not yet handed to a commit.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
         self.pending.len()
     }
 
@@ -612,7 +613,6 @@ impl ChunkWriter {
         }
         let batch = std::mem::take(&mut self.batch);
         let n = self.pending.len();
-        self.syncing_vouches.clear();
         for i in std::mem::take(&mut self.pending) {
             let mut slot = self.known.get(i);
             slot.on_disk = true;

@@ -431,9 +431,7 @@ fn plan(
         .iter()
         .copied()
         .filter(|&i| match (manifest.get(i), w.state(i)) {
-            (Some(ChunkEntry::Data(h)), Some(ChunkState::Data(have))) => h != have,
-            (Some(ChunkEntry::Data(_)), Some(ChunkState::Zero)) => true,
-            (Some(ChunkEntry::Zero), Some(ChunkState::Data(_))) => true,
+            (Some(entry), Some(state)) => state.contradicts(&entry),
             _ => false,
         })
         .collect();

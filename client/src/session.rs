@@ -84,12 +84,7 @@ impl Peer {
     /// Connects and opens `disk`.
     pub async fn open(&self, disk: &str) -> Result<(Conn, DiskInfo), SessionError> {
         let dial = connect(&self.addr, self.tls.as_ref(), &self.agent);
-        let mut conn = tokio::time::timeout(self.timeout, dial)
-            .await
-            .map_err(|_| ConnError::Silent {
-                peer: self.addr.clone(),
-                after: self.timeout,
-            })??;
+        let mut conn = protocol::conn::within(Some(self.timeout), &self.addr, dial).await??;
         conn.set_timeout(Some(self.timeout));
         conn.send(&Frame::new(Message::Open {
             disk: disk.to_string(),

@@ -259,7 +259,7 @@ fn malformed(peer: &str) -> impl FnOnce(MalformedFrame) -> ConnError + '_ {
 }
 
 /// Runs `fut` for at most `timeout`; past it the peer is [`ConnError::Silent`].
-async fn within<F: std::future::Future>(
+pub async fn within<F: std::future::Future>(
     timeout: Option<Duration>,
     peer: &str,
     fut: F,

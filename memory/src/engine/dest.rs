@@ -58,54 +58,38 @@ impl Drop for Pull {
 
 struct State {
     memory: Arc<Memory>,
-    /// The content of each page as installed: read back from guest memory before the
-    /// switchover (the guest is not running here yet), the installed buffer's during
-    /// post-copy. What the verification compares with the source.
+    /// The content of each page as installed. The verification reads back every page the
+    /// guest did not write after resuming (`verify_memory`); the others count with these.
     hashes: Vec<ChunkHash>,
     installed: PageSet,
     pull: Option<Pull>,
     buf: Vec<u8>,
-    /// Where installed pages are read back.
-    check: Vec<u8>,
     /// Page payload bytes installed, for `MemAck`.
     acked: u64,
 }
 
 impl State {
-    fn install(&mut self, page: u64, data: &[u8]) -> Result<(), MigrateError> {
+    fn install(&mut self, page: u64, data: &[u8], hash: ChunkHash) -> Result<(), MigrateError> {
         if page as usize >= self.hashes.len() {
             return Err(MigrateError::Protocol(format!(
                 "page {page} is beyond guest memory"
             )));
         }
-        match self.pull.as_ref().map(|p| p.uf.clone()) {
-            Some(uf) => {
-                // EEXIST (false): the guest already has a newer copy, faulted in earlier.
-                // The guest runs on pages as they land, so reading one back could see its
-                // writes (measured: a few pages a run); UFFDIO_COPY installs the buffer whole,
-                // so the buffer's hash is what landed.
-                if uf.install(page, data)? {
-                    self.hashes[page as usize] = ChunkHash::of(data);
-                }
-                self.fault_served(page);
-            }
+        let landed = match &self.pull {
+            // EEXIST (false): the guest already has a newer copy, faulted in earlier.
+            Some(pull) => pull.uf.install(page, data)?,
             None => {
                 self.memory
                     .write_page(page, data)
                     .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-                self.read_back(page)?;
+                true
             }
+        };
+        if landed {
+            self.hashes[page as usize] = hash;
         }
+        self.fault_served(page);
         self.installed.insert(page);
-        Ok(())
-    }
-
-    /// Hashes `page` as guest memory holds it.
-    fn read_back(&mut self, page: u64) -> Result<(), MigrateError> {
-        self.memory
-            .read_page(page, &mut self.check)
-            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-        self.hashes[page as usize] = ChunkHash::of(&self.check);
         Ok(())
     }
 
@@ -153,8 +137,8 @@ impl State {
         let recs = records(&raw).map_err(|e| MigrateError::Protocol(e.to_string()))?;
         for (page, rec) in recs {
             match rec {
-                Record::Zero => self.install(page, &ZERO_PAGE)?,
-                Record::Data(d) => self.install(page, d)?,
+                Record::Zero => self.install(page, &ZERO_PAGE, zero_page_hash())?,
+                Record::Data(d) => self.install(page, d, ChunkHash::of(d))?,
                 Record::Ref { from, hash } => {
                     if self.hashes.get(from as usize) != Some(&hash) {
                         return Err(MigrateError::Protocol(format!(
@@ -165,7 +149,7 @@ impl State {
                     self.memory
                         .read_page(from, &mut buf)
                         .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-                    let r = self.install(page, &buf);
+                    let r = self.install(page, &buf, hash);
                     self.buf = buf;
                     r?;
                 }
@@ -214,7 +198,6 @@ pub async fn receive(conn: Conn) -> Result<Outcome, MigrateError> {
         installed: PageSet::new(pages),
         pull: None,
         buf: vec![0u8; PAGE_SIZE],
-        check: vec![0u8; PAGE_SIZE],
         acked: 0,
     };
     send(&mut wr, Message::MemReady).await?;

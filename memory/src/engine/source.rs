@@ -622,8 +622,7 @@ impl Run<'_> {
             counter,
         } = resumed.msg
         {
-            self.report.downtime_ms = at_unix_ns.saturating_sub(self.paused_unix) as f64 / 1e6;
-            self.report.verified.counter_at_resume = counter;
+            note_resumed(self.report, at_unix_ns, counter, self.paused_unix);
         }
         self.report.total_ms = ms(self.start.elapsed());
         // The source's memory stays as it was at the pause: hash it now that the downtime is
@@ -672,6 +671,13 @@ impl Run<'_> {
         finish(self.report, verdict, memory_hash, postcopy, &self.tx);
         Ok(())
     }
+}
+
+/// The destination resumed the guest at `at_unix_ns` with its counter at `counter`: the
+/// downtime is that time less the pause's, on the shared clock.
+fn note_resumed(report: &mut Report, at_unix_ns: u64, counter: u64, paused_unix: u64) {
+    report.downtime_ms = at_unix_ns.saturating_sub(paused_unix) as f64 / 1e6;
+    report.verified.counter_at_resume = counter;
 }
 
 async fn hash_memory(memory: &Arc<Memory>) -> Result<ChunkHash, MigrateError> {

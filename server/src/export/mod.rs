@@ -167,12 +167,7 @@ fn reconcile(
         .iter()
         .zip(manifest)
         .enumerate()
-        .filter(|(_, (state, entry))| match (state, entry) {
-            (Some(ChunkState::Data(h)), ChunkEntry::Data(want)) => h != want,
-            (Some(ChunkState::Data(_)), ChunkEntry::Zero) => true,
-            (Some(ChunkState::Zero), ChunkEntry::Data(_)) => true,
-            _ => false,
-        })
+        .filter(|(_, (state, entry))| state.is_some_and(|s| s.contradicts(entry)))
         .map(|(i, _)| i as u64)
         .collect();
     let mut states: Vec<u8> = recorded.into_iter().map(encode_state).collect();

@@ -1,7 +1,9 @@
 //! The post-copy switchover and push: the destination runs at once; the pages it lacks are
 //! pushed in the background and the ones it faults on are sent first.
 
-use super::{hash_memory, ms, Counts, Run, BATCH_PAGES, PUSH_BATCH_PAGES, PUSH_SHARE};
+use super::{
+    hash_memory, ms, note_resumed, Counts, Run, BATCH_PAGES, PUSH_BATCH_PAGES, PUSH_SHARE,
+};
 use crate::engine::report::{PostcopyReport, Report, RoundReport};
 use crate::engine::{MigrateError, DEMAND_ROUND};
 use crate::page::{PageSet, PAGE_SIZE};
@@ -12,7 +14,6 @@ use std::time::{Duration, Instant};
 struct Push {
     stale: PageSet,
     demand: Vec<u64>,
-    resumed: bool,
     pc: PostcopyReport,
     counts: Counts,
 }
@@ -57,7 +58,6 @@ impl Run<'_> {
         let mut push = Push {
             stale,
             demand: Vec::new(),
-            resumed: false,
             pc: PostcopyReport::default(),
             counts,
         };
@@ -166,11 +166,7 @@ fn handle_postcopy_msg(
         Message::MemResumed {
             at_unix_ns,
             counter,
-        } => {
-            push.resumed = true;
-            report.downtime_ms = at_unix_ns.saturating_sub(paused_unix) as f64 / 1e6;
-            report.verified.counter_at_resume = counter;
-        }
+        } => note_resumed(report, at_unix_ns, counter, paused_unix),
         Message::MemAbort { reason } => return Err(MigrateError::Aborted(reason)),
         other => {
             return Err(MigrateError::Protocol(format!(
