@@ -30,15 +30,7 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
 
 /// A disk name: letters, digits, `.`, `_`, `-`; 1 to 128 characters.
 pub fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !ok {
-        bail!("invalid disk name {name:?}: use 1 to 128 letters, digits, '.', '_' or '-'");
-    }
-    Ok(())
+    protocol::check_name("disk", name).map_err(anyhow::Error::msg)
 }
 
 /// `12.3 MiB`-style rendering.

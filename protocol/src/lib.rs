@@ -19,6 +19,24 @@ pub use chunk::{ChunkEntry, ChunkHash, Geometry};
 pub use conn::{connect, Conn, ConnError, FrameReader, FrameWriter};
 pub use message::{DiskInfo, Encoding, ErrorKind, Frame, Message, DIRTY_UNKNOWN};
 
+/// Checks a disk, VM or job name: 1 to 128 letters, digits, `.`, `_` or `-` (names become file
+/// and socket names, NBD export names and database keys). The error says what is allowed.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} name {name:?}: use 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'"
+        ))
+    }
+}
+
 /// Version of the replication protocol spoken by this build; carried in every hello.
 /// 2: `GetChunk` names the sync round it fetches for.
 pub const PROTOCOL_VERSION: u32 = 2;

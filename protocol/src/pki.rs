@@ -82,6 +82,58 @@ pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
     write_file(&dir.join("ca.pem"), &cert.pem(), 0o644)
 }
 
+/// What a certificate's holder may do, carried in its subject's organizational unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Anything: the control API and the replication protocol.
+    Operator,
+    /// Read everything on the control API; create, cancel and steer jobs. Never the
+    /// replication protocol (it cannot read disk data).
+    Scheduler,
+    /// The replication protocol only, never the control API (a peer agent).
+    Agent,
+}
+
+impl Role {
+    /// Its name in certificates and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Scheduler => "scheduler",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "operator" => Ok(Role::Operator),
+            "scheduler" => Ok(Role::Scheduler),
+            "agent" => Ok(Role::Agent),
+            _ => Err(format!("role {s:?}: use operator, scheduler or agent")),
+        }
+    }
+}
+
+/// The role of a (verified) certificate: its subject's OU; a certificate without one is an
+/// agent's (certificates issued before roles existed).
+pub fn role_of(cert_der: &[u8]) -> Result<Role, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("cannot parse the peer's certificate: {e}"))?;
+    let ou = cert
+        .subject()
+        .iter_organizational_unit()
+        .next()
+        .map(|a| a.as_str().map_err(|e| format!("certificate OU: {e}")))
+        .transpose()?;
+    match ou {
+        None => Ok(Role::Agent),
+        Some(r) => r.parse(),
+    }
+}
+
 /// Issues an agent certificate named `name` from the CA in `ca_dir` into `out`:
 /// `cert.pem`, `key.pem` (0600) and a copy of `ca.pem`.
 pub fn issue(
@@ -89,6 +141,17 @@ pub fn issue(
     name: &str,
     out: &Path,
     extra_names: &[String],
+) -> Result<(), PkiError> {
+    issue_with_role(ca_dir, name, out, extra_names, Role::Agent)
+}
+
+/// [`issue`] with a role other than `agent`.
+pub fn issue_with_role(
+    ca_dir: &Path,
+    name: &str,
+    out: &Path,
+    extra_names: &[String],
+    role: Role,
 ) -> Result<(), PkiError> {
     let ca_pem = read_file(&ca_dir.join("ca.pem"))?;
     let ca_key = KeyPair::from_pem(&read_file(&ca_dir.join("ca-key.pem"))?)?;
@@ -111,6 +174,9 @@ pub fn issue(
             .push(SanType::IpAddress(ip.parse().expect("literal IP")));
     }
     params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, role.as_str());
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,

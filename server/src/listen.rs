@@ -87,7 +87,29 @@ impl Acceptor {
         match &self.tls {
             None => Some(Box::new(tcp)),
             Some(tls) => match tls.accept(tcp).await {
-                Ok(s) => Some(Box::new(s)),
+                Ok(s) => {
+                    // Replication reads disk data: agents and operators only.
+                    let role = s
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| protocol::pki::role_of(c))
+                        .unwrap_or_else(|| Err("no client certificate".into()));
+                    match role {
+                        Ok(protocol::pki::Role::Agent | protocol::pki::Role::Operator) => {
+                            Some(Box::new(s))
+                        }
+                        Ok(r) => {
+                            tracing::warn!(%peer, role = r.as_str(), "rejected peer: its certificate's role may not use the replication protocol");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "rejected peer");
+                            None
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "rejected peer: TLS handshake failed");
                     None

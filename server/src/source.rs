@@ -79,7 +79,8 @@ impl SourceDisk {
 
 /// The source agent.
 pub struct Source {
-    disks: HashMap<String, Arc<SourceDisk>>,
+    /// Disks by name; an agent adds and removes them at run time.
+    disks: RwLock<HashMap<String, Arc<SourceDisk>>>,
     agent: String,
     level: i32,
 }
@@ -88,13 +89,31 @@ impl Source {
     /// A source serving `disks`, compressing at zstd `level`.
     pub fn new(disks: Vec<SourceDisk>, agent: impl Into<String>, level: i32) -> Arc<Source> {
         Arc::new(Source {
-            disks: disks
-                .into_iter()
-                .map(|d| (d.name.clone(), Arc::new(d)))
-                .collect(),
+            disks: RwLock::new(
+                disks
+                    .into_iter()
+                    .map(|d| (d.name.clone(), Arc::new(d)))
+                    .collect(),
+            ),
             agent: agent.into(),
             level,
         })
+    }
+
+    /// Serves `disk` too (replacing a disk of the same name; sessions that opened the old one
+    /// keep it until they reopen).
+    pub fn add_disk(&self, disk: Arc<SourceDisk>) {
+        write_lock(&self.disks).insert(disk.name.clone(), disk);
+    }
+
+    /// Stops serving disk `name` to new sessions; returns it if it was served.
+    pub fn remove_disk(&self, name: &str) -> Option<Arc<SourceDisk>> {
+        write_lock(&self.disks).remove(name)
+    }
+
+    /// The disk named `name`, if served.
+    pub fn disk(&self, name: &str) -> Option<Arc<SourceDisk>> {
+        read_lock(&self.disks).get(name).cloned()
     }
 
     /// Serves connections until the task is dropped.
@@ -154,17 +173,18 @@ impl Source {
             };
             let reply = match frame.msg {
                 Message::ListDisks => {
-                    let mut list: Vec<_> = self.disks.values().map(|d| d.info()).collect();
+                    let mut list: Vec<_> =
+                        read_lock(&self.disks).values().map(|d| d.info()).collect();
                     list.sort_by(|a, b| a.name.cmp(&b.name));
                     Frame::new(Message::Disks(list))
                 }
-                Message::Open { disk: name } => match self.disks.get(&name) {
+                Message::Open { disk: name } => match self.disk(&name) {
                     Some(d) => {
                         disk = Some(d.clone());
                         Frame::new(Message::Opened(d.info()))
                     }
                     None => {
-                        let mut names: Vec<_> = self.disks.keys().cloned().collect();
+                        let mut names: Vec<_> = read_lock(&self.disks).keys().cloned().collect();
                         names.sort();
                         error_frame(
                             None,

@@ -24,6 +24,10 @@ pub enum Command {
         /// Extra host names or IP addresses the certificate is valid for.
         #[arg(long)]
         san: Vec<String>,
+        /// What the holder may do: `agent` (the replication protocol only), `scheduler` (read
+        /// the control API, create and cancel jobs) or `operator` (anything).
+        #[arg(long, default_value = "agent")]
+        role: protocol::pki::Role,
     },
 }
 
@@ -33,9 +37,19 @@ pub fn run(c: Command) -> anyhow::Result<i32> {
             protocol::pki::init_ca(&dir)?;
             println!("CA created in {}", dir.display());
         }
-        Command::Issue { ca, name, out, san } => {
-            protocol::pki::issue(&ca, &name, &out, &san)?;
-            println!("certificate for {name} written to {}", out.display());
+        Command::Issue {
+            ca,
+            name,
+            out,
+            san,
+            role,
+        } => {
+            protocol::pki::issue_with_role(&ca, &name, &out, &san, role)?;
+            println!(
+                "certificate for {name} (role {}) written to {}",
+                role.as_str(),
+                out.display()
+            );
         }
     }
     Ok(0)

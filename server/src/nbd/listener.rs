@@ -32,6 +32,9 @@ impl std::str::FromStr for NbdAddr {
     }
 }
 
+/// Exports that can change while a listener serves them.
+pub type SharedExports<D> = Arc<std::sync::RwLock<Vec<Export<D>>>>;
+
 /// A bound NBD listener.
 pub enum NbdListener {
     /// Unix socket.
@@ -100,7 +103,13 @@ impl NbdListener {
 
     /// Serves `exports` until the task is dropped.
     pub async fn run<D: Device>(self, exports: Vec<Export<D>>, tls: Option<TlsServer>) {
-        let exports = Arc::new(exports);
+        self.run_shared(Arc::new(std::sync::RwLock::new(exports)), tls)
+            .await
+    }
+
+    /// Serves the exports in `exports`, which the caller may change while serving (a client
+    /// negotiates against the list as it is when it connects).
+    pub async fn run_shared<D: Device>(self, exports: SharedExports<D>, tls: Option<TlsServer>) {
         let tls = tls.map(Arc::new);
         let slots = Arc::new(tokio::sync::Semaphore::new(listen::MAX_CONNECTIONS));
         loop {
@@ -115,7 +124,9 @@ impl NbdListener {
             let Some(slot) = listen::admit(&slots, &peer, "NBD") else {
                 continue;
             };
-            let (exports, tls) = (exports.clone(), tls.clone());
+            // Poisoned only if a writer panicked mid-push; the list is still a list.
+            let exports = exports.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 // A client has the handshake's time to negotiate; once transmitting it may stay

@@ -1,0 +1,270 @@
+//! The agent's disks: image files it serves to peers over the replication protocol and to its
+//! VMs over NBD, with every write dirty-tracked (the wiring of `helio source --nbd`, made
+//! dynamic), and the replicas its destination store holds.
+
+use crate::error::{check_name, AgentError, Result};
+use crate::events::Events;
+use crate::model::{Disk, DiskSpec, Replica};
+use crate::state::State;
+use blockstore::{Catalog, Image};
+use protocol::Geometry;
+use server::nbd::handshake::Export;
+use server::nbd::listener::SharedExports;
+use server::source::{Manifest, SourceDisk};
+use server::tracked::{TrackedImage, Tracker};
+use server::Source;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+const KIND: &str = "disk";
+/// Chunk size when a spec gives none.
+pub const DEFAULT_CHUNK: u64 = 64 * 1024;
+
+/// An open disk.
+struct Open {
+    spec: DiskSpec,
+    source: Arc<SourceDisk>,
+}
+
+/// The disks.
+pub struct Disks {
+    state: Arc<State>,
+    events: Arc<Events>,
+    catalog: Arc<Catalog>,
+    source: Arc<Source>,
+    exports: SharedExports<TrackedImage>,
+    store: blockstore::Store,
+    open: Mutex<HashMap<String, Open>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoned only if a holder panicked; the map is replaced entry by entry, so whole.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Disks {
+    /// The disks of `state`, served through `source` and `exports` (opened by [`Disks::load`]).
+    pub fn new(
+        state: Arc<State>,
+        events: Arc<Events>,
+        catalog: Arc<Catalog>,
+        source: Arc<Source>,
+        exports: SharedExports<TrackedImage>,
+        store: blockstore::Store,
+    ) -> Disks {
+        Disks {
+            state,
+            events,
+            catalog,
+            source,
+            exports,
+            store,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The destination store.
+    pub fn store(&self) -> &blockstore::Store {
+        &self.store
+    }
+
+    /// Opens every disk recorded in the state; a disk that cannot be opened is logged and
+    /// left recorded (its image may come back, e.g. a storage mount).
+    pub fn load(&self) -> Result<()> {
+        for (name, spec) in self.state.list::<DiskSpec>(KIND)? {
+            if let Err(e) = self.open_disk(&spec) {
+                tracing::error!(disk = %name, error = %e, "cannot open a recorded disk; it is not served until the agent restarts with its image back");
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates (or, with the same spec, returns) a disk.
+    pub fn create(&self, spec: DiskSpec) -> Result<(Disk, bool)> {
+        check_name("disk", &spec.name)?;
+        if let Some(existing) = self.state.get::<DiskSpec>(KIND, &spec.name)? {
+            if existing == spec {
+                return Ok((self.show(&spec.name)?, false));
+            }
+            return Err(AgentError::Conflict(format!(
+                "disk {:?} exists with another spec (path {}); delete it first or pick another name",
+                spec.name, existing.path
+            )));
+        }
+        let chunk = spec.chunk_size.unwrap_or(DEFAULT_CHUNK);
+        if !chunk.is_power_of_two() || !(4096..=1 << 20).contains(&chunk) {
+            return Err(AgentError::Invalid(format!(
+                "chunk_size {chunk} of disk {:?}: use a power of two from 4096 to 1048576",
+                spec.name
+            )));
+        }
+        let path = std::path::Path::new(&spec.path);
+        if !path.is_absolute() {
+            return Err(AgentError::Invalid(format!(
+                "path {:?} of disk {:?} must be absolute (the agent's working directory is not the client's)",
+                spec.path, spec.name
+            )));
+        }
+        if !path.exists() {
+            let size = spec.size.ok_or_else(|| {
+                AgentError::Invalid(format!(
+                    "image {} of disk {:?} does not exist: give `size` to create it",
+                    spec.path, spec.name
+                ))
+            })?;
+            if size == 0 || size % 512 != 0 {
+                return Err(AgentError::Invalid(format!(
+                    "size {size} of disk {:?}: use a positive multiple of 512 bytes",
+                    spec.name
+                )));
+            }
+            let f = std::fs::File::create_new(path)
+                .map_err(AgentError::io(format!("creating image {}", spec.path)))?;
+            f.set_len(size)
+                .map_err(AgentError::io(format!("sizing image {}", spec.path)))?;
+        }
+        self.open_disk(&spec)?;
+        self.state.put(KIND, &spec.name, &spec, true)?;
+        self.events.emit(
+            "disk.created",
+            &spec.name,
+            serde_json::json!({"path": spec.path}),
+        );
+        Ok((self.show(&spec.name)?, true))
+    }
+
+    fn open_disk(&self, spec: &DiskSpec) -> Result<()> {
+        let what = |e: &dyn std::fmt::Display| {
+            AgentError::Internal(format!("opening disk {:?} ({}): {e}", spec.name, spec.path))
+        };
+        let image = Image::open(std::path::Path::new(&spec.path)).map_err(|e| what(&e))?;
+        let geometry = Geometry::new(image.size(), spec.chunk_size.unwrap_or(DEFAULT_CHUNK))
+            .map_err(|e| AgentError::Invalid(format!("disk {:?}: {e}", spec.name)))?;
+        let (entries, _) = self
+            .catalog
+            .manifest(&spec.name, &image, &geometry, &|_| {})
+            .map_err(|e| what(&e))?;
+        let tracker = Arc::new(
+            Tracker::load(self.catalog.clone(), &spec.name, geometry).map_err(|e| what(&e))?,
+        );
+        // The scan saw every write stamped before this start.
+        let generation = tracker.generation() - 1;
+        let device = TrackedImage::open(image.path(), geometry, tracker.clone())
+            .map_err(AgentError::io(format!("opening {} for writing", spec.path)))?;
+        let disk = Arc::new(SourceDisk {
+            name: spec.name.clone(),
+            image,
+            geometry,
+            manifest: std::sync::RwLock::new(Manifest::new(entries, generation)),
+            bitmap: false,
+            tracker: Some(tracker),
+            planned: Default::default(),
+        });
+        self.source.add_disk(disk.clone());
+        {
+            // Poisoned only if a writer panicked mid-push; the list is still a list.
+            let mut exports = self.exports.write().unwrap_or_else(|p| p.into_inner());
+            exports.retain(|e| e.name != spec.name);
+            exports.push(Export {
+                name: spec.name.clone(),
+                device: Arc::new(device),
+            });
+        }
+        lock(&self.open).insert(
+            spec.name.clone(),
+            Open {
+                spec: spec.clone(),
+                source: disk,
+            },
+        );
+        Ok(())
+    }
+
+    /// One disk.
+    pub fn show(&self, name: &str) -> Result<Disk> {
+        let open = lock(&self.open);
+        let Some(o) = open.get(name) else {
+            return match self.state.get::<DiskSpec>(KIND, name)? {
+                Some(spec) => Err(AgentError::Internal(format!(
+                    "disk {name:?} is recorded but its image {} could not be opened (see the agent's log); restore it and restart the agent, or delete the disk",
+                    spec.path
+                ))),
+                None => Err(AgentError::not_found("disk", name, "list disks with GET /v1/disks")),
+            };
+        };
+        Ok(Disk {
+            spec: o.spec.clone(),
+            kind: "image".into(),
+            size: o.source.geometry.size,
+            chunks: o.source.geometry.chunk_count(),
+            attached_to: None,
+        })
+    }
+
+    /// Every disk.
+    pub fn list(&self) -> Result<Vec<Disk>> {
+        let names: Vec<String> = self
+            .state
+            .list::<DiskSpec>(KIND)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        Ok(names.iter().filter_map(|n| self.show(n).ok()).collect())
+    }
+
+    /// Whether disk `name` exists.
+    pub fn exists(&self, name: &str) -> bool {
+        lock(&self.open).contains_key(name)
+    }
+
+    /// Stops serving and forgets disk `name` (its image file is kept).
+    pub fn delete(&self, name: &str) -> Result<DiskSpec> {
+        let spec = self
+            .state
+            .get::<DiskSpec>(KIND, name)?
+            .ok_or_else(|| AgentError::not_found("disk", name, ""))?;
+        if let Some(o) = lock(&self.open).remove(name) {
+            if let Some(t) = &o.source.tracker {
+                // Retires the activity log so the next open re-hashes nothing.
+                let _ = t.flush();
+            }
+        }
+        self.source.remove_disk(name);
+        self.exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|e| e.name != name);
+        self.state.delete(KIND, name)?;
+        self.events.emit(
+            "disk.deleted",
+            name,
+            serde_json::json!({"image_kept": spec.path}),
+        );
+        Ok(spec)
+    }
+
+    /// The replicas in the destination store.
+    pub fn replicas(&self) -> Result<Vec<Replica>> {
+        let recs = self
+            .store
+            .disks()
+            .map_err(|e| AgentError::Internal(format!("listing the store's replicas: {e}")))?;
+        let mut out = Vec::new();
+        for r in recs {
+            let present = self
+                .store
+                .replica(&r.name)
+                .and_then(|rep| rep.states())
+                .map(|s| s.iter().filter(|c| c.is_some()).count() as u64)
+                .unwrap_or(0);
+            out.push(Replica {
+                name: r.name.clone(),
+                size: r.geometry.size,
+                chunks: r.geometry.chunk_count(),
+                chunks_present: present,
+                seeded: r.seeded_digest.is_some(),
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,432 @@
+//! The agent's VMs: real QEMU processes whose disks are the agent's tracking NBD exports.
+//!
+//! - [`accel`]: KVM or TCG, and why.
+//! - [`qemu`]: QEMU's command line, process and files.
+//! - [`qmp`]: the monitor client (`qapi`), with deadlines.
+//!
+//! A VM's record (spec, whether it should run, its pid) is in the state database; QEMU runs in
+//! its own session and outlives the agent, which re-adopts it at start (pidfile + QMP).
+
+pub mod accel;
+pub mod qemu;
+pub mod qmp;
+
+use crate::disks::Disks;
+use crate::error::{check_name, AgentError, Result};
+use crate::events::{now, Events};
+use crate::model::{Vm, VmSpec};
+use crate::state::State;
+use qemu::VmDir;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const KIND: &str = "vm";
+/// How long QEMU has to open its monitor after it is started.
+const START_WAIT: Duration = Duration::from_secs(20);
+/// How often a VM's supervisor looks at its process and run state.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+
+/// What the state database keeps of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    spec: VmSpec,
+    /// The operator wants it running (false after a stop).
+    want_running: bool,
+    accel: Option<String>,
+    accel_reason: Option<String>,
+    pid: Option<u32>,
+    started_at: Option<String>,
+}
+
+/// What the agent knows of a VM right now.
+#[derive(Debug, Clone, Default)]
+struct Live {
+    state: String,
+    qemu_status: Option<String>,
+    last_words: Option<String>,
+    adopted: bool,
+}
+
+/// The VMs.
+pub struct Vms {
+    state: Arc<State>,
+    events: Arc<Events>,
+    disks: Arc<Disks>,
+    dir: PathBuf,
+    nbd: PathBuf,
+    host: accel::Accel,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    /// One QMP connection per VM, shared (QEMU's monitor socket takes one client at a time).
+    monitors: tokio::sync::Mutex<HashMap<String, Arc<qmp::Qmp>>>,
+    /// Serialises create/start/stop/delete (each is short; QMP calls carry deadlines).
+    ops: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoned only if a holder panicked; entries are replaced whole.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vms {
+    /// The VMs of `state`, with files under `dir` and disks on the NBD socket `nbd`.
+    pub fn new(
+        state: Arc<State>,
+        events: Arc<Events>,
+        disks: Arc<Disks>,
+        dir: PathBuf,
+        nbd: PathBuf,
+    ) -> Vms {
+        Vms {
+            state,
+            events,
+            disks,
+            dir,
+            nbd,
+            host: accel::detect(),
+            live: Default::default(),
+            monitors: Default::default(),
+            ops: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The accelerator `auto` gives on this host.
+    pub fn host_accel(&self) -> &accel::Accel {
+        &self.host
+    }
+
+    fn vm_dir(&self, name: &str) -> VmDir {
+        VmDir {
+            dir: self.dir.join(name),
+        }
+    }
+
+    fn record(&self, name: &str) -> Result<Record> {
+        self.state
+            .get::<Record>(KIND, name)?
+            .ok_or_else(|| AgentError::not_found("vm", name, "list VMs with GET /v1/vms"))
+    }
+
+    fn set_live(&self, name: &str, state: &str, last_words: Option<String>) {
+        let changed = {
+            let mut live = lock(&self.live);
+            let l = live.entry(name.to_string()).or_default();
+            let changed = l.state != state;
+            l.state = state.to_string();
+            if last_words.is_some() {
+                l.last_words = last_words.clone();
+            }
+            changed
+        };
+        if changed {
+            self.events.emit(
+                "vm.state",
+                name,
+                serde_json::json!({"state": state, "last_words": last_words}),
+            );
+        }
+    }
+
+    /// Re-adopts the VMs that should be running: a live QEMU is supervised again, a dead one
+    /// is reported as died with its last words.
+    pub fn adopt(self: &Arc<Self>) -> Result<()> {
+        for (name, rec) in self.state.list::<Record>(KIND)? {
+            if !rec.want_running {
+                self.set_live(&name, "stopped", None);
+                continue;
+            }
+            let dir = self.vm_dir(&name);
+            match qemu::read_pid(&dir).or(rec.pid) {
+                Some(pid) if qemu::alive(pid, &dir) => {
+                    tracing::info!(vm = %name, pid, "re-adopted a running VM");
+                    lock(&self.live).entry(name.clone()).or_default().adopted = true;
+                    self.set_live(&name, "running", None);
+                    self.supervise(name, pid);
+                }
+                _ => {
+                    let words = qemu::last_words(&dir);
+                    tracing::warn!(vm = %name, %words, "a VM that should run has no QEMU");
+                    self.set_live(&name, "died", Some(words));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_spec(&self, spec: &VmSpec) -> Result<()> {
+        check_name("vm", &spec.name)?;
+        let invalid = |m: String| Err(AgentError::Invalid(m));
+        if !(16..=1 << 20).contains(&spec.memory_mib) {
+            return invalid(format!(
+                "memory_mib {} of VM {:?}: use 16 to 1048576",
+                spec.memory_mib, spec.name
+            ));
+        }
+        if !(1..=256).contains(&spec.vcpus) {
+            return invalid(format!("vcpus {} of VM {:?}: use 1 to 256", spec.vcpus, spec.name));
+        }
+        accel::choose(&spec.accel, &self.host).map_err(AgentError::Invalid)?;
+        for f in [&spec.boot.kernel, &spec.boot.initrd].into_iter().flatten() {
+            if !std::path::Path::new(f).is_file() {
+                return invalid(format!(
+                    "boot file {f} of VM {:?} does not exist on this host (build the sample guest with scripts/sample-guest DIR)",
+                    spec.name
+                ));
+            }
+        }
+        if spec.boot.kernel.is_none() && (spec.boot.initrd.is_some() || spec.boot.cmdline.is_some()) {
+            return invalid(format!("VM {:?}: initrd and cmdline need a kernel", spec.name));
+        }
+        for nic in &spec.nics {
+            qemu::check_nic(nic).map_err(AgentError::Invalid)?;
+        }
+        let attached = self.attachments()?;
+        for d in &spec.disks {
+            if !self.disks.exists(d) {
+                return Err(AgentError::not_found(
+                    "disk",
+                    d,
+                    format!("VM {:?} names it; create it first with POST /v1/disks", spec.name),
+                ));
+            }
+            if let Some(other) = attached.get(d).filter(|o| **o != spec.name) {
+                return Err(AgentError::Conflict(format!(
+                    "disk {d:?} is attached to VM {other:?} already; a disk belongs to one VM"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Disk name -> the VM it is attached to.
+    pub fn attachments(&self) -> Result<HashMap<String, String>> {
+        let mut out = HashMap::new();
+        for (name, rec) in self.state.list::<Record>(KIND)? {
+            for d in rec.spec.disks {
+                out.insert(d, name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a VM (starting it unless `spec.start` is false). The same spec again returns
+    /// the existing VM (`false`: nothing created).
+    pub async fn create(self: &Arc<Self>, spec: VmSpec) -> Result<(Vm, bool)> {
+        let _op = self.ops.lock().await;
+        if let Some(rec) = self.state.get::<Record>(KIND, &spec.name)? {
+            if rec.spec == spec {
+                return Ok((self.show(&spec.name)?, false));
+            }
+            return Err(AgentError::Conflict(format!(
+                "VM {:?} exists with another spec; delete it first or pick another name",
+                spec.name
+            )));
+        }
+        self.check_spec(&spec)?;
+        let dir = self.vm_dir(&spec.name);
+        std::fs::create_dir_all(&dir.dir)
+            .map_err(AgentError::io(format!("creating {}", dir.dir.display())))?;
+        let rec = Record {
+            spec: spec.clone(),
+            want_running: false,
+            accel: None,
+            accel_reason: None,
+            pid: None,
+            started_at: None,
+        };
+        self.state.put(KIND, &spec.name, &rec, true)?;
+        self.set_live(&spec.name, "stopped", None);
+        if spec.start {
+            if let Err(e) = self.start_locked(&spec.name).await {
+                // Nothing half-made: the VM that could not start is not left behind.
+                let _ = self.state.delete(KIND, &spec.name);
+                lock(&self.live).remove(&spec.name);
+                return Err(e);
+            }
+        }
+        Ok((self.show(&spec.name)?, true))
+    }
+
+    /// Starts a stopped (or died) VM; a running one is left as it is.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm> {
+        let _op = self.ops.lock().await;
+        self.start_locked(name).await?;
+        self.show(name)
+    }
+
+    async fn start_locked(self: &Arc<Self>, name: &str) -> Result<()> {
+        let mut rec = self.record(name)?;
+        let dir = self.vm_dir(name);
+        if let Some(pid) = rec.pid.filter(|p| qemu::alive(*p, &dir)) {
+            tracing::debug!(vm = %name, pid, "start: already running");
+            return Ok(());
+        }
+        for d in &rec.spec.disks {
+            if !self.disks.exists(d) {
+                return Err(AgentError::not_found("disk", d, format!("VM {name:?} needs it")));
+            }
+        }
+        let acc = accel::choose(&rec.spec.accel, &self.host).map_err(AgentError::Invalid)?;
+        let args = qemu::args(&rec.spec, acc.name, &dir, &self.nbd);
+        self.set_live(name, "starting", None);
+        let pid = match qemu::spawn(&args, &dir, START_WAIT).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.set_live(name, "stopped", Some(e.clone()));
+                return Err(AgentError::Qemu(format!("VM {name:?} did not start: {e}")));
+            }
+        };
+        rec.want_running = true;
+        rec.pid = Some(pid);
+        rec.accel = Some(acc.name.to_string());
+        rec.accel_reason = Some(acc.reason.clone());
+        rec.started_at = Some(now());
+        self.state.put(KIND, name, &rec, true)?;
+        tracing::info!(vm = %name, pid, accel = acc.name, "VM started");
+        {
+            let mut live = lock(&self.live);
+            let l = live.entry(name.to_string()).or_default();
+            l.adopted = false;
+            l.last_words = None;
+        }
+        self.set_live(name, "running", None);
+        self.supervise(name.to_string(), pid);
+        Ok(())
+    }
+
+    /// The VM's monitor, connecting when there is no live connection.
+    pub async fn monitor(&self, name: &str) -> Result<Arc<qmp::Qmp>> {
+        let mut monitors = self.monitors.lock().await;
+        if let Some(m) = monitors.get(name) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(
+            qmp::Qmp::connect(&self.vm_dir(name).qmp())
+                .await
+                .map_err(|e| AgentError::Qemu(format!("VM {name:?}: {e}")))?,
+        );
+        monitors.insert(name.to_string(), m.clone());
+        Ok(m)
+    }
+
+    /// Forgets a VM's monitor connection after it failed (the next use connects again).
+    pub async fn drop_monitor(&self, name: &str) {
+        self.monitors.lock().await.remove(name);
+    }
+
+    /// Stops a VM: QMP `quit` (QEMU flushes its disks), then SIGKILL if it lingers.
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<Vm> {
+        let _op = self.ops.lock().await;
+        let mut rec = self.record(name)?;
+        rec.want_running = false;
+        self.state.put(KIND, name, &rec, true)?;
+        let dir = self.vm_dir(name);
+        if let Some(pid) = rec.pid.filter(|p| qemu::alive(*p, &dir)) {
+            match self.monitor(name).await {
+                Ok(q) => {
+                    if let Err(e) = q.quit().await {
+                        tracing::warn!(vm = %name, error = %e, "QMP quit failed; killing QEMU");
+                    }
+                }
+                Err(e) => tracing::warn!(vm = %name, error = %e, "no QMP; killing QEMU"),
+            }
+            self.drop_monitor(name).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while qemu::alive(pid, &dir) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if qemu::alive(pid, &dir) {
+                // The pid is this VM's QEMU (alive() checked its command line).
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        self.set_live(name, "stopped", None);
+        self.show(name)
+    }
+
+    /// Deletes a stopped VM (its directory with the console log is kept).
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<()> {
+        let _op = self.ops.lock().await;
+        let rec = self.record(name)?;
+        if rec.pid.is_some_and(|p| qemu::alive(p, &self.vm_dir(name))) {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} is running; stop it first (POST /v1/vms/{name}/stop)"
+            )));
+        }
+        self.state.delete(KIND, name)?;
+        lock(&self.live).remove(name);
+        self.events.emit("vm.deleted", name, serde_json::json!({}));
+        Ok(())
+    }
+
+    /// One VM.
+    pub fn show(&self, name: &str) -> Result<Vm> {
+        let rec = self.record(name)?;
+        let live = lock(&self.live).get(name).cloned().unwrap_or_default();
+        let dir = self.vm_dir(name);
+        let running = matches!(live.state.as_str(), "running" | "starting");
+        Ok(Vm {
+            spec: rec.spec,
+            state: if live.state.is_empty() { "stopped".into() } else { live.state },
+            qemu_status: live.qemu_status.filter(|_| running),
+            accel: rec.accel,
+            accel_reason: rec.accel_reason,
+            pid: rec.pid.filter(|_| running),
+            serial_log: dir.serial().display().to_string(),
+            last_words: live.last_words,
+            started_at: rec.started_at,
+            adopted: live.adopted,
+        })
+    }
+
+    /// Every VM.
+    pub fn list(&self) -> Result<Vec<Vm>> {
+        let names: Vec<String> = self
+            .state
+            .list::<Record>(KIND)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.iter().map(|n| self.show(n)).collect()
+    }
+
+    /// Watches a VM's QEMU until it exits or is stopped: keeps its run state current and
+    /// reports a death the agent did not ask for, with QEMU's last words.
+    fn supervise(self: &Arc<Self>, name: String, pid: u32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let dir = this.vm_dir(&name);
+            loop {
+                tokio::time::sleep(SUPERVISE_EVERY).await;
+                let Ok(rec) = this.record(&name) else { return };
+                if rec.pid != Some(pid) {
+                    return; // restarted under another pid: that one has its own supervisor
+                }
+                if !qemu::alive(pid, &dir) {
+                    if rec.want_running {
+                        let words = qemu::last_words(&dir);
+                        tracing::warn!(vm = %name, pid, %words, "QEMU died");
+                        this.set_live(&name, "died", Some(words));
+                    }
+                    return;
+                }
+                let status = match this.monitor(&name).await {
+                    Ok(m) => m.status().await.ok(),
+                    Err(_) => None,
+                };
+                if status.is_none() {
+                    this.drop_monitor(&name).await; // reconnect next time
+                }
+                let mut live = lock(&this.live);
+                if let Some(l) = live.get_mut(&name) {
+                    l.qemu_status = status;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,76 @@
+//! The agent's QMP client (the `qapi` crate's async client over the VM's unix socket), with a
+//! deadline on every exchange so that a stuck monitor never blocks the agent.
+
+use qapi::futures::{QapiService, QmpStreamTokio};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::WriteHalf;
+use tokio::net::UnixStream;
+
+/// Time for one QMP exchange (connect + negotiate, or one command).
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Service = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+
+/// A negotiated QMP connection.
+pub struct Qmp {
+    service: Service,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn timed_out(what: &str) -> String {
+    format!("QMP {what} got no answer within {QMP_TIMEOUT:?}: the monitor is stuck or QEMU is gone")
+}
+
+impl Qmp {
+    /// Connects to the monitor at `socket` and negotiates capabilities.
+    pub async fn connect(socket: &Path) -> Result<Qmp, String> {
+        let connect = async {
+            let negotiation = QmpStreamTokio::open_uds(socket)
+                .await
+                .map_err(|e| format!("connecting to QMP socket {}: {e}", socket.display()))?;
+            negotiation
+                .negotiate()
+                .await
+                .map_err(|e| format!("negotiating QMP on {}: {e}", socket.display()))
+        };
+        let stream = tokio::time::timeout(QMP_TIMEOUT, connect)
+            .await
+            .map_err(|_| timed_out("connect"))??;
+        let (service, reader) = stream.spawn_tokio();
+        Ok(Qmp { service, reader })
+    }
+
+    /// Runs `cmd` with the deadline.
+    pub async fn run<C: qapi::qmp::QmpCommand>(
+        &self,
+        name: &str,
+        cmd: C,
+    ) -> Result<C::Ok, String> {
+        match tokio::time::timeout(QMP_TIMEOUT, self.service.execute(cmd)).await {
+            Err(_) => Err(timed_out(name)),
+            Ok(Err(e)) => Err(format!("QMP {name}: {e}")),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// QEMU's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
+    pub async fn status(&self) -> Result<String, String> {
+        let info = self.run("query-status", qapi::qmp::query_status {}).await?;
+        Ok(serde_json::to_value(info.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into()))
+    }
+
+    /// Asks QEMU to exit (it flushes its block devices first).
+    pub async fn quit(&self) -> Result<(), String> {
+        self.run("quit", qapi::qmp::quit {}).await.map(|_| ())
+    }
+}
