@@ -12,10 +12,12 @@
 
 pub mod agent;
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod disks;
 pub mod error;
 pub mod events;
+pub mod guest;
 pub mod jobs;
 pub mod metrics;
 pub mod model;

@@ -24,7 +24,6 @@ pub struct DiskSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Disk {
     /// What it was created with.
-    #[serde(flatten)]
     pub spec: DiskSpec,
     /// `image`: served by this agent; `replica`: held in this agent's store (seeded).
     pub kind: String,

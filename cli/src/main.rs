@@ -41,6 +41,14 @@ enum Command {
     /// Migrate a guest's memory and vCPU state (pre-copy, warm, post-copy), or model it.
     #[command(subcommand)]
     Memory(cmd::memory::Command),
+    /// The per-host agent: every role, QEMU VMs, jobs, and the control API.
+    Agent(cmd::agent::Args),
+    /// An agent's VMs (through --agent).
+    #[command(subcommand)]
+    Vm(cmd::vm::Command),
+    /// An agent's jobs (through --agent).
+    #[command(subcommand)]
+    Job(cmd::job::Command),
     /// Run the built-in demonstration end to end.
     Demo(cmd::demo::Args),
 }
@@ -85,6 +93,9 @@ fn main() {
             Command::SampleImage(a) => cmd::sample_image::run(a),
             Command::Memory(c) => cmd::memory::run(c).await,
             Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Agent(a) => cmd::agent::run(a).await,
+            Command::Vm(c) => cmd::vm::run(c).await,
+            Command::Job(c) => cmd::job::run(c).await,
         }
     });
     // Background tasks (accept loops, link pipes) must not keep the process alive.

@@ -1,17 +1,21 @@
 //! One module per subcommand.
 
+pub mod agent;
 pub mod args;
 pub mod demo;
 pub mod export;
+pub mod job;
 pub mod materialize;
 pub mod memory;
 pub mod pki;
+pub mod remote;
 pub mod sample_image;
 pub mod seed;
 pub mod source;
 pub mod status;
 pub mod sync;
 pub mod verify;
+pub mod vm;
 pub mod wan_proxy;
 
 use std::path::Path;

@@ -13,8 +13,23 @@ use tokio_util::sync::CancellationToken;
 pub struct Args {
     #[command(flatten)]
     link: super::args::SourceLink,
-    #[command(flatten)]
-    disk: super::args::StoreDisk,
+    /// The destination store directory (not with --agent: the agent's store is used).
+    #[arg(long, required_unless_present = "agent")]
+    store: Option<std::path::PathBuf>,
+    /// The disk.
+    #[arg(long)]
+    name: String,
+    /// Run the seed as a job of this agent (unix:PATH or https://HOST:PORT) and follow it;
+    /// --from is then the source as the agent reaches it (HOST:PORT or a peer's name).
+    #[arg(long, env = "HELIO_AGENT")]
+    agent: Option<String>,
+    /// With an https --agent: a directory with an operator or scheduler certificate.
+    #[arg(long = "api-tls", env = "HELIO_AGENT_TLS")]
+    api_tls: Option<std::path::PathBuf>,
+    /// A name for the agent's job: running the command again returns that job instead of
+    /// starting another.
+    #[arg(long)]
+    job_name: Option<String>,
     /// Print a JSON report as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -51,12 +66,46 @@ pub async fn seed_with_progress(
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    let store = a.disk.open()?;
-    let opts = a.link.options(&a.disk.name, "helio-seed")?;
+    if let Some(url) = &a.agent {
+        return through_agent(&a, url).await;
+    }
+    let disk = super::args::StoreDisk {
+        // Invariant: clap requires --store without --agent.
+        store: a.store.clone().unwrap_or_default(),
+        name: a.name.clone(),
+    };
+    let store = disk.open()?;
+    let opts = a.link.options(&disk.name, "helio-seed")?;
     let (cancel, watcher) = super::cancel_on_interrupt();
     let report = seed_with_progress(&store, opts, cancel).await;
     watcher.abort();
     super::print(a.json, &report?, print_report)
+}
+
+/// `helio seed --agent`: a seed job on the agent, followed to its end.
+async fn through_agent(a: &Args, url: &str) -> anyhow::Result<i32> {
+    let client = super::remote::client(url, a.api_tls.as_deref())?;
+    let spec = serde_json::json!({
+        "kind": "seed",
+        "disk": a.name,
+        "from": a.link.from,
+        "name": a.job_name,
+        "bandwidth": a.link.bandwidth.map(|b| b.to_string()),
+        "streams": a.link.streams,
+    });
+    let (status, job) = client.call("POST", "/v1/jobs", Some(&spec), &[]).await?;
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    if !a.json {
+        println!(
+            "{} {id} on the agent",
+            if status == 201 { "started" } else { "following existing job" }
+        );
+    }
+    let done = super::job::watch(&client, &id).await?;
+    if a.json {
+        println!("{}", client.get(&format!("/v1/jobs/{id}")).await?);
+    }
+    Ok(if done { 0 } else { 1 })
 }
 
 /// A human summary of a seed.

@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests: run the real `helio` binary, start agents, read their reports.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
