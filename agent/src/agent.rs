@@ -65,12 +65,18 @@ impl Agent {
     /// listeners are bound.
     pub async fn start(opts: Options) -> Result<Arc<Agent>> {
         crate::error::check_name("agent", &opts.name)?;
-        std::fs::create_dir_all(&opts.state)
-            .map_err(io(format!("creating state directory {}", opts.state.display())))?;
-        let dir = opts.state.canonicalize().map_err(io(format!("resolving {}", opts.state.display())))?;
+        std::fs::create_dir_all(&opts.state).map_err(io(format!(
+            "creating state directory {}",
+            opts.state.display()
+        )))?;
+        let dir = opts
+            .state
+            .canonicalize()
+            .map_err(io(format!("resolving {}", opts.state.display())))?;
         let state = Arc::new(State::open(&dir.join("db"))?);
         let events = Arc::new(Events::open(state.clone())?);
-        let internal = |what: &str, e: &dyn std::fmt::Display| AgentError::Internal(format!("{what}: {e}"));
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| AgentError::Internal(format!("{what}: {e}"));
         let catalog = Arc::new(
             blockstore::Catalog::open(&dir.join("catalog"))
                 .map_err(|e| internal("opening the source catalog", &e))?,
@@ -85,7 +91,11 @@ impl Agent {
             ),
             None => (None, None),
         };
-        let source = Source::new(Vec::new(), opts.name.clone(), protocol::codec::DEFAULT_LEVEL);
+        let source = Source::new(
+            Vec::new(),
+            opts.name.clone(),
+            protocol::codec::DEFAULT_LEVEL,
+        );
         let exports: server::nbd::listener::SharedExports<_> = Default::default();
         let nbd_path = dir.join("nbd.sock");
         let nbd = NbdListener::bind(&NbdAddr::Unix(nbd_path.clone()), false)
@@ -101,7 +111,13 @@ impl Agent {
             store.clone(),
         ));
         disks.load()?;
-        let vms = Arc::new(Vms::new(state.clone(), events.clone(), disks.clone(), dir.join("vms"), nbd_path));
+        let vms = Arc::new(Vms::new(
+            state.clone(),
+            events.clone(),
+            disks.clone(),
+            dir.join("vms"),
+            nbd_path,
+        ));
         vms.adopt()?;
         let metrics = Metrics::new();
         let jobs = Arc::new(Jobs::new(
@@ -117,7 +133,9 @@ impl Agent {
                 let acceptor = Acceptor::bind(addr, tls_server.clone())
                     .await
                     .map_err(|e| AgentError::Conflict(format!("{e}")))?;
-                let bound = acceptor.local_addr().map_err(io(format!("reading the address of {addr}")))?;
+                let bound = acceptor
+                    .local_addr()
+                    .map_err(io(format!("reading the address of {addr}")))?;
                 tokio::spawn(source.clone().serve(acceptor));
                 Some(bound.to_string())
             }
@@ -136,7 +154,9 @@ impl Agent {
             dir,
         });
         if let Some(path) = &opts.config {
-            agent.apply_config(&Config::load(path).map_err(AgentError::Invalid)?).await?;
+            agent
+                .apply_config(&Config::load(path).map_err(AgentError::Invalid)?)
+                .await?;
         }
         agent.jobs.resume()?;
         Ok(agent)
@@ -175,13 +195,19 @@ impl Agent {
             }
         }
         self.state.put("peer", &p.name, &p, true)?;
-        self.events.emit("peer.set", &p.name, serde_json::json!({"addr": p.addr}));
+        self.events
+            .emit("peer.set", &p.name, serde_json::json!({"addr": p.addr}));
         Ok((p, true))
     }
 
     /// Every peer.
     pub fn peers(&self) -> Result<Vec<PeerSpec>> {
-        Ok(self.state.list::<PeerSpec>("peer")?.into_iter().map(|(_, p)| p).collect())
+        Ok(self
+            .state
+            .list::<PeerSpec>("peer")?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
     }
 
     /// What the agent is.

@@ -71,7 +71,8 @@ impl ApiClient {
             if tls.is_none() {
                 return Err(ClientError::Connect {
                     url: url.into(),
-                    detail: "https needs --tls DIR with an operator or scheduler certificate".into(),
+                    detail: "https needs --tls DIR with an operator or scheduler certificate"
+                        .into(),
                 });
             }
             Target::Tls(h.trim_end_matches('/').to_string())
@@ -94,14 +95,25 @@ impl ApiClient {
             Target::Unix(p) => tokio::net::UnixStream::connect(p)
                 .await
                 .map(|s| Box::new(s) as Box<dyn Io>)
-                .map_err(|e| err(format!("{e} (is `helio agent` running with --api unix:{}?)", p.display()))),
+                .map_err(|e| {
+                    err(format!(
+                        "{e} (is `helio agent` running with --api unix:{}?)",
+                        p.display()
+                    ))
+                }),
             Target::Tls(addr) => {
                 let tcp = tokio::net::TcpStream::connect(addr)
                     .await
                     .map_err(|e| err(e.to_string()))?;
                 // Checked in new(): https has TLS material.
-                let tls = self.tls.as_ref().ok_or_else(|| err("no TLS material".into()))?;
-                let s = tls.connect(addr, tcp).await.map_err(|e| err(format!("TLS: {e}")))?;
+                let tls = self
+                    .tls
+                    .as_ref()
+                    .ok_or_else(|| err("no TLS material".into()))?;
+                let s = tls
+                    .connect(addr, tcp)
+                    .await
+                    .map_err(|e| err(format!("TLS: {e}")))?;
                 Ok(Box::new(s))
             }
         }
@@ -180,14 +192,21 @@ impl ApiClient {
                 return Err(ClientError::Problem {
                     status,
                     title: value["title"].as_str().unwrap_or("error").into(),
-                    detail: value["detail"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string()),
+                    detail: value["detail"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| value.to_string()),
                 });
             }
             Ok((status, value))
         };
         tokio::time::timeout(REQUEST_DEADLINE, run)
             .await
-            .map_err(|_| exchange(format!("no answer to {method} {path} within {REQUEST_DEADLINE:?}")))?
+            .map_err(|_| {
+                exchange(format!(
+                    "no answer to {method} {path} within {REQUEST_DEADLINE:?}"
+                ))
+            })?
     }
 
     /// GET returning JSON.
@@ -208,7 +227,12 @@ impl ApiClient {
         };
         let id = since.to_string();
         let resp = self
-            .send("GET", "/v1/events", None, &[("last-event-id", &id), ("accept", "text/event-stream")])
+            .send(
+                "GET",
+                "/v1/events",
+                None,
+                &[("last-event-id", &id), ("accept", "text/event-stream")],
+            )
             .await?;
         if resp.status().as_u16() != 200 {
             return Err(exchange(format!("event stream answered {}", resp.status())));
@@ -217,7 +241,9 @@ impl ApiClient {
         let mut buf = String::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| exchange(e.to_string()))?;
-            let Some(data) = frame.data_ref() else { continue };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
             buf.push_str(&String::from_utf8_lossy(data));
             while let Some(end) = buf.find("\n\n") {
                 let block: String = buf.drain(..end + 2).collect();

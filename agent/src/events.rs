@@ -101,6 +101,9 @@ mod tests {
         let all = ev.since(0, 10).unwrap();
         assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2, 3]);
         let after = ev.since(1, 10).unwrap();
-        assert_eq!(after.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
+        assert_eq!(
+            after.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            vec!["b", "c"]
+        );
     }
 }

@@ -52,7 +52,9 @@ pub fn check(path: &Path) -> std::io::Result<Records> {
         }
         let whole = word(&block, 0) == MAGIC
             && fnv(&block[..BLOCK - 8]) == word(&block, BLOCK / 8 - 1)
-            && block[32..BLOCK - 8].iter().all(|b| *b == (word(&block, 1) & 0xff) as u8);
+            && block[32..BLOCK - 8]
+                .iter()
+                .all(|b| *b == (word(&block, 1) & 0xff) as u8);
         if !whole {
             r.corrupt += 1;
             continue;
@@ -96,6 +98,9 @@ mod tests {
         img.extend(vec![0u8; BLOCK]);
         std::fs::write(&path, &img).unwrap();
         let r = check(&path).unwrap();
-        assert_eq!((r.valid, r.corrupt, r.empty, r.max_seq, r.boots, r.misplaced), (2, 1, 1, 2, 1, 0));
+        assert_eq!(
+            (r.valid, r.corrupt, r.empty, r.max_seq, r.boots, r.misplaced),
+            (2, 1, 1, 2, 1, 0)
+        );
     }
 }

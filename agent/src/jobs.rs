@@ -83,7 +83,12 @@ impl Jobs {
 
     /// Every job, oldest first.
     pub fn list(&self) -> Result<Vec<Job>> {
-        let mut jobs: Vec<Job> = self.state.list::<Job>(KIND)?.into_iter().map(|(_, j)| j).collect();
+        let mut jobs: Vec<Job> = self
+            .state
+            .list::<Job>(KIND)?
+            .into_iter()
+            .map(|(_, j)| j)
+            .collect();
         jobs.sort_by_key(|j| j.id.trim_start_matches("job-").parse::<u64>().unwrap_or(0));
         Ok(jobs)
     }
@@ -218,7 +223,7 @@ impl Jobs {
                 self.finish(&mut job, "cancelled", "cancelled before it ran", None)?;
             }
         }
-        Ok(self.show(id)?)
+        self.show(id)
     }
 
     fn set_phase(&self, job: &mut Job, phase: &str, why: &str) -> Result<()> {
@@ -276,7 +281,11 @@ impl Jobs {
             Ok(o) => o,
             Err(e) => return self.finish(&mut job, "failed", "bad options", Some(e.to_string())),
         };
-        self.set_phase(&mut job, "transferring", &format!("pulling from {}", opts.peer.addr))?;
+        self.set_phase(
+            &mut job,
+            "transferring",
+            &format!("pulling from {}", opts.peer.addr),
+        )?;
         let outcome = match job.kind.as_str() {
             "seed" => self.run_seed(&mut job, opts, cancel.clone()).await,
             _ => self.run_sync(opts, cancel.clone()).await,
@@ -343,14 +352,23 @@ impl Jobs {
         let wire = p.wire_bytes.load(Ordering::Relaxed);
         let fetched = p.chunks_fetched.load(Ordering::Relaxed);
         let dedup = p.chunks_deduplicated.load(Ordering::Relaxed);
-        m.peer_bytes_received.get_or_create(&last.peer).inc_by(wire.saturating_sub(last.wire));
-        m.chunks_fetched.get_or_create(&last.peer).inc_by(fetched.saturating_sub(last.fetched));
-        m.chunks_deduplicated.get_or_create(&last.peer).inc_by(dedup.saturating_sub(last.dedup));
+        m.peer_bytes_received
+            .get_or_create(&last.peer)
+            .inc_by(wire.saturating_sub(last.wire));
+        m.chunks_fetched
+            .get_or_create(&last.peer)
+            .inc_by(fetched.saturating_sub(last.fetched));
+        m.chunks_deduplicated
+            .get_or_create(&last.peer)
+            .inc_by(dedup.saturating_sub(last.dedup));
         (last.wire, last.fetched, last.dedup) = (wire, fetched, dedup);
         job.progress.bytes_done = job.progress.bytes_done.max(done);
         job.progress.bytes_total = job.progress.bytes_total.max(total);
         job.progress.eta_s = (job.progress.rate_bps > 0).then(|| {
-            job.progress.bytes_total.saturating_sub(job.progress.bytes_done) / job.progress.rate_bps
+            job.progress
+                .bytes_total
+                .saturating_sub(job.progress.bytes_done)
+                / job.progress.rate_bps
         });
         job.figures = serde_json::json!({
             "wire_bytes": p.wire_bytes.load(Ordering::Relaxed),

@@ -74,10 +74,26 @@ impl Metrics {
         let jobs = Family::<PhaseLabels, Gauge>::default();
         let vms = Family::<PhaseLabels, Gauge>::default();
         r.register("api_requests", "API requests served", requests.clone());
-        r.register("api_request_seconds", "API request latency", latency.clone());
-        r.register("peer_received_bytes", "Bytes received from a peer agent", peer_bytes_received.clone());
-        r.register("chunks_fetched", "Chunks fetched from a peer agent", chunks_fetched.clone());
-        r.register("chunks_deduplicated", "Chunks copied locally instead of fetched", chunks_deduplicated.clone());
+        r.register(
+            "api_request_seconds",
+            "API request latency",
+            latency.clone(),
+        );
+        r.register(
+            "peer_received_bytes",
+            "Bytes received from a peer agent",
+            peer_bytes_received.clone(),
+        );
+        r.register(
+            "chunks_fetched",
+            "Chunks fetched from a peer agent",
+            chunks_fetched.clone(),
+        );
+        r.register(
+            "chunks_deduplicated",
+            "Chunks copied locally instead of fetched",
+            chunks_deduplicated.clone(),
+        );
         r.register("jobs", "Jobs by phase", jobs.clone());
         r.register("vms", "VMs by state", vms.clone());
         Metrics {
@@ -101,9 +117,17 @@ impl Metrics {
     }
 
     /// Sets a by-phase gauge family to `counts` (phases absent now read 0).
-    pub fn set_counts(family: &Family<PhaseLabels, Gauge>, counts: &std::collections::HashMap<String, u64>, known: &[&str]) {
+    pub fn set_counts(
+        family: &Family<PhaseLabels, Gauge>,
+        counts: &std::collections::HashMap<String, u64>,
+        known: &[&str],
+    ) {
         for p in known {
-            family.get_or_create(&PhaseLabels { phase: p.to_string() }).set(0);
+            family
+                .get_or_create(&PhaseLabels {
+                    phase: p.to_string(),
+                })
+                .set(0);
         }
         for (p, n) in counts {
             family

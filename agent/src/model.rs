@@ -63,7 +63,7 @@ pub struct NicSpec {
 }
 
 /// How a VM boots: a kernel (with initrd and command line), or firmware from its first disk.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BootSpec {
     /// A kernel image; without it the VM boots its firmware (SeaBIOS) from the first disk.
@@ -117,16 +117,6 @@ fn auto() -> String {
 }
 fn yes() -> bool {
     true
-}
-
-impl Default for BootSpec {
-    fn default() -> Self {
-        BootSpec {
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-        }
-    }
 }
 
 /// A VM and how it is.

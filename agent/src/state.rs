@@ -60,7 +60,11 @@ impl State {
     }
 
     /// The value under `kind/name`.
-    pub fn get<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Result<Option<T>, StateError> {
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
         let key = Self::key(kind, name);
         match self.db.get(&key)? {
             None => Ok(None),
@@ -90,7 +94,9 @@ impl State {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(prefix.as_bytes()) {
             let (k, v) = item?;
-            let Some(name) = std::str::from_utf8(&k).ok().and_then(|k| k.strip_prefix(&prefix))
+            let Some(name) = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
             else {
                 break; // past the prefix
             };
@@ -119,7 +125,9 @@ impl State {
         ));
         for item in iter {
             let (k, v) = item?;
-            let Some(name) = std::str::from_utf8(&k).ok().and_then(|k| k.strip_prefix(&prefix))
+            let Some(name) = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
             else {
                 break;
             };

@@ -19,7 +19,9 @@ fn vm_spec(name: &str, kernel: &str, initrd: &str, disk: &str) -> String {
 
 #[test]
 fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
-    let Some((kernel, initrd)) = sample_guest("vm_survives_agent_kill9") else { return };
+    let Some((kernel, initrd)) = sample_guest("vm_survives_agent_kill9") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("a");
     let _reaper = QemuReaper(state.clone());
@@ -27,7 +29,12 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
     let img = dir.path().join("d1.raw");
     let disk = serde_json::json!({"name": "d1", "path": img, "size": 64 << 20}).to_string();
     agent.api_ok("POST", "/v1/disks", Some(&disk), 201);
-    let spec = vm_spec("g1", kernel.to_str().unwrap(), initrd.to_str().unwrap(), "d1");
+    let spec = vm_spec(
+        "g1",
+        kernel.to_str().unwrap(),
+        initrd.to_str().unwrap(),
+        "d1",
+    );
     let vm = agent.api_ok("POST", "/v1/vms", Some(&spec), 201);
     assert_eq!(vm["state"], "running", "{vm}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
@@ -36,7 +43,9 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
     // The same spec again creates nothing.
     agent.api_ok("POST", "/v1/vms", Some(&spec), 200);
     let serial = std::path::PathBuf::from(vm["serial_log"].as_str().unwrap());
-    wait_for(90, "the guest's first acknowledged disk records", || console(&serial).1 > 0);
+    wait_for(90, "the guest's first acknowledged disk records", || {
+        console(&serial).1 > 0
+    });
     let pid = vm["pid"].as_u64().unwrap();
 
     agent.proc.kill9();
@@ -66,19 +75,28 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
     let records = agent::guest::check(&img).unwrap();
     assert_eq!(records.corrupt, 0, "{records:?}");
     assert_eq!(records.misplaced, 0, "{records:?}");
-    assert!(records.max_seq >= acked, "acknowledged record {acked} is missing: {records:?}");
+    assert!(
+        records.max_seq >= acked,
+        "acknowledged record {acked} is missing: {records:?}"
+    );
     eprintln!("records after kill -9 of the agent: {records:?}, last acknowledged {acked}");
 
     // A QEMU that dies without being asked is reported, with its last words.
     let vm = agent.api_ok("POST", "/v1/vms/g1/start", None, 200);
     let pid = vm["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     wait_for(10, "the VM reported as died", || {
         agent.api_ok("GET", "/v1/vms/g1", None, 200)["state"] == "died"
     });
     let vm = agent.api_ok("GET", "/v1/vms/g1", None, 200);
-    assert!(vm["last_words"].as_str().unwrap().contains("console"), "{vm}");
+    assert!(
+        vm["last_words"].as_str().unwrap().contains("console"),
+        "{vm}"
+    );
 }
 
 #[test]
@@ -90,15 +108,57 @@ fn bad_vm_specs_are_refused_with_problems() {
     let problem = |method: &str, path: &str, body: &str, want: u16, says: &str| {
         let (status, v) = agent.api(method, path, Some(body));
         assert_eq!(status, want, "{path} {body}: {v}");
-        assert!(v["detail"].as_str().unwrap_or("").contains(says), "{body}: {v}");
-        assert!(v["title"].is_string() && v["status"] == want, "not a problem: {v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains(says),
+            "{body}: {v}"
+        );
+        assert!(
+            v["title"].is_string() && v["status"] == want,
+            "not a problem: {v}"
+        );
     };
-    problem("POST", "/v1/vms", r#"{"name":"v","memory_mib":64,"disks":["nope"]}"#, 404, "disk \"nope\"");
-    problem("POST", "/v1/vms", r#"{"name":"v","memory_mib":64,"colour":"red"}"#, 422, "colour");
-    problem("POST", "/v1/vms", r#"{"name":"v","memory_mib":"#, 400, "not valid JSON");
-    problem("POST", "/v1/vms", r#"{"name":"../x","memory_mib":64}"#, 422, "invalid vm name");
-    problem("POST", "/v1/vms", r#"{"name":"v","memory_mib":1}"#, 422, "memory_mib");
-    problem("POST", "/v1/disks", r#"{"name":"d","path":"/nonexistent/x.raw"}"#, 422, "give `size`");
+    problem(
+        "POST",
+        "/v1/vms",
+        r#"{"name":"v","memory_mib":64,"disks":["nope"]}"#,
+        404,
+        "disk \"nope\"",
+    );
+    problem(
+        "POST",
+        "/v1/vms",
+        r#"{"name":"v","memory_mib":64,"colour":"red"}"#,
+        422,
+        "colour",
+    );
+    problem(
+        "POST",
+        "/v1/vms",
+        r#"{"name":"v","memory_mib":"#,
+        400,
+        "not valid JSON",
+    );
+    problem(
+        "POST",
+        "/v1/vms",
+        r#"{"name":"../x","memory_mib":64}"#,
+        422,
+        "invalid vm name",
+    );
+    problem(
+        "POST",
+        "/v1/vms",
+        r#"{"name":"v","memory_mib":1}"#,
+        422,
+        "memory_mib",
+    );
+    problem(
+        "POST",
+        "/v1/disks",
+        r#"{"name":"d","path":"/nonexistent/x.raw"}"#,
+        422,
+        "give `size`",
+    );
     let (status, v) = agent.api("GET", "/v1/vms/ghost", None);
     assert_eq!(status, 404, "{v}");
     // QEMU refuses an argument: the error carries its stderr, and no VM is left behind.

@@ -21,8 +21,7 @@ pub fn allowed(role: Role, method: &Method, route: &str) -> bool {
         Role::Scheduler => {
             method == Method::GET
                 || method == Method::HEAD
-                || (method == Method::POST
-                    && matches!(route, "/v1/jobs" | "/v1/jobs/{id}/cancel"))
+                || (method == Method::POST && matches!(route, "/v1/jobs" | "/v1/jobs/{id}/cancel"))
         }
     }
 }
@@ -63,7 +62,11 @@ mod tests {
         assert!(allowed(Role::Scheduler, &post, "/v1/jobs"));
         assert!(allowed(Role::Scheduler, &post, "/v1/jobs/{id}/cancel"));
         assert!(!allowed(Role::Scheduler, &post, "/v1/vms"));
-        assert!(!allowed(Role::Scheduler, &Method::DELETE, "/v1/disks/{name}"));
+        assert!(!allowed(
+            Role::Scheduler,
+            &Method::DELETE,
+            "/v1/disks/{name}"
+        ));
         assert!(!allowed(Role::Agent, &Method::GET, "/v1/disks"));
     }
 }

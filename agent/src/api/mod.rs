@@ -21,7 +21,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use problem::Problem;
 use protocol::pki::Role;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -65,11 +65,20 @@ pub async fn openapi() -> impl IntoResponse {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/agent", get(routes::agent_info))
-        .route("/v1/disks", get(routes::list_disks).post(routes::create_disk))
-        .route("/v1/disks/{name}", get(routes::show_disk).delete(routes::delete_disk))
+        .route(
+            "/v1/disks",
+            get(routes::list_disks).post(routes::create_disk),
+        )
+        .route(
+            "/v1/disks/{name}",
+            get(routes::show_disk).delete(routes::delete_disk),
+        )
         .route("/v1/replicas", get(routes::list_replicas))
         .route("/v1/vms", get(routes::list_vms).post(routes::create_vm))
-        .route("/v1/vms/{name}", get(routes::show_vm).delete(routes::delete_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(routes::show_vm).delete(routes::delete_vm),
+        )
         .route("/v1/vms/{name}/start", post(routes::start_vm))
         .route("/v1/vms/{name}/stop", post(routes::stop_vm))
         .route("/v1/jobs", get(routes::list_jobs).post(routes::create_job))
@@ -133,10 +142,11 @@ async fn serve_conn<S>(io: S, app: Router, caller: Caller, peer: String)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(caller);
-        app.clone().oneshot(req.map(axum::body::Body::new))
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(caller);
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -146,9 +156,8 @@ where
     }
 }
 
-/// Serves the API on a unix socket (mode 0600) until the task is dropped.
-pub async fn serve_unix(agent: Arc<Agent>, path: PathBuf) -> std::io::Result<()> {
-    let listener = bind_unix(&path)?;
+/// Serves the API on a unix socket bound by [`bind_unix`] until the task is dropped.
+pub async fn serve_unix(agent: Arc<Agent>, listener: UnixListener) {
     let app = router(agent);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -171,7 +180,8 @@ pub async fn serve_unix(agent: Arc<Agent>, path: PathBuf) -> std::io::Result<()>
     }
 }
 
-fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the API's unix socket with mode 0600 (replacing a stale socket).
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
@@ -190,11 +200,7 @@ fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves the API on TCP with mutual TLS until the task is dropped; the client certificate's
 /// role decides what it may do.
-pub async fn serve_tls(
-    agent: Arc<Agent>,
-    listener: TcpListener,
-    tls: protocol::tls::TlsServer,
-) -> std::io::Result<()> {
+pub async fn serve_tls(agent: Arc<Agent>, listener: TcpListener, tls: protocol::tls::TlsServer) {
     let app = router(agent);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {

@@ -40,7 +40,12 @@ impl IntoResponse for Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         // Invariant: Problem holds strings and a number, which serialise.
         let body = serde_json::to_vec(&self).expect("problem serialises");
-        (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body,
+        )
+            .into_response()
     }
 }
 
@@ -82,7 +87,10 @@ fn rejection(r: JsonRejection) -> Problem {
         JsonRejection::JsonDataError(e) => Problem::new(
             422,
             "invalid request",
-            format!("the body does not fit the resource: {} (see /v1/openapi.json)", e.body_text()),
+            format!(
+                "the body does not fit the resource: {} (see /v1/openapi.json)",
+                e.body_text()
+            ),
         ),
         JsonRejection::JsonSyntaxError(e) => Problem::new(
             400,

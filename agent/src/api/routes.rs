@@ -12,7 +12,14 @@ type Api = State<Arc<Agent>>;
 type Answer<T> = Result<(StatusCode, Json<T>), Problem>;
 
 fn created<T>(v: T, new: bool) -> (StatusCode, Json<T>) {
-    (if new { StatusCode::CREATED } else { StatusCode::OK }, Json(v))
+    (
+        if new {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(v),
+    )
 }
 
 fn ok<T>(v: T) -> (StatusCode, Json<T>) {
@@ -25,7 +32,11 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, Problem> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(Problem::from),
-        Err(e) => Err(Problem::new(500, "internal error", format!("a worker failed: {e}"))),
+        Err(e) => Err(Problem::new(
+            500,
+            "internal error",
+            format!("a worker failed: {e}"),
+        )),
     }
 }
 
@@ -58,7 +69,9 @@ pub async fn list_disks(State(a): Api) -> Answer<Vec<Disk>> {
     responses((status = 201, body = Disk), (status = 200, body = Disk),
         (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_disk(State(a): Api, Body(spec): Body<DiskSpec>) -> Answer<Disk> {
-    blocking(move || a.disks.create(spec)).await.map(|(d, new)| created(d, new))
+    blocking(move || a.disks.create(spec))
+        .await
+        .map(|(d, new)| created(d, new))
 }
 
 /// One disk.
@@ -110,7 +123,11 @@ pub async fn list_vms(State(a): Api) -> Answer<Vec<Vm>> {
     responses((status = 201, body = Vm), (status = 200, body = Vm), (status = 404, body = Problem),
         (status = 409, body = Problem), (status = 422, body = Problem), (status = 502, body = Problem)))]
 pub async fn create_vm(State(a): Api, Body(spec): Body<VmSpec>) -> Answer<Vm> {
-    a.vms.create(spec).await.map(|(v, new)| created(v, new)).map_err(Problem::from)
+    a.vms
+        .create(spec)
+        .await
+        .map(|(v, new)| created(v, new))
+        .map_err(Problem::from)
 }
 
 /// One VM.
@@ -142,7 +159,11 @@ pub async fn stop_vm(State(a): Api, Path(name): Path<String>) -> Answer<Vm> {
     params(("name" = String, Path, description = "The VM")),
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn delete_vm(State(a): Api, Path(name): Path<String>) -> Result<StatusCode, Problem> {
-    a.vms.delete(&name).await.map(|_| StatusCode::NO_CONTENT).map_err(Problem::from)
+    a.vms
+        .delete(&name)
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
+        .map_err(Problem::from)
 }
 
 /// Every job, oldest first.
@@ -157,12 +178,20 @@ pub async fn list_jobs(State(a): Api) -> Answer<Vec<Job>> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Client-chosen key; a retry with it returns the same job")),
     responses((status = 201, body = Job), (status = 200, body = Job), (status = 404, body = Problem),
         (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn create_job(State(a): Api, headers: HeaderMap, Body(spec): Body<JobSpec>) -> Answer<Job> {
+pub async fn create_job(
+    State(a): Api,
+    headers: HeaderMap,
+    Body(spec): Body<JobSpec>,
+) -> Answer<Job> {
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(k)) => Some(k.to_string()),
         Some(Err(_)) => {
-            return Err(Problem::new(422, "invalid request", "Idempotency-Key must be visible ASCII"))
+            return Err(Problem::new(
+                422,
+                "invalid request",
+                "Idempotency-Key must be visible ASCII",
+            ))
         }
     };
     a.jobs
@@ -198,13 +227,17 @@ pub async fn list_peers(State(a): Api) -> Answer<Vec<PeerSpec>> {
 #[utoipa::path(post, path = "/v1/peers", tag = "agent", request_body = PeerSpec,
     responses((status = 201, body = PeerSpec), (status = 200, body = PeerSpec), (status = 422, body = Problem)))]
 pub async fn add_peer(State(a): Api, Body(p): Body<PeerSpec>) -> Answer<PeerSpec> {
-    blocking(move || a.add_peer(p)).await.map(|(p, new)| created(p, new))
+    blocking(move || a.add_peer(p))
+        .await
+        .map(|(p, new)| created(p, new))
 }
 
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(get, path = "/metrics", tag = "agent",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics(State(a): Api) -> Result<([(axum::http::HeaderName, &'static str); 1], String), Problem> {
+pub async fn metrics(
+    State(a): Api,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), Problem> {
     let a2 = a.clone();
     let (jobs, vms) = blocking(move || {
         let mut vms = std::collections::HashMap::new();
@@ -215,10 +248,17 @@ pub async fn metrics(State(a): Api) -> Result<([(axum::http::HeaderName, &'stati
     })
     .await?;
     let m = &a.metrics;
-    crate::metrics::Metrics::set_counts(&m.jobs, &jobs, &["queued", "transferring", "done", "failed", "cancelled"]);
+    crate::metrics::Metrics::set_counts(
+        &m.jobs,
+        &jobs,
+        &["queued", "transferring", "done", "failed", "cancelled"],
+    );
     crate::metrics::Metrics::set_counts(&m.vms, &vms, &["running", "stopped", "died"]);
     Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         m.render(),
     ))
 }

@@ -72,11 +72,18 @@ pub async fn events(
     headers: HeaderMap,
     Query(q): Query<Since>,
 ) -> Result<Sse<impl Stream<Item = Result<sse::Event, std::convert::Infallible>>>, Problem> {
-    let header = match headers.get("last-event-id").map(|v| v.to_str().map(str::parse::<u64>)) {
+    let header = match headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::parse::<u64>))
+    {
         None => None,
         Some(Ok(Ok(id))) => Some(id),
         Some(_) => {
-            return Err(Problem::new(422, "invalid request", "Last-Event-ID must be an event id (a number)"))
+            return Err(Problem::new(
+                422,
+                "invalid request",
+                "Last-Event-ID must be an event id (a number)",
+            ))
         }
     };
     // Subscribe before reading the stored events, so that nothing falls in between.

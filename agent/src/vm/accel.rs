@@ -58,9 +58,7 @@ pub fn choose(wanted: &str, host: &Accel) -> Result<Accel, String> {
             "accel \"kvm\" is not usable on this host: {}; use \"auto\" or \"tcg\"",
             host.reason
         )),
-        other => Err(format!(
-            "accel {other:?}: use \"auto\", \"kvm\" or \"tcg\""
-        )),
+        other => Err(format!("accel {other:?}: use \"auto\", \"kvm\" or \"tcg\"")),
     }
 }
 

@@ -165,7 +165,10 @@ impl Vms {
             ));
         }
         if !(1..=256).contains(&spec.vcpus) {
-            return invalid(format!("vcpus {} of VM {:?}: use 1 to 256", spec.vcpus, spec.name));
+            return invalid(format!(
+                "vcpus {} of VM {:?}: use 1 to 256",
+                spec.vcpus, spec.name
+            ));
         }
         accel::choose(&spec.accel, &self.host).map_err(AgentError::Invalid)?;
         for f in [&spec.boot.kernel, &spec.boot.initrd].into_iter().flatten() {
@@ -176,8 +179,12 @@ impl Vms {
                 ));
             }
         }
-        if spec.boot.kernel.is_none() && (spec.boot.initrd.is_some() || spec.boot.cmdline.is_some()) {
-            return invalid(format!("VM {:?}: initrd and cmdline need a kernel", spec.name));
+        if spec.boot.kernel.is_none() && (spec.boot.initrd.is_some() || spec.boot.cmdline.is_some())
+        {
+            return invalid(format!(
+                "VM {:?}: initrd and cmdline need a kernel",
+                spec.name
+            ));
         }
         for nic in &spec.nics {
             qemu::check_nic(nic).map_err(AgentError::Invalid)?;
@@ -188,7 +195,10 @@ impl Vms {
                 return Err(AgentError::not_found(
                     "disk",
                     d,
-                    format!("VM {:?} names it; create it first with POST /v1/disks", spec.name),
+                    format!(
+                        "VM {:?} names it; create it first with POST /v1/disks",
+                        spec.name
+                    ),
                 ));
             }
             if let Some(other) = attached.get(d).filter(|o| **o != spec.name) {
@@ -265,7 +275,11 @@ impl Vms {
         }
         for d in &rec.spec.disks {
             if !self.disks.exists(d) {
-                return Err(AgentError::not_found("disk", d, format!("VM {name:?} needs it")));
+                return Err(AgentError::not_found(
+                    "disk",
+                    d,
+                    format!("VM {name:?} needs it"),
+                ));
             }
         }
         let acc = accel::choose(&rec.spec.accel, &self.host).map_err(AgentError::Invalid)?;
@@ -372,7 +386,11 @@ impl Vms {
         let running = matches!(live.state.as_str(), "running" | "starting");
         Ok(Vm {
             spec: rec.spec,
-            state: if live.state.is_empty() { "stopped".into() } else { live.state },
+            state: if live.state.is_empty() {
+                "stopped".into()
+            } else {
+                live.state
+            },
             qemu_status: live.qemu_status.filter(|_| running),
             accel: rec.accel,
             accel_reason: rec.accel_reason,

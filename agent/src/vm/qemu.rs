@@ -60,7 +60,10 @@ pub fn args(spec: &VmSpec, accel: &str, dir: &VmDir, nbd: &Path) -> Vec<String> 
         "-display".into(),
         "none".into(),
         "-chardev".into(),
-        format!("socket,id=qmp,path={},server=on,wait=off", dir.qmp().display()),
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            dir.qmp().display()
+        ),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
         "-chardev".into(),
@@ -130,7 +133,9 @@ pub fn check_nic(nic: &crate::model::NicSpec) -> Result<(), String> {
                 .iter()
                 .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
         if !ok {
-            return Err(format!("mac {mac:?}: use six hex pairs, e.g. 52:54:00:12:34:56"));
+            return Err(format!(
+                "mac {mac:?}: use six hex pairs, e.g. 52:54:00:12:34:56"
+            ));
         }
     }
     Ok(())
@@ -138,11 +143,7 @@ pub fn check_nic(nic: &crate::model::NicSpec) -> Result<(), String> {
 
 /// Starts QEMU in its own session; returns its pid once its QMP socket exists, or its
 /// stderr when it exits (or takes more than `wait` to come up).
-pub async fn spawn(
-    args: &[String],
-    dir: &VmDir,
-    wait: std::time::Duration,
-) -> Result<u32, String> {
+pub async fn spawn(args: &[String], dir: &VmDir, wait: std::time::Duration) -> Result<u32, String> {
     let _ = std::fs::remove_file(dir.qmp());
     let _ = std::fs::remove_file(dir.pidfile());
     let log = std::fs::File::create(dir.log())
@@ -157,9 +158,12 @@ pub async fn spawn(
         .stderr(log2)
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e} (install it with scripts/install-deps --test)", binary()))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        format!(
+            "cannot run {}: {e} (install it with scripts/install-deps --test)",
+            binary()
+        )
+    })?;
     let pid = child.id().unwrap_or(0);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -196,7 +200,9 @@ pub fn alive(pid: u32, dir: &VmDir) -> bool {
         return false;
     };
     // The state follows the parenthesised command name.
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
     if matches!(state, Some("Z") | Some("X")) {
         return false;
     }
@@ -238,7 +244,11 @@ pub fn last_words(dir: &VmDir) -> String {
     let console: Vec<&str> = console.lines().rev().take(5).collect();
     format!(
         "QEMU stderr: {} | console: {}",
-        if stderr.trim().is_empty() { "(nothing)" } else { stderr.trim() },
+        if stderr.trim().is_empty() {
+            "(nothing)"
+        } else {
+            stderr.trim()
+        },
         console.into_iter().rev().collect::<Vec<_>>().join(" / ")
     )
 }

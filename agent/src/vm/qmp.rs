@@ -48,11 +48,7 @@ impl Qmp {
     }
 
     /// Runs `cmd` with the deadline.
-    pub async fn run<C: qapi::qmp::QmpCommand>(
-        &self,
-        name: &str,
-        cmd: C,
-    ) -> Result<C::Ok, String> {
+    pub async fn run<C: qapi::qmp::QmpCommand>(&self, name: &str, cmd: C) -> Result<C::Ok, String> {
         match tokio::time::timeout(QMP_TIMEOUT, self.service.execute(cmd)).await {
             Err(_) => Err(timed_out(name)),
             Ok(Err(e)) => Err(format!("QMP {name}: {e}")),

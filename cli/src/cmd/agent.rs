@@ -51,8 +51,12 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let mut tasks = Vec::new();
     for api in &apis {
         if let Some(path) = api.strip_prefix("unix:") {
-            let path = PathBuf::from(path);
-            tasks.push(tokio::spawn(agent::api::serve_unix(agent.clone(), path)));
+            let listener = agent::api::bind_unix(std::path::Path::new(path))
+                .with_context(|| format!("cannot listen on --api {api}"))?;
+            tasks.push(tokio::spawn(agent::api::serve_unix(
+                agent.clone(),
+                listener,
+            )));
             println!("api on unix:{}", api.trim_start_matches("unix:"));
         } else {
             let Some(tls) = agent.tls.clone() else {
@@ -62,7 +66,11 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                 .await
                 .with_context(|| format!("cannot listen on --api {api}"))?;
             println!("api on https://{}", listener.local_addr()?);
-            tasks.push(tokio::spawn(agent::api::serve_tls(agent.clone(), listener, tls)));
+            tasks.push(tokio::spawn(agent::api::serve_tls(
+                agent.clone(),
+                listener,
+                tls,
+            )));
         }
     }
     if let Some(l) = &agent.listen {

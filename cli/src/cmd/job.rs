@@ -50,15 +50,25 @@ pub fn line(v: &serde_json::Value) {
         v["phase"].as_str().unwrap_or("?"),
         human(p["bytes_done"].as_u64().unwrap_or(0)),
         human(p["bytes_total"].as_u64().unwrap_or(0)),
-        v["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default(),
-        v["phase_reason"].as_str().filter(|_| v["error"].is_null()).map(|r| format!(" ({r})")).unwrap_or_default(),
+        v["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default(),
+        v["phase_reason"]
+            .as_str()
+            .filter(|_| v["error"].is_null())
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
     );
 }
 
 /// Follows job `id` on the event stream until it ends; true when it is done.
 pub async fn watch(client: &agent::client::ApiClient, id: &str) -> anyhow::Result<bool> {
     let job = client.get(&format!("/v1/jobs/{id}")).await?;
-    let bar = bytes_bar(job["progress"]["bytes_total"].as_u64().unwrap_or(0), &job["kind"].as_str().unwrap_or("job").to_string());
+    let bar = bytes_bar(
+        job["progress"]["bytes_total"].as_u64().unwrap_or(0),
+        job["kind"].as_str().unwrap_or("job"),
+    );
     bar.set_message(format!("{id} {}", job["phase"].as_str().unwrap_or("")));
     let ended = |phase: &str| matches!(phase, "done" | "failed" | "cancelled");
     let mut phase = job["phase"].as_str().unwrap_or("").to_string();
@@ -102,12 +112,22 @@ pub async fn run(c: Command) -> anyhow::Result<i32> {
         }
         Command::Show(a) => {
             let v = a.agent.client()?.get(&format!("/v1/jobs/{}", a.id)).await?;
-            if a.json { show(&v, true) } else { show(&v, false) }
+            if a.json {
+                show(&v, true)
+            } else {
+                show(&v, false)
+            }
         }
         Command::Cancel(a) => {
             let client = a.agent.client()?;
-            let (_, v) = client.call("POST", &format!("/v1/jobs/{}/cancel", a.id), None, &[]).await?;
-            if a.json { show(&v, true) } else { line(&v) }
+            let (_, v) = client
+                .call("POST", &format!("/v1/jobs/{}/cancel", a.id), None, &[])
+                .await?;
+            if a.json {
+                show(&v, true)
+            } else {
+                line(&v)
+            }
         }
         Command::Watch(a) => {
             let client = a.agent.client()?;

@@ -98,7 +98,11 @@ async fn through_agent(a: &Args, url: &str) -> anyhow::Result<i32> {
     if !a.json {
         println!(
             "{} {id} on the agent",
-            if status == 201 { "started" } else { "following existing job" }
+            if status == 201 {
+                "started"
+            } else {
+                "following existing job"
+            }
         );
     }
     let done = super::job::watch(&client, &id).await?;

@@ -116,11 +116,17 @@ fn line(v: &serde_json::Value) {
         v["spec"]["name"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?"),
         v["qemu_status"].as_str().unwrap_or("-"),
-        v["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        v["pid"]
+            .as_u64()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into()),
         v["spec"]["memory_mib"],
         v["spec"]["vcpus"],
         v["spec"]["disks"],
-        v["accel"].as_str().map(|a| format!(", {a}")).unwrap_or_default(),
+        v["accel"]
+            .as_str()
+            .map(|a| format!(", {a}"))
+            .unwrap_or_default(),
     );
     if let Some(w) = v["last_words"].as_str() {
         println!("    last words: {w}");
@@ -129,10 +135,34 @@ fn line(v: &serde_json::Value) {
 
 pub async fn run(c: Command) -> anyhow::Result<i32> {
     let (agent, method, path, body, json) = match &c {
-        Command::Create(a) => (&a.agent, "POST", "/v1/vms".to_string(), Some(spec(a)?), a.json),
-        Command::Start(a) => (&a.agent, "POST", format!("/v1/vms/{}/start", a.name), None, a.json),
-        Command::Stop(a) => (&a.agent, "POST", format!("/v1/vms/{}/stop", a.name), None, a.json),
-        Command::Delete(a) => (&a.agent, "DELETE", format!("/v1/vms/{}", a.name), None, a.json),
+        Command::Create(a) => (
+            &a.agent,
+            "POST",
+            "/v1/vms".to_string(),
+            Some(spec(a)?),
+            a.json,
+        ),
+        Command::Start(a) => (
+            &a.agent,
+            "POST",
+            format!("/v1/vms/{}/start", a.name),
+            None,
+            a.json,
+        ),
+        Command::Stop(a) => (
+            &a.agent,
+            "POST",
+            format!("/v1/vms/{}/stop", a.name),
+            None,
+            a.json,
+        ),
+        Command::Delete(a) => (
+            &a.agent,
+            "DELETE",
+            format!("/v1/vms/{}", a.name),
+            None,
+            a.json,
+        ),
         Command::Show(a) => (&a.agent, "GET", format!("/v1/vms/{}", a.name), None, a.json),
         Command::List(a) => (&a.agent, "GET", "/v1/vms".to_string(), None, a.json),
     };

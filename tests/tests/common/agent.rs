@@ -22,13 +22,7 @@ impl TestAgent {
     pub fn start(name: &str, state: &Path, extra: &[&str]) -> TestAgent {
         let log = state.with_extension(format!("log{}", rand::random::<u16>()));
         std::fs::create_dir_all(state).unwrap();
-        let mut args = vec![
-            "agent",
-            "--name",
-            name,
-            "--state",
-            state.to_str().unwrap(),
-        ];
+        let mut args = vec!["agent", "--name", name, "--state", state.to_str().unwrap()];
         if !extra.contains(&"--listen") {
             args.extend(["--listen", "127.0.0.1:0"]);
         }
@@ -48,13 +42,31 @@ impl TestAgent {
 
     /// `curl` METHOD PATH [BODY] on the unix socket: (status, JSON body or string).
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-        curl(&["--unix-socket", self.sock().to_str().unwrap()], "http://agent", method, path, body, &[])
+        curl(
+            &["--unix-socket", self.sock().to_str().unwrap()],
+            "http://agent",
+            method,
+            path,
+            body,
+            &[],
+        )
     }
 
     /// Like [`TestAgent::api`], requiring a status.
-    pub fn api_ok(&self, method: &str, path: &str, body: Option<&str>, want: u16) -> serde_json::Value {
+    pub fn api_ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        want: u16,
+    ) -> serde_json::Value {
         let (status, v) = self.api(method, path, body);
-        assert_eq!(status, want, "{method} {path} answered {status}: {v}\nagent log:\n{}", self.proc.log());
+        assert_eq!(
+            status,
+            want,
+            "{method} {path} answered {status}: {v}\nagent log:\n{}",
+            self.proc.log()
+        );
         v
     }
 }
@@ -69,8 +81,16 @@ pub fn curl(
     headers: &[&str],
 ) -> (u16, serde_json::Value) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "90", "-X", method, "-w", "\n%{http_code}"])
-        .args(conn);
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "90",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ])
+    .args(conn);
     for h in headers {
         cmd.args(["-H", h]);
     }
@@ -81,9 +101,13 @@ pub fn curl(
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
     let status: u16 = code.trim().parse().unwrap_or_else(|_| {
-        panic!("curl {method} {path}: no status ({}): {text}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "curl {method} {path}: no status ({}): {text}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
-    let value = serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()));
+    let value =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()));
     (status, value)
 }
 
@@ -107,8 +131,16 @@ pub fn sample_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
         eprintln!("SKIPPED {test}: {qemu} is not installed (scripts/install-deps --test installs QEMU 10)");
         return None;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let out = helio_bin().parent().unwrap().parent().unwrap().join("sample-guest");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = helio_bin()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("sample-guest");
     // One build at a time across the test binaries running in parallel.
     let lock = std::fs::File::create(helio_bin().with_file_name("sample-guest.lock")).unwrap();
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).ok();
@@ -138,7 +170,9 @@ pub struct QemuReaper(pub PathBuf);
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {
-        let Ok(dirs) = std::fs::read_dir(self.0.join("vms")) else { return };
+        let Ok(dirs) = std::fs::read_dir(self.0.join("vms")) else {
+            return;
+        };
         for d in dirs.flatten() {
             if let Some(pid) = std::fs::read_to_string(d.path().join("qemu.pid"))
                 .ok()
@@ -159,7 +193,10 @@ pub fn console(serial: &Path) -> (u64, u64) {
     let mut tick = 0;
     let mut acked = 0;
     for l in text.lines() {
-        if let Some(n) = l.strip_prefix("tick ").and_then(|r| r.split_whitespace().next()) {
+        if let Some(n) = l
+            .strip_prefix("tick ")
+            .and_then(|r| r.split_whitespace().next())
+        {
             tick = n.parse().unwrap_or(tick);
         }
         if let Some(n) = l.strip_prefix("disk acked ") {
