@@ -158,6 +158,7 @@ fn seed_through_the_api_over_a_wan_resumes_after_kill9_without_refetching() {
     let before = job(&b, &id);
     b.proc.kill9();
     let _ = sse.kill();
+    let _ = sse.wait();
     let stored = data_chunks(&b_state.join("store"), "d");
     assert!(stored > 0);
 
