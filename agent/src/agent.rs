@@ -127,6 +127,7 @@ impl Agent {
             tls_client,
             opts.name.clone(),
             metrics.clone(),
+            dir.join("exports"),
         ));
         let listen = match &opts.listen {
             Some(addr) => {

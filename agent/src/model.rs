@@ -155,14 +155,20 @@ pub struct Vm {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// `seed` (pull a disk from a peer agent into this agent's store) or `sync` (ship what
-    /// changed since the last round).
+    /// `seed` (pull a disk from a peer agent into this agent's store), `sync` (ship what
+    /// changed since the last round) or `export` (serve the replica over NBD, fetching absent
+    /// chunks from `from` on demand and in the background, until cancelled).
     pub kind: String,
     /// The disk's name.
     pub disk: String,
     /// The peer agent serving the disk (`HOST:PORT` of its replication listener, or the name
-    /// of a configured peer).
-    pub from: String,
+    /// of a configured peer); optional for `export` (then the replica must be complete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// `export`: where to serve, `unix:PATH` or `HOST:PORT` (loopback); default
+    /// `unix:STATE/exports/DISK.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
     /// A client-chosen name: creating a job with a name that exists returns that job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -197,7 +203,8 @@ pub struct Job {
     pub kind: String,
     /// What it was created with.
     pub spec: JobSpec,
-    /// `queued`, `connecting`, `transferring`, `done`, `failed`, `cancelled`.
+    /// `queued`, `transferring`, `serving` (an export whose replica is complete), `done`,
+    /// `failed`, `cancelled`.
     pub phase: String,
     /// Why the phase last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

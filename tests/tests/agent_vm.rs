@@ -70,7 +70,30 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
         agent.api_ok("GET", "/v1/vms/g1", None, 200)["qemu_status"] == "running"
     });
 
+    // A second agent seeds the running VM's disk through its API, then (VM stopped) one sync
+    // round makes its replica the image, byte for byte.
+    let b_state = dir.path().join("b");
+    let b = TestAgent::start("b", &b_state, &[]);
+    let seed =
+        serde_json::json!({"kind": "seed", "disk": "d1", "from": agent.proc.addr}).to_string();
+    let job = b.api_ok("POST", "/v1/jobs", Some(&seed), 201);
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for(120, "the seed of the running VM's disk", || {
+        b.api_ok("GET", &format!("/v1/jobs/{id}"), None, 200)["phase"] == "done"
+    });
+
     helio_ok(&["vm", "stop", "g1", "--agent", &agent.url]);
+    let sync =
+        serde_json::json!({"kind": "sync", "disk": "d1", "from": agent.proc.addr}).to_string();
+    let job = b.api_ok("POST", "/v1/jobs", Some(&sync), 201);
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for(120, "the sync round", || {
+        let j = b.api_ok("GET", &format!("/v1/jobs/{id}"), None, 200);
+        assert_ne!(j["phase"], "failed", "{j}");
+        j["phase"] == "done"
+    });
+    b.proc.kill9();
+    common::verify_equal(&b_state.join("store"), "d1", &img);
     let (_, acked) = console(&serial);
     let records = agent::guest::check(&img).unwrap();
     assert_eq!(records.corrupt, 0, "{records:?}");
@@ -168,4 +191,62 @@ fn bad_vm_specs_are_refused_with_problems() {
         let (status, _) = agent.api("GET", "/v1/vms/q", None);
         assert_eq!(status, 404, "a VM that could not start was left behind");
     }
+}
+
+#[test]
+fn a_stuck_qemu_monitor_or_a_slow_client_blocks_nothing() {
+    use std::io::{Read, Write};
+    let Some((kernel, initrd)) = sample_guest("a_stuck_qemu_monitor") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("a");
+    let _reaper = QemuReaper(state.clone());
+    let agent = TestAgent::start("a", &state, &[]);
+    let spec = serde_json::json!({
+        "name": "g", "memory_mib": 128,
+        "boot": {"kernel": kernel, "initrd": initrd, "cmdline": "console=ttyS0 quiet"},
+    })
+    .to_string();
+    let vm = agent.api_ok("POST", "/v1/vms", Some(&spec), 201);
+    let pid = nix::unistd::Pid::from_raw(vm["pid"].as_u64().unwrap() as i32);
+    // A client that connects and sends half a request, then nothing.
+    let mut slow = std::os::unix::net::UnixStream::connect(agent.sock()).unwrap();
+    slow.write_all(b"GET /v1/vms HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // QEMU frozen: its monitor answers nothing.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = std::time::Instant::now();
+    agent.api_ok("GET", "/v1/vms/g", None, 200);
+    agent.api_ok("GET", "/v1/agent", None, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "reads waited on a stuck monitor: {:?}",
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    let stopped = agent.api_ok("POST", "/v1/vms/g/stop", None, 200);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        nix::sys::signal::kill(pid, None).is_err() || {
+            std::thread::sleep(Duration::from_millis(500));
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+        },
+        "the frozen QEMU is still there"
+    );
+    // The slow client is dropped by the header timeout.
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        n == 0 || answer.contains("408") || answer.contains("400"),
+        "slow client got: {answer}"
+    );
 }

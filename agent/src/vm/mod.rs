@@ -338,16 +338,20 @@ impl Vms {
         self.state.put(KIND, name, &rec, true)?;
         let dir = self.vm_dir(name);
         if let Some(pid) = rec.pid.filter(|p| qemu::alive(*p, &dir)) {
-            match self.monitor(name).await {
-                Ok(q) => {
-                    if let Err(e) = q.quit().await {
-                        tracing::warn!(vm = %name, error = %e, "QMP quit failed; killing QEMU");
-                    }
-                }
-                Err(e) => tracing::warn!(vm = %name, error = %e, "no QMP; killing QEMU"),
-            }
+            let asked = match self.monitor(name).await {
+                Ok(q) => q.quit().await,
+                Err(e) => Err(e.to_string()),
+            };
             self.drop_monitor(name).await;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            // QEMU that took `quit` gets 10 s to flush and exit; one that did not is killed now.
+            let grace = match asked {
+                Ok(()) => Duration::from_secs(10),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "QMP quit failed; killing QEMU");
+                    Duration::ZERO
+                }
+            };
+            let deadline = tokio::time::Instant::now() + grace;
             while qemu::alive(pid, &dir) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -1,5 +1,8 @@
-//! Jobs: seeds and sync rounds pulled from peer agents into this agent's store, each with a
-//! phase, progress that never goes backwards, and final figures kept after it ends.
+//! Jobs: seeds and sync rounds pulled from peer agents into this agent's store, and NBD
+//! exports of its replicas; each with a phase, progress that never goes backwards, and final
+//! figures kept after it ends.
+//!
+//! - [`export`]: the export job.
 //!
 //! A job is persisted at every phase change; at start the agent resumes every job that had not
 //! ended (a seed keeps every chunk it installed, so the resumed run fetches none twice).
@@ -16,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const KIND: &str = "job";
+mod export;
+
+pub(crate) const KIND: &str = "job";
 
 /// What a job's last progress report saw (rates and metric increments are differences).
 struct Last {
@@ -29,10 +34,10 @@ struct Last {
 }
 
 fn job_peer(job: &Job) -> String {
-    job.spec.from.clone()
+    job.spec.from.clone().unwrap_or_default()
 }
 /// How often a running job's progress is published and stored.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// The jobs.
 pub struct Jobs {
@@ -45,6 +50,8 @@ pub struct Jobs {
     metrics: crate::metrics::Metrics,
     /// Serialises creation (id allocation and name lookup).
     create: tokio::sync::Mutex<()>,
+    /// Where exports' default sockets go.
+    exports_dir: std::path::PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,8 +68,10 @@ impl Jobs {
         tls: Option<protocol::tls::TlsClient>,
         agent: String,
         metrics: crate::metrics::Metrics,
+        exports_dir: std::path::PathBuf,
     ) -> Jobs {
         Jobs {
+            exports_dir,
             metrics,
             state,
             events,
@@ -124,13 +133,32 @@ impl Jobs {
     /// Creates a job and starts it; a job with the same `name` (or idempotency key, mapped to
     /// a name by the API) is returned instead (`false`: nothing created).
     pub async fn create(self: &Arc<Self>, spec: JobSpec, key: Option<&str>) -> Result<(Job, bool)> {
-        if !matches!(spec.kind.as_str(), "seed" | "sync") {
+        if !matches!(spec.kind.as_str(), "seed" | "sync" | "export") {
             return Err(AgentError::Invalid(format!(
-                "job kind {:?}: this agent runs \"seed\" and \"sync\" jobs",
+                "job kind {:?}: this agent runs \"seed\", \"sync\" and \"export\" jobs",
                 spec.kind
             )));
         }
         check_name("disk", &spec.disk)?;
+        match (&spec.from, spec.kind.as_str()) {
+            (None, "seed" | "sync") => {
+                return Err(AgentError::Invalid(format!(
+                    "a {} job needs `from`: the peer agent serving disk {:?}",
+                    spec.kind, spec.disk
+                )))
+            }
+            (Some(from), _) => {
+                self.resolve_peer(from)?;
+            }
+            (None, _) => {}
+        }
+        if let Some(nbd) = &spec.nbd {
+            if spec.kind != "export" {
+                return Err(AgentError::Invalid("`nbd` is for export jobs".into()));
+            }
+            nbd.parse::<server::nbd::listener::NbdAddr>()
+                .map_err(|e| AgentError::Invalid(format!("nbd: {e}")))?;
+        }
         if let Some(b) = &spec.bandwidth {
             b.parse::<wan::Rate>().map_err(|e| {
                 AgentError::Invalid(format!("bandwidth {b:?}: {e} (e.g. 100Mbit, 20MiB/s)"))
@@ -139,7 +167,6 @@ impl Jobs {
         if spec.streams.is_some_and(|s| !(1..=64).contains(&s)) {
             return Err(AgentError::Invalid("streams: use 1 to 64".into()));
         }
-        self.resolve_peer(&spec.from)?;
         let _create = self.create.lock().await;
         if let Some(name) = &spec.name {
             check_name("job", name)?;
@@ -167,6 +194,16 @@ impl Jobs {
                     h.replacen(':', " ", 1)
                 )));
             }
+        }
+        if let Some(busy) = self
+            .list()?
+            .into_iter()
+            .find(|j| !j.ended() && j.spec.disk == spec.disk)
+        {
+            return Err(AgentError::Conflict(format!(
+                "disk {:?} is in {} ({} job, {}); cancel it or wait for it to end",
+                spec.disk, busy.id, busy.kind, busy.phase
+            )));
         }
         let n: u64 = self.state.get("meta", "job_next")?.unwrap_or(1);
         self.state.put("meta", "job_next", &(n + 1), true)?;
@@ -246,14 +283,25 @@ impl Jobs {
         self.set_phase(job, phase, why)
     }
 
+    /// The peer of a job, when it names one.
+    fn peer(&self, spec: &JobSpec) -> Result<Option<Peer>> {
+        let Some(from) = &spec.from else {
+            return Ok(None);
+        };
+        Ok(Some(Peer {
+            addr: self.resolve_peer(from)?,
+            tls: self.tls.clone(),
+            agent: self.agent.clone(),
+            timeout: client::session::DEFAULT_TIMEOUT,
+        }))
+    }
+
     fn options(&self, spec: &JobSpec) -> Result<SeedOptions> {
+        let peer = self
+            .peer(spec)?
+            .ok_or_else(|| AgentError::Invalid(format!("a {} job needs `from`", spec.kind)))?;
         Ok(SeedOptions {
-            peer: Peer {
-                addr: self.resolve_peer(&spec.from)?,
-                tls: self.tls.clone(),
-                agent: self.agent.clone(),
-                timeout: client::session::DEFAULT_TIMEOUT,
-            },
+            peer,
             name: spec.disk.clone(),
             // Checked at creation.
             bandwidth: spec.bandwidth.as_deref().and_then(|b| b.parse().ok()),
@@ -277,6 +325,9 @@ impl Jobs {
     }
 
     async fn run(&self, mut job: Job, cancel: CancellationToken) -> Result<()> {
+        if job.kind == "export" {
+            return self.run_export(job, cancel).await;
+        }
         let opts = match self.options(&job.spec) {
             Ok(o) => o,
             Err(e) => return self.finish(&mut job, "failed", "bad options", Some(e.to_string())),

@@ -1,0 +1,103 @@
+//! The export job: a replica of this agent's store served over NBD (`helio export`, run by the
+//! agent), absent chunks fetched from the source on demand and by a background copier. It
+//! serves until cancelled; cancelling stops the listener and syncs the replica.
+
+use super::{Jobs, PROGRESS_EVERY};
+use crate::error::Result;
+use crate::model::Job;
+use server::export::{ExportOptions, Exported, ReplicaDevice};
+use server::nbd::handshake::Export;
+use server::nbd::listener::{NbdAddr, NbdListener};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// How long a read of an absent chunk retries an unreachable source before EIO.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Jobs {
+    pub(super) async fn run_export(&self, mut job: Job, cancel: CancellationToken) -> Result<()> {
+        let addr: NbdAddr = match &job.spec.nbd {
+            // Checked at creation.
+            Some(a) => a
+                .parse()
+                .unwrap_or(NbdAddr::Unix(self.default_socket(&job.spec.disk))),
+            None => NbdAddr::Unix(self.default_socket(&job.spec.disk)),
+        };
+        let opened = async {
+            let peer = self.peer(&job.spec).map_err(|e| e.to_string())?;
+            let opts = ExportOptions {
+                read_only: false,
+                fetch_timeout: FETCH_TIMEOUT,
+                bandwidth: job.spec.bandwidth.as_deref().and_then(|b| b.parse().ok()),
+                compress: peer
+                    .as_ref()
+                    .is_some_and(|p| !protocol::tls::is_loopback(&p.addr)),
+            };
+            let dev = ReplicaDevice::open(&self.store, &job.spec.disk, peer, &opts)
+                .await
+                .map_err(|e| format!("cannot export {:?}: {e}", job.spec.disk))?;
+            if let NbdAddr::Unix(p) = &addr {
+                if let Some(parent) = p.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+            }
+            let listener = NbdListener::bind(&addr, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((dev, listener))
+        };
+        let (dev, listener) = match opened.await {
+            Ok(x) => x,
+            Err(e) => {
+                return self.finish(&mut job, "failed", "the export could not start", Some(e))
+            }
+        };
+        let where_ = listener.describe();
+        let exports = vec![Export {
+            name: job.spec.disk.clone(),
+            device: Arc::new(Exported(dev.clone())),
+        }];
+        let serve = tokio::spawn(listener.run(exports, None));
+        let copier = tokio::spawn(dev.clone().background_copy());
+        self.set_phase(&mut job, "transferring", &format!("serving on {where_}"))?;
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let s = dev.status(&where_, 0.0);
+            job.progress.bytes_total = s.size_bytes;
+            job.progress.bytes_done = job.progress.bytes_done.max(s.present_bytes);
+            job.figures = serde_json::to_value(&s).unwrap_or_default();
+            if s.absent_bytes == 0 && job.phase != "serving" {
+                self.set_phase(
+                    &mut job,
+                    "serving",
+                    "every chunk is local; the source is no longer needed",
+                )?;
+            } else if let Err(e) = self.state.put(super::KIND, &job.id, &job, false) {
+                tracing::warn!(job = %job.id, error = %e, "cannot store an export's progress");
+            }
+        }
+        serve.abort();
+        copier.abort();
+        let d = dev.clone();
+        let synced = tokio::task::spawn_blocking(move || d.sync()).await;
+        let why = match synced {
+            Ok(Ok(())) => format!(
+                "stopped on request: the NBD listener {where_} is closed and the replica synced"
+            ),
+            Ok(Err(e)) => format!("stopped on request; the final sync failed: {e}"),
+            Err(e) => format!("stopped on request; the final sync did not run: {e}"),
+        };
+        if let NbdAddr::Unix(p) = &addr {
+            let _ = std::fs::remove_file(p);
+        }
+        self.finish(&mut job, "cancelled", &why, None)
+    }
+
+    fn default_socket(&self, disk: &str) -> std::path::PathBuf {
+        self.exports_dir.join(format!("{disk}.sock"))
+    }
+}
