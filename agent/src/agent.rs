@@ -48,6 +48,8 @@ pub struct Agent {
     pub jobs: Arc<Jobs>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The replication source (this agent's disks, served to peers).
+    pub source: Arc<Source>,
     /// The replication listener's bound address.
     pub listen: Option<String>,
     /// TLS server material, for the TCP API.
@@ -102,6 +104,7 @@ impl Agent {
             .await
             .map_err(|e| internal("binding the VMs' NBD socket", &e))?;
         tokio::spawn(nbd.run_shared(exports.clone(), None));
+        let metrics = Metrics::new();
         let disks = Arc::new(Disks::new(
             state.clone(),
             events.clone(),
@@ -109,6 +112,7 @@ impl Agent {
             source.clone(),
             exports,
             store.clone(),
+            metrics.clone(),
         ));
         disks.load()?;
         let vms = Arc::new(Vms::new(
@@ -119,7 +123,6 @@ impl Agent {
             nbd_path,
         ));
         vms.adopt()?;
-        let metrics = Metrics::new();
         let jobs = Arc::new(Jobs::new(
             state.clone(),
             events.clone(),
@@ -150,6 +153,7 @@ impl Agent {
             vms,
             jobs,
             metrics,
+            source,
             listen,
             tls: tls_server,
             dir,

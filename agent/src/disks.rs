@@ -4,7 +4,9 @@
 
 use crate::error::{check_name, AgentError, Result};
 use crate::events::Events;
+use crate::metrics::Metrics;
 use crate::model::{Disk, DiskSpec, Replica};
+use crate::observed::Observed;
 use crate::state::State;
 use blockstore::{Catalog, Image};
 use protocol::Geometry;
@@ -32,8 +34,9 @@ pub struct Disks {
     events: Arc<Events>,
     catalog: Arc<Catalog>,
     source: Arc<Source>,
-    exports: SharedExports<TrackedImage>,
+    exports: SharedExports<Observed<TrackedImage>>,
     store: blockstore::Store,
+    metrics: Metrics,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -49,8 +52,9 @@ impl Disks {
         events: Arc<Events>,
         catalog: Arc<Catalog>,
         source: Arc<Source>,
-        exports: SharedExports<TrackedImage>,
+        exports: SharedExports<Observed<TrackedImage>>,
         store: blockstore::Store,
+        metrics: Metrics,
     ) -> Disks {
         Disks {
             state,
@@ -59,6 +63,7 @@ impl Disks {
             source,
             exports,
             store,
+            metrics,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -167,7 +172,7 @@ impl Disks {
             exports.retain(|e| e.name != spec.name);
             exports.push(Export {
                 name: spec.name.clone(),
-                device: Arc::new(device),
+                device: Arc::new(Observed::new(device, &spec.name, self.metrics.clone())),
             });
         }
         lock(&self.open).insert(

@@ -21,6 +21,7 @@ pub mod guest;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
+pub mod observed;
 pub mod state;
 pub mod vm;
 

@@ -27,6 +27,15 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// Labels of an NBD request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NbdLabels {
+    /// The export (disk) name.
+    pub export: String,
+    /// `read`, `write`, `flush`, ...
+    pub command: String,
+}
+
 /// Labels naming a phase or state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -44,10 +53,18 @@ pub struct Metrics {
     pub latency: Family<RequestLabels, Histogram>,
     /// Bytes received from each peer (jobs' wire bytes).
     pub peer_bytes_received: Family<PeerLabels, Counter>,
+    /// Chunk payload bytes sent to each peer agent (by its name).
+    pub peer_bytes_sent: Family<PeerLabels, Counter>,
+    /// Chunks sent to each peer agent.
+    pub chunks_sent: Family<PeerLabels, Counter>,
     /// Chunks fetched from each peer.
     pub chunks_fetched: Family<PeerLabels, Counter>,
     /// Chunks deduplicated locally while transferring from each peer.
     pub chunks_deduplicated: Family<PeerLabels, Counter>,
+    /// NBD requests served (count and latency), per export and command.
+    pub nbd_latency: Family<NbdLabels, Histogram>,
+    /// NBD requests that failed.
+    pub nbd_errors: Family<NbdLabels, Counter>,
     /// Jobs by phase (set at each scrape).
     pub jobs: Family<PhaseLabels, Gauge>,
     /// VMs by state (set at each scrape).
@@ -70,7 +87,13 @@ impl Metrics {
         });
         let peer_bytes_received = Family::<PeerLabels, Counter>::default();
         let chunks_fetched = Family::<PeerLabels, Counter>::default();
+        let peer_bytes_sent = Family::<PeerLabels, Counter>::default();
+        let chunks_sent = Family::<PeerLabels, Counter>::default();
         let chunks_deduplicated = Family::<PeerLabels, Counter>::default();
+        let nbd_latency = Family::<NbdLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00001, 2.0, 22))
+        });
+        let nbd_errors = Family::<NbdLabels, Counter>::default();
         let jobs = Family::<PhaseLabels, Gauge>::default();
         let vms = Family::<PhaseLabels, Gauge>::default();
         r.register("api_requests", "API requests served", requests.clone());
@@ -94,6 +117,22 @@ impl Metrics {
             "Chunks copied locally instead of fetched",
             chunks_deduplicated.clone(),
         );
+        r.register(
+            "nbd_request_seconds",
+            "NBD requests served and their latency",
+            nbd_latency.clone(),
+        );
+        r.register("nbd_errors", "NBD requests that failed", nbd_errors.clone());
+        r.register(
+            "peer_sent_bytes",
+            "Chunk payload bytes sent to a peer agent",
+            peer_bytes_sent.clone(),
+        );
+        r.register(
+            "chunks_sent",
+            "Chunks sent to a peer agent",
+            chunks_sent.clone(),
+        );
         r.register("jobs", "Jobs by phase", jobs.clone());
         r.register("vms", "VMs by state", vms.clone());
         Metrics {
@@ -102,7 +141,11 @@ impl Metrics {
             latency,
             peer_bytes_received,
             chunks_fetched,
+            peer_bytes_sent,
+            chunks_sent,
             chunks_deduplicated,
+            nbd_latency,
+            nbd_errors,
             jobs,
             vms,
         }
@@ -114,6 +157,17 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Brings the sent counters up to the source's figures `(peer, chunks, bytes)`.
+    pub fn set_sent(&self, sent: &[(String, u64, u64)]) {
+        for (peer, chunks, bytes) in sent {
+            let l = PeerLabels { peer: peer.clone() };
+            let c = self.chunks_sent.get_or_create(&l);
+            c.inc_by(chunks.saturating_sub(c.get()));
+            let b = self.peer_bytes_sent.get_or_create(&l);
+            b.inc_by(bytes.saturating_sub(b.get()));
+        }
     }
 
     /// Sets a by-phase gauge family to `counts` (phases absent now read 0).

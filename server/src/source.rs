@@ -81,6 +81,8 @@ impl SourceDisk {
 pub struct Source {
     /// Disks by name; an agent adds and removes them at run time.
     disks: RwLock<HashMap<String, Arc<SourceDisk>>>,
+    /// What was sent to each peer agent (by the name in its hello).
+    sent: std::sync::Mutex<HashMap<String, Arc<Sent>>>,
     agent: String,
     level: i32,
 }
@@ -95,9 +97,24 @@ impl Source {
                     .map(|d| (d.name.clone(), Arc::new(d)))
                     .collect(),
             ),
+            sent: Default::default(),
             agent: agent.into(),
             level,
         })
+    }
+
+    /// Chunks and bytes (payloads) sent to each peer agent since the source started.
+    pub fn sent(&self) -> Vec<(String, u64, u64)> {
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        sent.iter()
+            .map(|(k, v)| {
+                let (c, b) = (
+                    v.chunks.load(Ordering::Relaxed),
+                    v.bytes.load(Ordering::Relaxed),
+                );
+                (k.clone(), c, b)
+            })
+            .collect()
     }
 
     /// Serves `disk` too (replacing a disk of the same name; sessions that opened the old one
@@ -158,13 +175,24 @@ impl Source {
     async fn session(self: Arc<Self>, io: Box<dyn Io>, peer: String) -> Result<(), ConnError> {
         let mut conn = Conn::new(io, peer.clone());
         conn.set_timeout(Some(listen::HANDSHAKE_TIMEOUT));
-        conn.server_hello(&self.agent).await?;
+        let hello = conn.server_hello(&self.agent).await?;
         conn.set_timeout(Some(listen::IDLE_TIMEOUT));
+        // Peers name themselves; cap the map so that made-up names cannot grow it forever.
+        let sent = {
+            let mut all = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            let key: String = hello.text.chars().take(64).collect();
+            let key = if all.len() >= 1024 && !all.contains_key(&key) {
+                "(others)".to_string()
+            } else {
+                key
+            };
+            all.entry(key).or_default().clone()
+        };
         let (mut reader, writer) = conn.split();
         let (tx, rx) = mpsc::channel::<Frame>(READS_PER_CONN * 2);
         let writer_task = tokio::spawn(write_frames(writer, rx));
         let served = Arc::new(AtomicU64::new(0));
-        let reads = spawn_chunk_reader(&peer, tx.clone(), served.clone())?;
+        let reads = spawn_chunk_reader(&peer, tx.clone(), served.clone(), sent)?;
         let mut disk: Option<Arc<SourceDisk>> = None;
         let result = loop {
             let frame = match reader.recv().await {
@@ -533,6 +561,13 @@ struct ChunkRead {
     round: Option<u64>,
 }
 
+/// What a source sent one peer.
+#[derive(Default)]
+pub struct Sent {
+    chunks: AtomicU64,
+    bytes: AtomicU64,
+}
+
 /// Starts a session's chunk reader: reads, hashes and compresses the chunks asked for, in
 /// order, on a thread of its own, and queues their replies. Reads used to go one by one to the
 /// blocking pool: on two cores the wake-up of a pool thread per 64 KiB chunk cost more CPU than
@@ -541,6 +576,7 @@ fn spawn_chunk_reader(
     peer: &str,
     replies: mpsc::Sender<Frame>,
     served: Arc<AtomicU64>,
+    sent: Arc<Sent>,
 ) -> Result<mpsc::Sender<ChunkRead>, ConnError> {
     let (tx, mut rx) = mpsc::channel::<ChunkRead>(READS_PER_CONN);
     std::thread::Builder::new()
@@ -548,10 +584,13 @@ fn spawn_chunk_reader(
         .spawn(move || {
             while let Some(r) = rx.blocking_recv() {
                 let frame = read_chunk(&r);
+                let bytes = frame.payload.len() as u64;
                 if replies.blocking_send(frame).is_err() {
                     return;
                 }
                 served.fetch_add(1, Ordering::Relaxed);
+                sent.chunks.fetch_add(1, Ordering::Relaxed);
+                sent.bytes.fetch_add(bytes, Ordering::Relaxed);
             }
         })
         .map_err(|source| ConnError::Io {

@@ -179,6 +179,55 @@ fn seed_through_the_api_over_a_wan_resumes_after_kill9_without_refetching() {
         done["ended_at"].is_string() && done["error"].is_null(),
         "{done}"
     );
+    // The replica served over NBD by an export job, read by qemu-img.
+    let export = serde_json::json!({"kind": "export", "disk": "d"}).to_string();
+    let (s, busy) = b.api("POST", "/v1/jobs", Some(&spec));
+    assert_eq!(s, 201, "a finished seed leaves the disk free: {busy}");
+    let seed2 = busy["id"].as_str().unwrap().to_string();
+    let (s, v) = b.api("POST", "/v1/jobs", Some(&export));
+    assert_eq!(s, 409, "an export while a seed of the disk runs: {v}");
+    wait_phase(&b, &seed2, "done", 60);
+    let ex = b.api_ok("POST", "/v1/jobs", Some(&export), 201);
+    let ex_id = ex["id"].as_str().unwrap().to_string();
+    let serving = wait_phase(&b, &ex_id, "serving", 30);
+    let sock = b_state.join("exports/d.sock");
+    let uri = common::nbd_uri(&sock, "d");
+    common::run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    b.api_ok("POST", &format!("/v1/jobs/{ex_id}/cancel"), None, 200);
+    let stopped = wait_phase(&b, &ex_id, "cancelled", 30);
+    assert!(
+        stopped["phase_reason"].as_str().unwrap().contains("synced"),
+        "{stopped} (serving: {serving})"
+    );
+    assert!(!sock.exists(), "the export's socket was left behind");
+    let metric = |agent: &TestAgent, prefix: &str| -> f64 {
+        let text = agent.api_ok("GET", "/metrics", None, 200);
+        let text = text.as_str().unwrap().to_string();
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+    };
+    assert!(metric(&a, "helio_peer_sent_bytes_total{peer=\"b\"}") > 0.0);
+    assert!(metric(&b, "helio_chunks_fetched_total{") > 0.0);
+    assert!(
+        metric(
+            &b,
+            "helio_nbd_request_seconds_count{export=\"d\",command=\"read\"}"
+        ) > 0.0
+    );
     b.proc.kill9(); // releases the store for the check
     verify_equal(&b_state.join("store"), "d", &img);
 

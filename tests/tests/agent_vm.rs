@@ -70,6 +70,18 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
         agent.api_ok("GET", "/v1/vms/g1", None, 200)["qemu_status"] == "running"
     });
 
+    let metrics = agent.api_ok("GET", "/metrics", None, 200);
+    let writes = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("helio_nbd_request_seconds_count{export=\"d1\",command=\"write\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        writes > 0.0,
+        "the VM's writes are not in /metrics:\n{metrics}"
+    );
     // A second agent seeds the running VM's disk through its API, then (VM stopped) one sync
     // round makes its replica the image, byte for byte.
     let b_state = dir.path().join("b");

@@ -248,6 +248,7 @@ pub async fn metrics(
     })
     .await?;
     let m = &a.metrics;
+    m.set_sent(&a.source.sent());
     crate::metrics::Metrics::set_counts(
         &m.jobs,
         &jobs,

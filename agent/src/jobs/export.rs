@@ -55,7 +55,11 @@ impl Jobs {
         let where_ = listener.describe();
         let exports = vec![Export {
             name: job.spec.disk.clone(),
-            device: Arc::new(Exported(dev.clone())),
+            device: Arc::new(crate::observed::Observed::new(
+                Exported(dev.clone()),
+                &job.spec.disk,
+                self.metrics.clone(),
+            )),
         }];
         let serve = tokio::spawn(listener.run(exports, None));
         let copier = tokio::spawn(dev.clone().background_copy());
