@@ -25,7 +25,8 @@ enum Command {
     Sync(cmd::sync::Args),
     /// Serve a replica over NBD; with --from, absent chunks are fetched on demand.
     Export(cmd::export::Args),
-    /// Report on a running export (present/absent bytes, copy rate, fetch latency).
+    /// Report on a running export (present/absent bytes, copy rate, fetch latency), or with
+    /// --agent on an agent (disks, replicas, VMs, jobs).
     Status(cmd::status::Args),
     /// Write a replica out as a raw (sparse) image.
     Materialize(cmd::materialize::Args),
@@ -85,7 +86,7 @@ fn main() {
             Command::Seed(a) => cmd::seed::run(a).await,
             Command::Sync(a) => cmd::sync::run(a).await,
             Command::Export(a) => cmd::export::run(a).await,
-            Command::Status(a) => cmd::status::run(a),
+            Command::Status(a) => cmd::status::run(a).await,
             Command::Materialize(a) => cmd::materialize::run(a),
             Command::Verify(a) => cmd::verify::run(a),
             Command::Pki(c) => cmd::pki::run(c),

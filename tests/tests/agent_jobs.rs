@@ -519,3 +519,77 @@ fn the_openapi_document_validates() {
     assert!(text.contains("helio_api_requests_total"), "{text}");
     assert!(text.contains("helio_jobs{phase=\"done\"}"), "{text}");
 }
+
+#[test]
+fn the_config_declares_what_exists_and_api_changes_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("declared.raw");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[peer]]\nname = \"site-b\"\naddr = \"127.0.0.1:7000\"\n\n[[disk]]\nname = \"web\"\npath = \"{}\"\nsize = 8388608\n",
+            img.display()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("a");
+    let cfg = ["--config", config.to_str().unwrap()];
+    let a = TestAgent::start("a", &state, &cfg);
+    let disks = a.api_ok("GET", "/v1/disks", None, 200);
+    assert_eq!(disks[0]["spec"]["name"], "web", "{disks}");
+    assert_eq!(disks[0]["size"], 8 << 20, "{disks}");
+    let p = serde_json::json!({"name": "site-c", "addr": "127.0.0.1:7001"}).to_string();
+    a.api_ok("POST", "/v1/peers", Some(&p), 201);
+    a.api_ok("DELETE", "/v1/disks/web", None, 200);
+    a.proc.stop();
+
+    let a = TestAgent::start("a", &state, &cfg);
+    let peers = a.api_ok("GET", "/v1/peers", None, 200);
+    let names: Vec<&str> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["site-b", "site-c"],
+        "the API's peer persists beside the config's"
+    );
+    // The config says the disk must exist: a restart declares it again (its image was kept).
+    assert_eq!(
+        a.api_ok("GET", "/v1/disks", None, 200)[0]["spec"]["name"],
+        "web"
+    );
+    // A job may name a configured peer.
+    let job = serde_json::json!({"kind": "seed", "disk": "web", "from": "site-b"}).to_string();
+    let j = a.api_ok("POST", "/v1/jobs", Some(&job), 201);
+    assert_eq!(j["spec"]["from"], "site-b");
+    let status = helio_ok(&["status", "--agent", &a.url, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(status["agent"]["name"], "a", "{status}");
+    assert_eq!(status["disks"][0]["spec"]["name"], "web", "{status}");
+    // A config with an unknown key is refused, naming it.
+    std::fs::write(
+        &config,
+        "[[disk]]\nname = \"x\"\npath = \"/x\"\ncolour = \"red\"\n",
+    )
+    .unwrap();
+    a.proc.kill9();
+    let out = helio(&[
+        "agent",
+        "--name",
+        "a",
+        "--state",
+        state.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("colour"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

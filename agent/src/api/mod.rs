@@ -247,3 +247,24 @@ pub async fn serve_tls(agent: Arc<Agent>, listener: TcpListener, tls: protocol::
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/openapi.json` is the generated document; `HELIO_UPDATE_OPENAPI=1 cargo test -p
+    /// helio-agent openapi` rewrites it after the API changes.
+    #[test]
+    fn the_committed_openapi_document_is_current() {
+        let doc = ApiDoc::openapi().to_pretty_json().unwrap() + "\n";
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+        if std::env::var_os("HELIO_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &doc).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == doc,
+            "docs/openapi.json is stale: run HELIO_UPDATE_OPENAPI=1 cargo test -p helio-agent openapi"
+        );
+    }
+}

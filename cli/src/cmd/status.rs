@@ -1,18 +1,112 @@
 //! `helio status`: what a running export reports.
 
+use crate::units::human;
 use server::export::status::{self, Status};
+
+/// `helio status` of an export: the store and disk.
+struct Plain {
+    disk: super::args::StoreDisk,
+    json: bool,
+}
 
 /// Arguments of `helio status`.
 #[derive(clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    disk: super::args::StoreDisk,
+    /// The store of a running `helio export`.
+    #[arg(long, required_unless_present = "agent")]
+    store: Option<std::path::PathBuf>,
+    /// The exported disk.
+    #[arg(long, required_unless_present = "agent")]
+    name: Option<String>,
+    /// Instead: an agent's status (unix:PATH or https://HOST:PORT): its disks, replicas, VMs
+    /// and jobs.
+    #[arg(long, env = "HELIO_AGENT")]
+    agent: Option<String>,
+    /// With an https --agent: a directory with an operator or scheduler certificate.
+    #[arg(long = "api-tls", env = "HELIO_AGENT_TLS")]
+    api_tls: Option<std::path::PathBuf>,
     /// Print the status as one JSON object.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+/// `helio status --agent`: everything the agent holds, in one object or a few lines.
+pub async fn agent_status(a: &Args, url: &str) -> anyhow::Result<i32> {
+    let client = super::remote::client(url, a.api_tls.as_deref())?;
+    let mut all = serde_json::Map::new();
+    for (key, path) in [
+        ("agent", "/v1/agent"),
+        ("disks", "/v1/disks"),
+        ("replicas", "/v1/replicas"),
+        ("vms", "/v1/vms"),
+        ("jobs", "/v1/jobs"),
+    ] {
+        all.insert(key.into(), client.get(path).await?);
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Object(all));
+        return Ok(0);
+    }
+    let info = &all["agent"];
+    println!(
+        "agent {} ({}), replication on {}, VMs use {}",
+        info["name"].as_str().unwrap_or("?"),
+        info["version"].as_str().unwrap_or("?"),
+        info["listen"].as_str().unwrap_or("-"),
+        info["accel"].as_str().unwrap_or("?"),
+    );
+    for d in all["disks"].as_array().into_iter().flatten() {
+        println!(
+            "  disk {:<16} {:>10} {}{}",
+            d["spec"]["name"].as_str().unwrap_or("?"),
+            human(d["size"].as_u64().unwrap_or(0)),
+            d["spec"]["path"].as_str().unwrap_or("?"),
+            d["attached_to"]
+                .as_str()
+                .map(|v| format!(" (VM {v})"))
+                .unwrap_or_default()
+        );
+    }
+    for r in all["replicas"].as_array().into_iter().flatten() {
+        println!(
+            "  replica {:<13} {}/{} chunks present{}",
+            r["name"].as_str().unwrap_or("?"),
+            r["chunks_present"],
+            r["chunks"],
+            if r["seeded"] == true { ", seeded" } else { "" }
+        );
+    }
+    for v in all["vms"].as_array().into_iter().flatten() {
+        println!(
+            "  vm {:<18} {} (QEMU {})",
+            v["spec"]["name"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+            v["qemu_status"].as_str().unwrap_or("-")
+        );
+    }
+    let jobs = all["jobs"].as_array().cloned().unwrap_or_default();
+    let active: Vec<_> = jobs
+        .iter()
+        .filter(|j| !matches!(j["phase"].as_str(), Some("done" | "failed" | "cancelled")))
+        .collect();
+    println!("  jobs: {} in all, {} active", jobs.len(), active.len());
+    for j in active {
+        print!("  ");
+        super::job::line(j);
+    }
+    Ok(0)
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    if let Some(url) = &a.agent {
+        return agent_status(&a, url).await;
+    }
+    let disk = super::args::StoreDisk {
+        // Invariant: clap requires both without --agent.
+        store: a.store.clone().unwrap_or_default(),
+        name: a.name.clone().unwrap_or_default(),
+    };
+    let a = Plain { disk, json: a.json };
     let path = status::path(&a.disk.store, &a.disk.name);
     let raw = std::fs::read(&path).map_err(|e| {
         anyhow::anyhow!(
