@@ -104,6 +104,25 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
         assert_ne!(j["phase"], "failed", "{j}");
         j["phase"] == "done"
     });
+    let (_, events) = common::agent::curl(
+        &[
+            "--max-time",
+            "2",
+            "-N",
+            "--unix-socket",
+            b.sock().to_str().unwrap(),
+        ],
+        "http://agent",
+        "GET",
+        "/v1/events",
+        None,
+        &[],
+    );
+    let events = events.as_str().unwrap_or_default().to_string();
+    assert!(
+        events.contains("event: job.round") && events.contains("dirty_bytes"),
+        "no round figures on the event stream:\n{events}"
+    );
     b.proc.kill9();
     common::verify_equal(&b_state.join("store"), "d1", &img);
     let (_, acked) = console(&serial);

@@ -339,7 +339,7 @@ impl Jobs {
         )?;
         let outcome = match job.kind.as_str() {
             "seed" => self.run_seed(&mut job, opts, cancel.clone()).await,
-            _ => self.run_sync(opts, cancel.clone()).await,
+            _ => self.run_sync(&mut job, opts, cancel.clone()).await,
         };
         match outcome {
             Ok(figures) => {
@@ -439,8 +439,10 @@ impl Jobs {
         );
     }
 
+    /// One sync round; its figures go on the event stream (`job.round`) and into the job.
     async fn run_sync(
         &self,
+        job: &mut Job,
         opts: SeedOptions,
         cancel: CancellationToken,
     ) -> std::result::Result<serde_json::Value, String> {
@@ -452,6 +454,15 @@ impl Jobs {
         let report = client::sync::sync(&self.store, opts, cancel)
             .await
             .map_err(|e| e.to_string())?;
+        for (i, round) in report.rounds.iter().enumerate() {
+            job.progress.bytes_done += round.dirty_bytes;
+            job.progress.bytes_total += round.dirty_bytes;
+            self.events.emit(
+                "job.round",
+                &job.id,
+                serde_json::json!({"round": i + 1, "figures": round}),
+            );
+        }
         Ok(serde_json::to_value(report).unwrap_or_default())
     }
 }
