@@ -32,6 +32,53 @@ pub struct Options {
     pub config: Option<PathBuf>,
 }
 
+fn internal(what: &str, e: &dyn std::fmt::Display) -> AgentError {
+    AgentError::Internal(format!("{what}: {e}"))
+}
+
+/// Creates and resolves the state directory.
+fn state_dir(state: &std::path::Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(state)
+        .map_err(io(format!("creating state directory {}", state.display())))?;
+    state
+        .canonicalize()
+        .map_err(io(format!("resolving {}", state.display())))
+}
+
+/// TLS material for serving (replication, the TCP API) and dialing peers.
+fn load_tls(
+    dir: Option<&std::path::Path>,
+) -> Result<(
+    Option<protocol::tls::TlsServer>,
+    Option<protocol::tls::TlsClient>,
+)> {
+    let Some(d) = dir else {
+        return Ok((None, None));
+    };
+    let server = protocol::tls::TlsServer::load(d).map_err(|e| internal("loading --tls", &e))?;
+    let client = protocol::tls::TlsClient::load(d).map_err(|e| internal("loading --tls", &e))?;
+    Ok((Some(server), Some(client)))
+}
+
+/// Binds the replication listener (when asked for) and serves `source` on it; its address.
+async fn serve_replication(
+    listen: Option<&str>,
+    tls: Option<protocol::tls::TlsServer>,
+    source: &Arc<Source>,
+) -> Result<Option<String>> {
+    let Some(addr) = listen else {
+        return Ok(None);
+    };
+    let acceptor = Acceptor::bind(addr, tls)
+        .await
+        .map_err(|e| AgentError::Conflict(format!("{e}")))?;
+    let bound = acceptor
+        .local_addr()
+        .map_err(io(format!("reading the address of {addr}")))?;
+    tokio::spawn(source.clone().serve(acceptor));
+    Ok(Some(bound.to_string()))
+}
+
 /// A running agent.
 pub struct Agent {
     /// Its name.
@@ -67,18 +114,9 @@ impl Agent {
     /// listeners are bound.
     pub async fn start(opts: Options) -> Result<Arc<Agent>> {
         crate::error::check_name("agent", &opts.name)?;
-        std::fs::create_dir_all(&opts.state).map_err(io(format!(
-            "creating state directory {}",
-            opts.state.display()
-        )))?;
-        let dir = opts
-            .state
-            .canonicalize()
-            .map_err(io(format!("resolving {}", opts.state.display())))?;
+        let dir = state_dir(&opts.state)?;
         let state = Arc::new(State::open(&dir.join("db"))?);
         let events = Arc::new(Events::open(state.clone())?);
-        let internal =
-            |what: &str, e: &dyn std::fmt::Display| AgentError::Internal(format!("{what}: {e}"));
         let catalog = Arc::new(
             blockstore::Catalog::open(&dir.join("catalog"))
                 .map_err(|e| internal("opening the source catalog", &e))?,
@@ -86,13 +124,7 @@ impl Agent {
         let store_dir = opts.store.clone().unwrap_or_else(|| dir.join("store"));
         let store = blockstore::Store::open(&store_dir)
             .map_err(|e| internal(&format!("opening store {}", store_dir.display()), &e))?;
-        let (tls_server, tls_client) = match &opts.tls {
-            Some(d) => (
-                Some(protocol::tls::TlsServer::load(d).map_err(|e| internal("loading --tls", &e))?),
-                Some(protocol::tls::TlsClient::load(d).map_err(|e| internal("loading --tls", &e))?),
-            ),
-            None => (None, None),
-        };
+        let (tls_server, tls_client) = load_tls(opts.tls.as_deref())?;
         let source = Source::new(
             Vec::new(),
             opts.name.clone(),
@@ -132,19 +164,7 @@ impl Agent {
             metrics.clone(),
             dir.join("exports"),
         ));
-        let listen = match &opts.listen {
-            Some(addr) => {
-                let acceptor = Acceptor::bind(addr, tls_server.clone())
-                    .await
-                    .map_err(|e| AgentError::Conflict(format!("{e}")))?;
-                let bound = acceptor
-                    .local_addr()
-                    .map_err(io(format!("reading the address of {addr}")))?;
-                tokio::spawn(source.clone().serve(acceptor));
-                Some(bound.to_string())
-            }
-            None => None,
-        };
+        let listen = serve_replication(opts.listen.as_deref(), tls_server.clone(), &source).await?;
         let agent = Arc::new(Agent {
             name: opts.name.clone(),
             state,

@@ -23,30 +23,7 @@ impl Jobs {
                 .unwrap_or(NbdAddr::Unix(self.default_socket(&job.spec.disk))),
             None => NbdAddr::Unix(self.default_socket(&job.spec.disk)),
         };
-        let opened = async {
-            let peer = self.peer(&job.spec).map_err(|e| e.to_string())?;
-            let opts = ExportOptions {
-                read_only: false,
-                fetch_timeout: FETCH_TIMEOUT,
-                bandwidth: job.spec.bandwidth.as_deref().and_then(|b| b.parse().ok()),
-                compress: peer
-                    .as_ref()
-                    .is_some_and(|p| !protocol::tls::is_loopback(&p.addr)),
-            };
-            let dev = ReplicaDevice::open(&self.store, &job.spec.disk, peer, &opts)
-                .await
-                .map_err(|e| format!("cannot export {:?}: {e}", job.spec.disk))?;
-            if let NbdAddr::Unix(p) = &addr {
-                if let Some(parent) = p.parent() {
-                    let _ = std::fs::create_dir_all(parent);
-                }
-            }
-            let listener = NbdListener::bind(&addr, false)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((dev, listener))
-        };
-        let (dev, listener) = match opened.await {
+        let (dev, listener) = match self.open_export(&job, &addr).await {
             Ok(x) => x,
             Err(e) => {
                 return self.finish(&mut job, "failed", "the export could not start", Some(e))
@@ -99,6 +76,35 @@ impl Jobs {
             let _ = std::fs::remove_file(p);
         }
         self.finish(&mut job, "cancelled", &why, None)
+    }
+
+    /// Opens the replica (with its source) and binds the listener.
+    async fn open_export(
+        &self,
+        job: &Job,
+        addr: &NbdAddr,
+    ) -> std::result::Result<(Arc<ReplicaDevice>, NbdListener), String> {
+        let peer = self.peer(&job.spec).map_err(|e| e.to_string())?;
+        let opts = ExportOptions {
+            read_only: false,
+            fetch_timeout: FETCH_TIMEOUT,
+            bandwidth: job.spec.bandwidth.as_deref().and_then(|b| b.parse().ok()),
+            compress: peer
+                .as_ref()
+                .is_some_and(|p| !protocol::tls::is_loopback(&p.addr)),
+        };
+        let dev = ReplicaDevice::open(&self.store, &job.spec.disk, peer, &opts)
+            .await
+            .map_err(|e| format!("cannot export {:?}: {e}", job.spec.disk))?;
+        if let NbdAddr::Unix(p) = addr {
+            if let Some(parent) = p.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+        }
+        let listener = NbdListener::bind(addr, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((dev, listener))
     }
 
     fn default_socket(&self, disk: &str) -> std::path::PathBuf {

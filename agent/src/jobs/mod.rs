@@ -130,9 +130,8 @@ impl Jobs {
         }
     }
 
-    /// Creates a job and starts it; a job with the same `name` (or idempotency key, mapped to
-    /// a name by the API) is returned instead (`false`: nothing created).
-    pub async fn create(self: &Arc<Self>, spec: JobSpec, key: Option<&str>) -> Result<(Job, bool)> {
+    /// Refuses a spec that cannot run, before anything is recorded.
+    fn check_spec(&self, spec: &JobSpec, key: Option<&str>) -> Result<()> {
         if !matches!(spec.kind.as_str(), "seed" | "sync" | "export") {
             return Err(AgentError::Invalid(format!(
                 "job kind {:?}: this agent runs \"seed\", \"sync\" and \"export\" jobs",
@@ -167,7 +166,6 @@ impl Jobs {
         if spec.streams.is_some_and(|s| !(1..=64).contains(&s)) {
             return Err(AgentError::Invalid("streams: use 1 to 64".into()));
         }
-        let _create = self.create.lock().await;
         if let Some(name) = &spec.name {
             check_name("job", name)?;
         }
@@ -176,6 +174,32 @@ impl Jobs {
                 "Idempotency-Key: use 1 to 200 printable characters".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// The job one of `handles` (a name, an idempotency key) made, if any; another spec under
+    /// a taken handle is a conflict.
+    fn existing(&self, handles: &[String], spec: &JobSpec) -> Result<Option<Job>> {
+        for h in handles {
+            if let Some(id) = self.state.get::<String>("job-handle", h)? {
+                let job = self.show(&id)?;
+                if job.spec == *spec {
+                    return Ok(Some(job));
+                }
+                return Err(AgentError::Conflict(format!(
+                    "{} is taken by {id} with another spec; pick another",
+                    h.replacen(':', " ", 1)
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Creates a job and starts it; a job with the same `name` (or idempotency key, mapped to
+    /// a name by the API) is returned instead (`false`: nothing created).
+    pub async fn create(self: &Arc<Self>, spec: JobSpec, key: Option<&str>) -> Result<(Job, bool)> {
+        self.check_spec(&spec, key)?;
+        let _create = self.create.lock().await;
         // A name and an idempotency key are looked up alike: either finds the job it made.
         let handles: Vec<String> = spec
             .name
@@ -183,17 +207,8 @@ impl Jobs {
             .map(|n| format!("name:{n}"))
             .chain(key.map(|k| format!("key:{k}")))
             .collect();
-        for h in &handles {
-            if let Some(id) = self.state.get::<String>("job-handle", h)? {
-                let job = self.show(&id)?;
-                if job.spec == spec {
-                    return Ok((job, false));
-                }
-                return Err(AgentError::Conflict(format!(
-                    "{} is taken by {id} with another spec; pick another",
-                    h.replacen(':', " ", 1)
-                )));
-            }
+        if let Some(job) = self.existing(&handles, &spec)? {
+            return Ok((job, false));
         }
         if let Some(busy) = self
             .list()?
