@@ -88,11 +88,37 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
     let b = TestAgent::start("b", &b_state, &[]);
     let seed =
         serde_json::json!({"kind": "seed", "disk": "d1", "from": agent.proc.addr}).to_string();
+    // Watched over Server-Sent Events by curl, to completion.
+    let mut sse = std::process::Command::new("curl")
+        .args(["-sN", "--max-time", "180", "--unix-socket", b.sock().to_str().unwrap(), "http://agent/v1/events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let job = b.api_ok("POST", "/v1/jobs", Some(&seed), 201);
     let id = job["id"].as_str().unwrap().to_string();
-    wait_for(120, "the seed of the running VM's disk", || {
-        b.api_ok("GET", &format!("/v1/jobs/{id}"), None, 200)["phase"] == "done"
-    });
+    let mut progress_events = 0;
+    let mut done = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(sse.stdout.take().unwrap())) {
+        let Some(data) = line.unwrap().strip_prefix("data:").map(str::to_string) else { continue };
+        let e: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+        if e["object"] != id.as_str() {
+            continue;
+        }
+        if e["kind"] == "job.progress" {
+            progress_events += 1;
+        }
+        if e["kind"] == "job.phase" && ["done", "failed"].contains(&e["data"]["phase"].as_str().unwrap()) {
+            done = Some(e);
+            break;
+        }
+    }
+    let _ = sse.kill();
+    let _ = sse.wait();
+    let done = done.expect("the event stream ended before the seed did");
+    assert_eq!(done["data"]["phase"], "done", "{done}");
+    assert!(progress_events > 0, "no progress on the event stream");
+    let bytes = &done["data"]["progress"];
+    assert_eq!(bytes["bytes_done"], bytes["bytes_total"], "{done}");
 
     helio_ok(&["vm", "stop", "g1", "--agent", &agent.url]);
     let sync =
