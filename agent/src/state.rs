@@ -90,23 +90,9 @@ impl State {
 
     /// Every value of `kind`, in key order.
     pub fn list<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<(String, T)>, StateError> {
-        let prefix = format!("{kind}/");
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator(prefix.as_bytes()) {
-            let (k, v) = item?;
-            let Some(name) = std::str::from_utf8(&k)
-                .ok()
-                .and_then(|k| k.strip_prefix(&prefix))
-            else {
-                break; // past the prefix
-            };
-            let value = serde_json::from_slice(&v).map_err(|source| StateError::Corrupt {
-                key: format!("{prefix}{name}"),
-                source,
-            })?;
-            out.push((name.to_string(), value));
-        }
-        Ok(out)
+        // Names are never empty and never start with a control character: "" + \u{1} sorts
+        // before every one of them.
+        self.list_after(kind, "", usize::MAX)
     }
 
     /// Values of `kind` whose names sort after `after`, at most `limit`.

@@ -29,6 +29,36 @@ pub fn admit(
     permit
 }
 
+/// Binds a unix socket that only this user can use (mode 0600), replacing a stale socket left
+/// by a killed process. It is bound under a temporary name and restricted before it is renamed
+/// into place, so it is never reachable with looser permissions.
+pub fn bind_unix_private(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let l = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(l)
+}
+
+/// The role of the client certificate of a TLS connection (none presented: an error).
+pub fn peer_role<S>(
+    conn: &tokio_rustls::server::TlsStream<S>,
+) -> Result<protocol::pki::Role, String> {
+    conn.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| protocol::pki::role_of(c))
+        .unwrap_or_else(|| Err("no client certificate".into()))
+}
+
 /// Why an agent cannot listen.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -89,13 +119,7 @@ impl Acceptor {
             Some(tls) => match tls.accept(tcp).await {
                 Ok(s) => {
                     // Replication reads disk data: agents and operators only.
-                    let role = s
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| protocol::pki::role_of(c))
-                        .unwrap_or_else(|| Err("no client certificate".into()));
+                    let role = peer_role(&s);
                     match role {
                         Ok(protocol::pki::Role::Agent | protocol::pki::Role::Operator) => {
                             Some(Box::new(s))

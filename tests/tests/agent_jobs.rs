@@ -125,25 +125,21 @@ fn seed_through_the_api_over_a_wan_resumes_after_kill9_without_refetching() {
         .spawn()
         .unwrap();
     let spec = serde_json::json!({"kind": "seed", "disk": "d", "from": wan.addr}).to_string();
-    let (status, created) = curl(
-        &["--unix-socket", b.sock().to_str().unwrap()],
-        "http://agent",
-        "POST",
-        "/v1/jobs",
-        Some(&spec),
-        &["Idempotency-Key: seed-d-1"],
-    );
+    let post_keyed = || {
+        curl(
+            &["--unix-socket", b.sock().to_str().unwrap()],
+            "http://agent",
+            "POST",
+            "/v1/jobs",
+            Some(&spec),
+            &["Idempotency-Key: seed-d-1"],
+        )
+    };
+    let (status, created) = post_keyed();
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().unwrap().to_string();
     // A retry with the same key creates nothing.
-    let (status, again) = curl(
-        &["--unix-socket", b.sock().to_str().unwrap()],
-        "http://agent",
-        "POST",
-        "/v1/jobs",
-        Some(&spec),
-        &["Idempotency-Key: seed-d-1"],
-    );
+    let (status, again) = post_keyed();
     assert_eq!(
         (status, again["id"].as_str()),
         (200, Some(id.as_str())),
@@ -343,45 +339,40 @@ fn roles_decide_what_a_certificate_may_do() {
     assert_eq!(s, 403, "an agent certificate gets 403 on the API: {v}");
     assert!(v["detail"].as_str().unwrap().contains("replication"), "{v}");
     // The replication port serves disk data to agents, never to a scheduler.
-    let store = dir.path().join("sched-store");
-    let out = helio(&[
-        "seed",
-        "--from",
-        &a.proc.addr,
-        "--name",
-        "d",
-        "--store",
-        store.to_str().unwrap(),
-        "--tls",
-        pki.join("sched").to_str().unwrap(),
-        "--retries",
-        "0",
-        "--timeout",
-        "10s",
-    ]);
+    let seed_as = |who: &str| {
+        let store = dir.path().join(format!("{who}-store"));
+        let cert = pki.join(who);
+        helio(&[
+            "seed",
+            "--from",
+            &a.proc.addr,
+            "--name",
+            "d",
+            "--store",
+            store.to_str().unwrap(),
+            "--tls",
+            cert.to_str().unwrap(),
+            "--retries",
+            "0",
+            "--timeout",
+            "10s",
+        ])
+    };
     assert!(
-        !out.status.success(),
+        !seed_as("sched").status.success(),
         "a scheduler certificate read disk data"
     );
+    let log = a.proc.log();
     assert!(
-        a.proc
-            .log()
-            .contains("role may not use the replication protocol"),
-        "{}",
-        a.proc.log()
+        log.contains("role may not use the replication protocol"),
+        "{log}"
     );
-    let agent_store = dir.path().join("agent-store");
-    helio_ok(&[
-        "seed",
-        "--from",
-        &a.proc.addr,
-        "--name",
-        "d",
-        "--store",
-        agent_store.to_str().unwrap(),
-        "--tls",
-        pki.join("b").to_str().unwrap(),
-    ]);
+    let out = seed_as("b");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -90,7 +90,14 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
         serde_json::json!({"kind": "seed", "disk": "d1", "from": agent.proc.addr}).to_string();
     // Watched over Server-Sent Events by curl, to completion.
     let mut sse = std::process::Command::new("curl")
-        .args(["-sN", "--max-time", "180", "--unix-socket", b.sock().to_str().unwrap(), "http://agent/v1/events"])
+        .args([
+            "-sN",
+            "--max-time",
+            "180",
+            "--unix-socket",
+            b.sock().to_str().unwrap(),
+            "http://agent/v1/events",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -99,7 +106,9 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
     let mut progress_events = 0;
     let mut done = None;
     for line in std::io::BufRead::lines(std::io::BufReader::new(sse.stdout.take().unwrap())) {
-        let Some(data) = line.unwrap().strip_prefix("data:").map(str::to_string) else { continue };
+        let Some(data) = line.unwrap().strip_prefix("data:").map(str::to_string) else {
+            continue;
+        };
         let e: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
         if e["object"] != id.as_str() {
             continue;
@@ -107,7 +116,9 @@ fn vm_survives_agent_kill9_is_readopted_and_keeps_every_record() {
         if e["kind"] == "job.progress" {
             progress_events += 1;
         }
-        if e["kind"] == "job.phase" && ["done", "failed"].contains(&e["data"]["phase"].as_str().unwrap()) {
+        if e["kind"] == "job.phase"
+            && ["done", "failed"].contains(&e["data"]["phase"].as_str().unwrap())
+        {
             done = Some(e);
             break;
         }

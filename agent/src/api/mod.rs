@@ -182,20 +182,7 @@ pub async fn serve_unix(agent: Arc<Agent>, listener: UnixListener) {
 
 /// Binds the API's unix socket with mode 0600 (replacing a stale socket).
 pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            std::fs::remove_file(path)?;
-        }
-    }
-    // Bound under a temporary name and restricted before it is renamed into place: the socket
-    // is never reachable with looser permissions.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(l)
+    server::listen::bind_unix_private(path)
 }
 
 /// Serves the API on TCP with mutual TLS until the task is dropped; the client certificate's
@@ -229,13 +216,7 @@ pub async fn serve_tls(agent: Arc<Agent>, listener: TcpListener, tls: protocol::
                     return;
                 }
             };
-            let role = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| protocol::pki::role_of(c))
-                .unwrap_or_else(|| Err("no client certificate".into()));
+            let role = server::listen::peer_role(&stream);
             let role = match role {
                 Ok(r) => r,
                 Err(e) => {

@@ -1,6 +1,6 @@
 //! `helio job`: an agent's jobs, and watching one with a progress bar fed by the event stream.
 
-use super::remote::{show, AgentArg};
+use super::remote::{show, AgentArg, ListArgs};
 use crate::progress::bytes_bar;
 use crate::units::human;
 
@@ -15,16 +15,6 @@ pub enum Command {
     Cancel(IdArgs),
     /// Follow a job to its end with a progress bar; exit 0 when it is done, 1 otherwise.
     Watch(IdArgs),
-}
-
-/// Listing.
-#[derive(clap::Args)]
-pub struct ListArgs {
-    #[command(flatten)]
-    agent: AgentArg,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// A job by id.

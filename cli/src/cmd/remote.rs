@@ -22,6 +22,16 @@ impl AgentArg {
     }
 }
 
+/// Listing something of an agent.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub agent: AgentArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// A client of the agent at `url`.
 pub fn client(url: &str, tls: Option<&std::path::Path>) -> anyhow::Result<ApiClient> {
     let tls = super::tls_client(tls)?;

@@ -1,6 +1,6 @@
 //! `helio vm`: an agent's VMs (real QEMU).
 
-use super::remote::{show, AgentArg};
+use super::remote::{show, AgentArg, ListArgs};
 use anyhow::Context;
 use std::path::PathBuf;
 
@@ -28,16 +28,6 @@ pub struct NameArgs {
     agent: AgentArg,
     /// The VM.
     name: String,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Listing.
-#[derive(clap::Args)]
-pub struct ListArgs {
-    #[command(flatten)]
-    agent: AgentArg,
     /// Print JSON.
     #[arg(long)]
     json: bool,

@@ -6,7 +6,6 @@ use super::transmission::serve;
 use crate::listen::{self, ListenError};
 use protocol::conn::Io;
 use protocol::tls::{is_loopback, TlsServer};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
@@ -51,23 +50,10 @@ impl NbdListener {
             source,
         };
         match addr {
-            NbdAddr::Unix(path) => {
-                // A stale socket from a killed export would make bind fail.
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-                        let _ = std::fs::remove_file(path);
-                    }
-                }
-                // Bind under a temporary name, restrict it, then rename: the socket is never
-                // reachable with looser permissions.
-                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                let _ = std::fs::remove_file(&tmp);
-                let l = UnixListener::bind(&tmp).map_err(bind_err)?;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                    .map_err(bind_err)?;
-                std::fs::rename(&tmp, path).map_err(bind_err)?;
-                Ok(NbdListener::Unix(l, path.clone()))
-            }
+            NbdAddr::Unix(path) => Ok(NbdListener::Unix(
+                listen::bind_unix_private(path).map_err(bind_err)?,
+                path.clone(),
+            )),
             NbdAddr::Tcp(a) => {
                 if !tls && !is_loopback(a) {
                     return Err(ListenError::NeedsTls(a.clone()));
