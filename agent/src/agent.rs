@@ -93,6 +93,8 @@ pub struct Agent {
     pub vms: Arc<Vms>,
     /// Jobs.
     pub jobs: Arc<Jobs>,
+    /// Migrations of this agent's VMs.
+    pub migrations: Arc<crate::migrate::Migrations>,
     /// Metrics.
     pub metrics: Metrics,
     /// The replication source (this agent's disks, served to peers).
@@ -159,10 +161,18 @@ impl Agent {
             state.clone(),
             events.clone(),
             store,
-            tls_client,
+            tls_client.clone(),
             opts.name.clone(),
             metrics.clone(),
             dir.join("exports"),
+        ));
+        source.set_vm_peer(Arc::new(crate::migrate::Incoming { vms: vms.clone() }));
+        let migrations = Arc::new(crate::migrate::Migrations::new(
+            state.clone(),
+            events.clone(),
+            vms.clone(),
+            tls_client.clone(),
+            opts.name.clone(),
         ));
         let listen = serve_replication(opts.listen.as_deref(), tls_server.clone(), &source).await?;
         let agent = Arc::new(Agent {
@@ -172,6 +182,7 @@ impl Agent {
             disks,
             vms,
             jobs,
+            migrations,
             metrics,
             source,
             listen,
@@ -184,6 +195,7 @@ impl Agent {
                 .await?;
         }
         agent.jobs.resume()?;
+        agent.migrations.resume()?;
         Ok(agent)
     }
 

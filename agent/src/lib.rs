@@ -6,7 +6,7 @@
 //!
 //! - [`agent`]: starting an agent and its roles; [`config`]: the TOML config file.
 //! - [`state`]: the RocksDB state database; [`events`]: the event log.
-//! - [`disks`], [`vm`], [`jobs`]: the resources.
+//! - [`disks`], [`vm`], [`jobs`]: the resources; [`migrate`]: moving a VM to a peer agent.
 //! - [`api`]: the HTTP API (axum), its OpenAPI document, roles and errors; [`metrics`].
 //! - [`model`]: the resources' types as the API shows them.
 
@@ -20,6 +20,7 @@ pub mod events;
 pub mod guest;
 pub mod jobs;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod observed;
 pub mod state;

@@ -124,7 +124,8 @@ fn yes() -> bool {
 pub struct Vm {
     /// What it was created with.
     pub spec: VmSpec,
-    /// `stopped`, `starting`, `running`, `paused`, `died` (QEMU exited without being asked).
+    /// `stopped`, `starting`, `incoming` (waiting for a migration stream), `running`, `died`
+    /// (QEMU exited without being asked), `moved` (migrated away).
     pub state: String,
     /// QEMU's own run state from `query-status` (`running`, `paused`, `inmigrate`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,6 +150,9 @@ pub struct Vm {
     /// Whether this agent process started it or re-adopted it after a restart.
     #[serde(default)]
     pub adopted: bool,
+    /// Where it moved to (state `moved`): its disks here are the base for the way back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 /// A job to create.
@@ -279,4 +283,59 @@ pub struct PeerSpec {
     pub name: String,
     /// Its replication listener, `HOST:PORT`.
     pub addr: String,
+}
+
+/// A migration to create (`POST /v1/migrations` on the source agent).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSpec {
+    /// The VM (running on this agent).
+    pub vm: String,
+    /// The destination agent: a peer's name or `HOST:PORT` of its replication listener.
+    pub to: String,
+    /// `shared`: both hosts reach the VM's disks (each agent has them under the same names);
+    /// only memory and device state move. `replicate` (the default) is not in this build yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// QEMU's downtime limit in milliseconds (default 300, as QEMU's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// Cap on the migration stream's rate, e.g. `200Mbit` (QEMU's `max-bandwidth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
+}
+
+/// A migration.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    /// Its id (`mig-N`).
+    pub id: String,
+    /// What it was created with.
+    pub spec: MigrationSpec,
+    /// `checking`, `precopy`, `switchover`, `completed`, `failed`, `cancelled`.
+    pub phase: String,
+    /// Why the phase last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_reason: Option<String>,
+    /// Memory transferred of the VM's RAM (QEMU's figures); never backwards.
+    pub progress: Progress,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, once ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// QEMU's figures at completion (`downtime_ms`, `total_time_ms`, `setup_time_ms`, `ram`)
+    /// and the agents' (`destination_ready_ms`, `tunnel_bytes_sent`).
+    #[serde(default)]
+    pub figures: serde_json::Value,
+}
+
+impl Migration {
+    /// Whether it has ended.
+    pub fn ended(&self) -> bool {
+        matches!(self.phase.as_str(), "completed" | "failed" | "cancelled")
+    }
 }

@@ -50,6 +50,8 @@ enum Command {
     /// An agent's jobs (through --agent).
     #[command(subcommand)]
     Job(cmd::job::Command),
+    /// Move a running VM to another agent (through --agent, the VM's agent).
+    Migrate(cmd::migrate::Args),
     /// Run the built-in demonstration end to end.
     Demo(cmd::demo::Args),
 }
@@ -97,6 +99,7 @@ fn main() {
             Command::Agent(a) => cmd::agent::run(a).await,
             Command::Vm(c) => cmd::vm::run(c).await,
             Command::Job(c) => cmd::job::run(c).await,
+            Command::Migrate(a) => cmd::migrate::run(a).await,
         }
     });
     // Background tasks (accept loops, link pipes) must not keep the process alive.

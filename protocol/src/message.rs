@@ -244,6 +244,23 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    // Moving a QEMU VM between agents (after every earlier message, for the same reason).
+    /// The source agent asks the destination agent to prepare an incoming VM: JSON of the
+    /// agent's VM spec; the destination starts QEMU waiting for a migration stream.
+    VmIncoming {
+        /// The VM's spec.
+        spec: String,
+    },
+    /// Reply to `VmIncoming`: the destination's QEMU waits for the stream.
+    VmIncomingReady,
+    /// Turns this connection into a tunnel to the named incoming VM's migration socket: from
+    /// now on `TunnelData` frames carry the bytes, both ways.
+    Tunnel {
+        /// The VM.
+        vm: String,
+    },
+    /// Tunnel bytes (payload); an empty payload ends the sender's direction.
+    TunnelData,
 }
 
 /// A header with its payload.

@@ -9,6 +9,8 @@
 //! - [`tracked`]: write tracking at the source: the NBD device a running VM writes through, and
 //!   the generations that tell each sync round what to ship.
 //! - [`nbd`]: the NBD server (protocol, handshake, transmission, listeners).
+//! - [`vmpeer`]: VM requests between agents on the replication protocol, and the tunnel that
+//!   carries a QEMU migration stream.
 
 pub mod export;
 pub mod listen;
@@ -18,6 +20,7 @@ pub mod source;
 pub mod tracked;
 #[cfg(test)]
 mod tracked_model;
+pub mod vmpeer;
 
 pub use listen::{Acceptor, ListenError};
 pub use source::{Source, SourceDisk};

@@ -83,6 +83,8 @@ pub struct Source {
     disks: RwLock<HashMap<String, Arc<SourceDisk>>>,
     /// What was sent to each peer agent (by the name in its hello).
     sent: std::sync::Mutex<HashMap<String, Arc<Sent>>>,
+    /// The agent's VM side, when the source is an agent's.
+    vm_peer: std::sync::OnceLock<Arc<dyn crate::vmpeer::VmPeer>>,
     agent: String,
     level: i32,
 }
@@ -98,9 +100,19 @@ impl Source {
                     .collect(),
             ),
             sent: Default::default(),
+            vm_peer: std::sync::OnceLock::new(),
             agent: agent.into(),
             level,
         })
+    }
+
+    /// Lets peer agents prepare incoming VMs here and tunnel their migration streams (set once).
+    pub fn set_vm_peer(&self, p: Arc<dyn crate::vmpeer::VmPeer>) {
+        let _ = self.vm_peer.set(p);
+    }
+
+    fn vm_peer(&self) -> Option<Arc<dyn crate::vmpeer::VmPeer>> {
+        self.vm_peer.get().cloned()
     }
 
     /// Chunks and bytes (payloads) sent to each peer agent since the source started.
@@ -260,6 +272,10 @@ impl Source {
                     }
                 },
                 Message::Ping { id } => Frame::new(Message::Pong { id }),
+                Message::VmIncoming { spec } => crate::vmpeer::incoming(self.vm_peer(), spec).await,
+                Message::Tunnel { vm } => {
+                    break crate::vmpeer::tunnel(self.vm_peer(), &vm, &mut reader, &tx).await;
+                }
                 msg @ (Message::Register { .. }
                 | Message::SyncBegin { .. }
                 | Message::SyncDone { .. }

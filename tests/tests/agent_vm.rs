@@ -274,10 +274,16 @@ fn a_stuck_qemu_monitor_or_a_slow_client_blocks_nothing() {
     let spec = serde_json::json!({
         "name": "g", "memory_mib": 128,
         "boot": {"kernel": kernel, "initrd": initrd, "cmdline": "console=ttyS0 quiet"},
+        "nics": [{"network": "user", "mac": "52:54:00:12:34:56"}],
     })
     .to_string();
     let vm = agent.api_ok("POST", "/v1/vms", Some(&spec), 201);
     let pid = nix::unistd::Pid::from_raw(vm["pid"].as_u64().unwrap() as i32);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm["pid"])).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("mac=52:54:00:12:34:56"),
+        "the NIC is not on QEMU's command line"
+    );
     // A client that connects and sends half a request, then nothing.
     let mut slow = std::os::unix::net::UnixStream::connect(agent.sock()).unwrap();
     slow.write_all(b"GET /v1/vms HTTP/1.1\r\nHost: x\r\n")

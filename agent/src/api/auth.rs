@@ -21,7 +21,12 @@ pub fn allowed(role: Role, method: &Method, route: &str) -> bool {
         Role::Scheduler => {
             method == Method::GET
                 || method == Method::HEAD
-                || (method == Method::POST && matches!(route, "/v1/jobs" | "/v1/jobs/{id}/cancel"))
+                || (method == Method::POST
+                    && matches!(
+                        route,
+                        "/v1/jobs" | "/v1/jobs/{id}/cancel" | "/v1/migrations"
+                    ))
+                || (method == Method::DELETE && route == "/v1/migrations/{id}")
         }
     }
 }
@@ -62,6 +67,12 @@ mod tests {
         assert!(allowed(Role::Scheduler, &post, "/v1/jobs"));
         assert!(allowed(Role::Scheduler, &post, "/v1/jobs/{id}/cancel"));
         assert!(!allowed(Role::Scheduler, &post, "/v1/vms"));
+        assert!(allowed(Role::Scheduler, &post, "/v1/migrations"));
+        assert!(allowed(
+            Role::Scheduler,
+            &Method::DELETE,
+            "/v1/migrations/{id}"
+        ));
         assert!(!allowed(
             Role::Scheduler,
             &Method::DELETE,

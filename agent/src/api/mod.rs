@@ -48,9 +48,11 @@ pub const MAX_CONNECTIONS: usize = 256;
         routes::show_vm, routes::start_vm, routes::stop_vm, routes::delete_vm,
         routes::list_jobs, routes::create_job, routes::show_job, routes::cancel_job,
         routes::list_peers, routes::add_peer, routes::metrics, sse::events, openapi,
+        routes::list_migrations, routes::create_migration, routes::show_migration,
+        routes::cancel_migration,
     ),
     components(schemas(Problem)),
-    tags((name = "agent"), (name = "disks"), (name = "vms"), (name = "jobs"), (name = "events")),
+    tags((name = "agent"), (name = "disks"), (name = "vms"), (name = "jobs"), (name = "migrations"), (name = "events")),
 )]
 pub struct ApiDoc;
 
@@ -85,6 +87,14 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/jobs/{id}", get(routes::show_job))
         .route("/v1/jobs/{id}/cancel", post(routes::cancel_job))
         .route("/v1/peers", get(routes::list_peers).post(routes::add_peer))
+        .route(
+            "/v1/migrations",
+            get(routes::list_migrations).post(routes::create_migration),
+        )
+        .route(
+            "/v1/migrations/{id}",
+            get(routes::show_migration).delete(routes::cancel_migration),
+        )
         .route("/v1/events", get(sse::events))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(routes::metrics))

@@ -2,7 +2,10 @@
 
 use super::problem::{Body, Problem};
 use crate::agent::Agent;
-use crate::model::{AgentInfo, Disk, DiskSpec, Job, JobSpec, PeerSpec, Replica, Vm, VmSpec};
+use crate::model::{
+    AgentInfo, Disk, DiskSpec, Job, JobSpec, Migration, MigrationSpec, PeerSpec, Replica, Vm,
+    VmSpec,
+};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
@@ -262,4 +265,39 @@ pub async fn metrics(
         )],
         m.render(),
     ))
+}
+
+/// Every migration of this agent's VMs, oldest first.
+#[utoipa::path(get, path = "/v1/migrations", tag = "migrations",
+    responses((status = 200, body = Vec<Migration>)))]
+pub async fn list_migrations(State(a): Api) -> Answer<Vec<Migration>> {
+    blocking(move || a.migrations.list()).await.map(ok)
+}
+
+/// Moves a running VM to a peer agent (`disk: shared` in this build).
+#[utoipa::path(post, path = "/v1/migrations", tag = "migrations", request_body = MigrationSpec,
+    responses((status = 201, body = Migration), (status = 404, body = Problem),
+        (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn create_migration(State(a): Api, Body(spec): Body<MigrationSpec>) -> Answer<Migration> {
+    a.migrations
+        .create(spec)
+        .await
+        .map(|m| created(m, true))
+        .map_err(Problem::from)
+}
+
+/// One migration.
+#[utoipa::path(get, path = "/v1/migrations/{id}", tag = "migrations",
+    params(("id" = String, Path, description = "The migration")),
+    responses((status = 200, body = Migration), (status = 404, body = Problem)))]
+pub async fn show_migration(State(a): Api, Path(id): Path<String>) -> Answer<Migration> {
+    blocking(move || a.migrations.show(&id)).await.map(ok)
+}
+
+/// Cancels a migration (idempotent); before the switchover the VM keeps running here.
+#[utoipa::path(delete, path = "/v1/migrations/{id}", tag = "migrations",
+    params(("id" = String, Path, description = "The migration")),
+    responses((status = 200, body = Migration), (status = 404, body = Problem)))]
+pub async fn cancel_migration(State(a): Api, Path(id): Path<String>) -> Answer<Migration> {
+    blocking(move || a.migrations.cancel(&id)).await.map(ok)
 }

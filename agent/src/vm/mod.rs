@@ -39,6 +39,13 @@ struct Record {
     accel_reason: Option<String>,
     pid: Option<u32>,
     started_at: Option<String>,
+    /// QEMU starts waiting for a migration stream (`-incoming defer`); cleared once the VM
+    /// runs here.
+    #[serde(default)]
+    incoming: bool,
+    /// The agent the VM moved to, after a completed migration away from here.
+    #[serde(default)]
+    moved_to: Option<String>,
 }
 
 /// What the agent knows of a VM right now.
@@ -133,7 +140,11 @@ impl Vms {
     /// is reported as died with its last words.
     pub fn adopt(self: &Arc<Self>) -> Result<()> {
         for (name, rec) in self.state.list::<Record>(KIND)? {
-            if !rec.want_running {
+            if rec.moved_to.is_some() && !rec.want_running {
+                self.set_live(&name, "moved", None);
+                continue;
+            }
+            if !rec.want_running && !rec.incoming {
                 self.set_live(&name, "stopped", None);
                 continue;
             }
@@ -245,6 +256,8 @@ impl Vms {
             accel_reason: None,
             pid: None,
             started_at: None,
+            incoming: false,
+            moved_to: None,
         };
         self.state.put(KIND, &spec.name, &rec, true)?;
         self.set_live(&spec.name, "stopped", None);
@@ -283,7 +296,10 @@ impl Vms {
             }
         }
         let acc = accel::choose(&rec.spec.accel, &self.host).map_err(AgentError::Invalid)?;
-        let args = qemu::args(&rec.spec, acc.name, &dir, &self.nbd);
+        let mut args = qemu::args(&rec.spec, acc.name, &dir, &self.nbd);
+        if rec.incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
         self.set_live(name, "starting", None);
         let pid = match qemu::spawn(&args, &dir, START_WAIT).await {
             Ok(pid) => pid,
@@ -292,6 +308,9 @@ impl Vms {
                 return Err(AgentError::Qemu(format!("VM {name:?} did not start: {e}")));
             }
         };
+        if rec.incoming {
+            self.listen_incoming(name, pid).await?;
+        }
         rec.want_running = true;
         rec.pid = Some(pid);
         rec.accel = Some(acc.name.to_string());
@@ -328,6 +347,98 @@ impl Vms {
     /// Forgets a VM's monitor connection after it failed (the next use connects again).
     pub async fn drop_monitor(&self, name: &str) {
         self.monitors.lock().await.remove(name);
+    }
+
+    /// The socket the source agent carries a VM's outgoing migration stream from.
+    pub fn migrate_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).dir.join("migrate.sock")
+    }
+
+    /// The socket an incoming VM's QEMU reads its migration stream from.
+    pub fn incoming_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).dir.join("incoming.sock")
+    }
+
+    /// Whether VM `name` waits for a migration stream here.
+    pub fn is_incoming(&self, name: &str) -> bool {
+        self.record(name).is_ok_and(|r| r.incoming)
+    }
+
+    /// Asks a QEMU started with `-incoming defer` to listen on the VM's incoming socket; kills
+    /// it if it cannot.
+    async fn listen_incoming(&self, name: &str, pid: u32) -> Result<()> {
+        let sock = self.incoming_socket(name);
+        let _ = std::fs::remove_file(&sock);
+        let uri = format!("unix:{}", sock.display());
+        let listened = match self.monitor(name).await {
+            Ok(q) => q
+                .json(qmp::MigrateIncoming(serde_json::json!({ "uri": uri })))
+                .await
+                .map_err(AgentError::Qemu),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = listened {
+            // Not a VM that can run: it has no state until a stream arrives.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Creates and starts a VM that waits for a migration stream from a peer agent (same name
+    /// and spec as at the source). An incoming VM of the same name that never ran is replaced.
+    pub async fn create_incoming(self: &Arc<Self>, mut spec: VmSpec) -> Result<()> {
+        let _op = self.ops.lock().await;
+        if let Some(rec) = self.state.get::<Record>(KIND, &spec.name)? {
+            let alive = rec
+                .pid
+                .is_some_and(|p| qemu::alive(p, &self.vm_dir(&spec.name)));
+            if alive && !rec.incoming {
+                return Err(AgentError::Conflict(format!(
+                    "VM {:?} runs here already; a VM cannot move onto itself",
+                    spec.name
+                )));
+            }
+            if let Some(pid) = rec.pid.filter(|_| alive) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        spec.start = true;
+        self.check_spec(&spec)?;
+        let dir = self.vm_dir(&spec.name);
+        std::fs::create_dir_all(&dir.dir)
+            .map_err(AgentError::io(format!("creating {}", dir.dir.display())))?;
+        let rec = Record {
+            spec: spec.clone(),
+            want_running: false,
+            accel: None,
+            accel_reason: None,
+            pid: None,
+            started_at: None,
+            incoming: true,
+            moved_to: None,
+        };
+        self.state.put(KIND, &spec.name, &rec, true)?;
+        self.set_live(&spec.name, "incoming", None);
+        self.start_locked(&spec.name).await
+    }
+
+    /// After a completed migration away: QEMU (paused in `postmigrate`) is stopped and the VM
+    /// is recorded as moved to `to`; its disks stay, the base for the way back.
+    pub async fn mark_moved(self: &Arc<Self>, name: &str, to: &str) -> Result<()> {
+        self.stop(name).await?;
+        let _op = self.ops.lock().await;
+        let mut rec = self.record(name)?;
+        rec.moved_to = Some(to.to_string());
+        self.state.put(KIND, name, &rec, true)?;
+        self.set_live(name, "moved", None);
+        Ok(())
     }
 
     /// Stops a VM: QMP `quit` (QEMU flushes its disks), then SIGKILL if it lingers.
@@ -403,6 +514,7 @@ impl Vms {
             last_words: live.last_words,
             started_at: rec.started_at,
             adopted: live.adopted,
+            moved_to: rec.moved_to,
         })
     }
 
@@ -415,6 +527,19 @@ impl Vms {
             .map(|(n, _)| n)
             .collect();
         names.iter().map(|n| self.show(n)).collect()
+    }
+
+    /// An incoming VM runs: it is an ordinary VM from now on (a restart boots it normally).
+    fn arrived(&self, name: &str) {
+        if let Ok(mut rec) = self.record(name) {
+            rec.incoming = false;
+            rec.want_running = true;
+            if let Err(e) = self.state.put(KIND, name, &rec, true) {
+                tracing::warn!(vm = %name, error = %e, "cannot record an arrived VM");
+            }
+            tracing::info!(vm = %name, "the VM arrived and runs here");
+            self.events.emit("vm.arrived", name, serde_json::json!({}));
+        }
     }
 
     /// Watches a VM's QEMU until it exits or is stopped: keeps its run state current and
@@ -443,6 +568,9 @@ impl Vms {
                 };
                 if status.is_none() {
                     this.drop_monitor(&name).await; // reconnect next time
+                }
+                if status.as_deref() == Some("running") && rec.incoming {
+                    this.arrived(&name);
                 }
                 let mut live = lock(&this.live);
                 if let Some(l) = live.get_mut(&name) {

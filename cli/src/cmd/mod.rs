@@ -7,6 +7,7 @@ pub mod export;
 pub mod job;
 pub mod materialize;
 pub mod memory;
+pub mod migrate;
 pub mod pki;
 pub mod remote;
 pub mod sample_image;

@@ -1,0 +1,475 @@
+//! Migrations: a running QEMU VM moved to a peer agent in one job.
+//!
+//! The destination agent is asked (on the replication protocol, `VmIncoming`) to start QEMU
+//! with the VM's spec waiting for a stream; the source QEMU migrates into a unix socket of the
+//! source agent, which carries the stream to the destination agent over their mutual-TLS
+//! connection (`Tunnel`); QEMU's `pause-before-switchover` stops the source at the cut, where
+//! the agents act before `migrate-continue`; after completion the source QEMU is stopped and
+//! the VM recorded as moved.
+//!
+//! This build moves VMs whose disks both hosts reach (`disk: shared`); replicating the disk in
+//! the same job (seed, sync rounds, the coordinated cut) is the next step of issue 13.
+
+use crate::error::{check_name, AgentError, Result};
+use crate::events::{now, Events};
+use crate::model::{Migration, MigrationSpec, PeerSpec, Progress};
+use crate::state::State;
+use crate::vm::{qmp, Vms};
+use protocol::{Frame, Message};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const KIND: &str = "migration";
+/// How often QEMU's migration status is read.
+const POLL: Duration = Duration::from_millis(100);
+/// Time for the destination's QEMU to connect its stream after `migrate`.
+const TUNNEL_WAIT: Duration = Duration::from_secs(30);
+
+/// The migrations of this (source) agent.
+pub struct Migrations {
+    state: Arc<State>,
+    events: Arc<Events>,
+    vms: Arc<Vms>,
+    tls: Option<protocol::tls::TlsClient>,
+    agent: String,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    create: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoned only if a holder panicked; entries are inserted and removed whole.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Migrations {
+    /// The migrations of `state`, dialing peers as agent `agent`.
+    pub fn new(
+        state: Arc<State>,
+        events: Arc<Events>,
+        vms: Arc<Vms>,
+        tls: Option<protocol::tls::TlsClient>,
+        agent: String,
+    ) -> Migrations {
+        Migrations {
+            state,
+            events,
+            vms,
+            tls,
+            agent,
+            running: Mutex::new(HashMap::new()),
+            create: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// One migration.
+    pub fn show(&self, id: &str) -> Result<Migration> {
+        self.state.get::<Migration>(KIND, id)?.ok_or_else(|| {
+            AgentError::not_found("migration", id, "list them with GET /v1/migrations")
+        })
+    }
+
+    /// Every migration, oldest first.
+    pub fn list(&self) -> Result<Vec<Migration>> {
+        let mut all: Vec<Migration> = self
+            .state
+            .list::<Migration>(KIND)?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
+        all.sort_by_key(|m| m.id.trim_start_matches("mig-").parse::<u64>().unwrap_or(0));
+        Ok(all)
+    }
+
+    fn resolve(&self, to: &str) -> Result<String> {
+        if to.contains(':') {
+            return Ok(to.to_string());
+        }
+        match self.state.get::<PeerSpec>("peer", to)? {
+            Some(p) => Ok(p.addr),
+            None => Err(AgentError::not_found(
+                "peer",
+                to,
+                "give HOST:PORT of its replication listener, or declare the peer",
+            )),
+        }
+    }
+
+    fn check(&self, spec: &MigrationSpec) -> Result<()> {
+        check_name("vm", &spec.vm)?;
+        let vm = self.vms.show(&spec.vm)?;
+        if vm.state != "running" {
+            return Err(AgentError::Conflict(format!(
+                "VM {:?} is {}, not running: only a running VM migrates",
+                spec.vm, vm.state
+            )));
+        }
+        match spec.disk.as_deref().unwrap_or("replicate") {
+            "shared" => {}
+            "replicate" => {
+                return Err(AgentError::Invalid(format!(
+                    "disk \"replicate\" (moving VM {:?}'s disks in the same job) is not in this build yet; \
+                     pass \"disk\": \"shared\" when both hosts reach the disks",
+                    spec.vm
+                )))
+            }
+            other => {
+                return Err(AgentError::Invalid(format!(
+                    "disk {other:?}: use \"shared\" (or \"replicate\", coming)"
+                )))
+            }
+        }
+        if let Some(b) = &spec.bandwidth {
+            b.parse::<wan::Rate>()
+                .map_err(|e| AgentError::Invalid(format!("bandwidth {b:?}: {e} (e.g. 200Mbit)")))?;
+        }
+        if spec
+            .max_downtime_ms
+            .is_some_and(|d| !(1..=600_000).contains(&d))
+        {
+            return Err(AgentError::Invalid(
+                "max_downtime_ms: use 1 to 600000".into(),
+            ));
+        }
+        self.resolve(&spec.to)?;
+        Ok(())
+    }
+
+    /// Creates a migration and starts it. One migration per VM at a time.
+    pub async fn create(self: &Arc<Self>, spec: MigrationSpec) -> Result<Migration> {
+        self.check(&spec)?;
+        let _create = self.create.lock().await;
+        if let Some(busy) = self
+            .list()?
+            .into_iter()
+            .find(|m| !m.ended() && m.spec.vm == spec.vm)
+        {
+            return Err(AgentError::Conflict(format!(
+                "VM {:?} is moving already ({}, {}); cancel it or wait",
+                spec.vm, busy.id, busy.phase
+            )));
+        }
+        let n: u64 = self.state.get("meta", "migration_next")?.unwrap_or(1);
+        self.state.put("meta", "migration_next", &(n + 1), true)?;
+        let m = Migration {
+            id: format!("mig-{n}"),
+            spec,
+            phase: "checking".into(),
+            phase_reason: Some("created".into()),
+            progress: Progress::default(),
+            started_at: now(),
+            ended_at: None,
+            error: None,
+            figures: serde_json::json!({}),
+        };
+        self.state.put(KIND, &m.id, &m, true)?;
+        self.events.emit(
+            "migration.phase",
+            &m.id,
+            serde_json::json!({"phase": "checking"}),
+        );
+        self.launch(m.clone());
+        Ok(m)
+    }
+
+    /// Cancels a migration (idempotent). Before the switchover the VM keeps running here.
+    pub fn cancel(&self, id: &str) -> Result<Migration> {
+        let m = self.show(id)?;
+        if let Some(t) = lock(&self.running).get(id) {
+            t.cancel();
+        }
+        Ok(m)
+    }
+
+    /// Migrations that had not ended when the agent stopped: the stream died with the agent,
+    /// so QEMU's migration failed and the VM runs here; each is recorded as failed.
+    pub fn resume(&self) -> Result<()> {
+        for mut m in self.list()? {
+            if m.ended() {
+                continue;
+            }
+            let why = "the source agent restarted during the migration: its stream to the destination \
+                       died with it, QEMU abandoned the migration and the VM runs here; start a new one";
+            self.finish(&mut m, "failed", why, Some(why.into()))?;
+        }
+        Ok(())
+    }
+
+    fn set_phase(&self, m: &mut Migration, phase: &str, why: &str) -> Result<()> {
+        m.phase = phase.into();
+        m.phase_reason = Some(why.into());
+        self.state.put(KIND, &m.id, m, true)?;
+        self.events.emit(
+            "migration.phase",
+            &m.id,
+            serde_json::json!({"phase": phase, "reason": why, "figures": m.figures}),
+        );
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        m: &mut Migration,
+        phase: &str,
+        why: &str,
+        error: Option<String>,
+    ) -> Result<()> {
+        m.ended_at = Some(now());
+        m.error = error;
+        m.progress.rate_bps = 0;
+        m.progress.eta_s = None;
+        self.set_phase(m, phase, why)
+    }
+
+    fn launch(self: &Arc<Self>, m: Migration) {
+        let token = CancellationToken::new();
+        lock(&self.running).insert(m.id.clone(), token.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let id = m.id.clone();
+            if let Err(e) = this.run(m, token).await {
+                tracing::error!(migration = %id, error = %e, "a migration's record could not be updated");
+            }
+            lock(&this.running).remove(&id);
+        });
+    }
+
+    async fn run(&self, mut m: Migration, cancel: CancellationToken) -> Result<()> {
+        let outcome = tokio::select! {
+            r = self.drive(&mut m) => r,
+            _ = cancel.cancelled() => Err("cancelled".to_string()),
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let vm = m.spec.vm.clone();
+                if let Ok(q) = self.vms.monitor(&vm).await {
+                    let _ = q.json(qmp::MigrateCancel(serde_json::json!({}))).await;
+                }
+                if cancel.is_cancelled() {
+                    let why = format!("cancelled on request in {}: QEMU's migration was cancelled and VM {vm:?} runs here, untouched; the destination's incoming QEMU exits when its stream ends", m.phase);
+                    self.finish(&mut m, "cancelled", &why, None)
+                } else {
+                    let why = format!("failed in {}; VM {vm:?} keeps running here", m.phase);
+                    self.finish(&mut m, "failed", &why, Some(e))
+                }
+            }
+        }
+    }
+
+    /// The phases, in order.
+    async fn drive(&self, m: &mut Migration) -> std::result::Result<(), String> {
+        let addr = self.resolve(&m.spec.to).map_err(|e| e.to_string())?;
+        let spec = self.vms.show(&m.spec.vm).map_err(|e| e.to_string())?.spec;
+        // checking: the destination reachable, authorized, and able to start the VM.
+        let mut conn = protocol::connect(&addr, self.tls.as_ref(), &self.agent)
+            .await
+            .map_err(|e| format!("destination agent {addr}: {e}"))?;
+        let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        conn.send(&Frame::new(Message::VmIncoming { spec: spec_json }))
+            .await
+            .map_err(|e| e.to_string())?;
+        match conn.recv().await.map_err(|e| e.to_string())?.msg {
+            Message::VmIncomingReady => {}
+            Message::Error { message, .. } => {
+                return Err(format!(
+                    "the destination cannot take VM {:?}: {message}",
+                    spec.name
+                ))
+            }
+            other => return Err(format!("the destination answered {other:?} to VmIncoming")),
+        }
+        m.figures["destination_ready_ms"] = (started.elapsed().as_millis() as u64).into();
+        self.set_phase(
+            m,
+            "precopy",
+            &format!("QEMU waits at {addr}; memory and device state stream through the agents"),
+        )
+        .map_err(|e| e.to_string())?;
+        let tunnel = self.open_tunnel(&spec.name, &addr).await?;
+        self.precopy(m, &spec.name).await?;
+        let (sent, received) = tokio::time::timeout(Duration::from_secs(30), tunnel)
+            .await
+            .map_err(|_| "the stream did not end after QEMU completed".to_string())?
+            .map_err(|e| format!("the tunnel task failed: {e}"))??;
+        m.figures["tunnel_bytes_sent"] = sent.into();
+        m.figures["tunnel_bytes_received"] = received.into();
+        self.vms
+            .mark_moved(&spec.name, &m.spec.to)
+            .await
+            .map_err(|e| e.to_string())?;
+        m.progress.bytes_done = m.progress.bytes_total.max(m.progress.bytes_done);
+        self.finish(
+            m,
+            "completed",
+            &format!(
+                "VM {:?} runs at {}; the source QEMU is stopped",
+                spec.name, m.spec.to
+            ),
+            None,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Binds the VM's migration socket and, once QEMU connects, carries its stream to the
+    /// destination agent.
+    async fn open_tunnel(
+        &self,
+        vm: &str,
+        addr: &str,
+    ) -> std::result::Result<tokio::task::JoinHandle<std::result::Result<(u64, u64), String>>, String>
+    {
+        let path = self.vms.migrate_socket(vm);
+        let _ = std::fs::remove_file(&path);
+        let listener = server::listen::bind_unix_private(&path)
+            .map_err(|e| format!("binding {}: {e}", path.display()))?;
+        let mut conn = protocol::connect(addr, self.tls.as_ref(), &self.agent)
+            .await
+            .map_err(|e| format!("destination agent {addr}: {e}"))?;
+        conn.send(&Frame::new(Message::Tunnel { vm: vm.to_string() }))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(tokio::spawn(async move {
+            let (stream, _) = tokio::time::timeout(TUNNEL_WAIT, listener.accept())
+                .await
+                .map_err(|_| "QEMU did not connect its migration stream".to_string())?
+                .map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_file(&path);
+            conn.set_timeout(None);
+            let (reader, writer) = conn.split();
+            server::vmpeer::pump(stream, reader, writer)
+                .await
+                .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Steers QEMU's migration to completion: parameters, `migrate`, then the status polled
+    /// until `completed`, with the switchover at `pre-switchover`.
+    async fn precopy(&self, m: &mut Migration, vm: &str) -> std::result::Result<(), String> {
+        let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
+        let caps = serde_json::json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]});
+        q.json(qmp::MigrateSetCapabilities(caps)).await?;
+        let mut params =
+            serde_json::json!({"downtime-limit": m.spec.max_downtime_ms.unwrap_or(300)});
+        if let Some(rate) = m
+            .spec
+            .bandwidth
+            .as_deref()
+            .and_then(|b| b.parse::<wan::Rate>().ok())
+        {
+            params["max-bandwidth"] = rate.bytes_per_sec().into();
+        }
+        q.json(qmp::MigrateSetParameters(params)).await?;
+        let uri = format!("unix:{}", self.vms.migrate_socket(vm).display());
+        q.json(qmp::Migrate(serde_json::json!({ "uri": uri })))
+            .await?;
+        let mut iterations = 0u64;
+        let mut last_event = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(POLL).await;
+            let info = q.json(qmp::QueryMigrate(serde_json::json!({}))).await?;
+            let status = info["status"].as_str().unwrap_or("unknown").to_string();
+            self.note_progress(m, &info, &mut iterations, &mut last_event);
+            match status.as_str() {
+                "pre-switchover" => {
+                    self.set_phase(
+                        m,
+                        "switchover",
+                        "the source VM is paused at the cut; shared disks need nothing moved",
+                    )
+                    .map_err(|e| e.to_string())?;
+                    q.json(qmp::MigrateContinue(
+                        serde_json::json!({"state": "pre-switchover"}),
+                    ))
+                    .await?;
+                }
+                "completed" => {
+                    m.figures["downtime_ms"] = info["downtime"].clone();
+                    m.figures["total_time_ms"] = info["total-time"].clone();
+                    m.figures["setup_time_ms"] = info["setup-time"].clone();
+                    m.figures["ram"] = info["ram"].clone();
+                    return Ok(());
+                }
+                "failed" | "cancelled" => {
+                    return Err(format!(
+                        "QEMU's migration {status}: {}",
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Folds one `query-migrate` answer into the job; an event per QEMU iteration (a new dirty
+    /// sync) and at most one progress event a second.
+    fn note_progress(
+        &self,
+        m: &mut Migration,
+        info: &serde_json::Value,
+        iterations: &mut u64,
+        last_event: &mut std::time::Instant,
+    ) {
+        let ram = &info["ram"];
+        let total = ram["total"].as_u64().unwrap_or(0);
+        let done = total.saturating_sub(ram["remaining"].as_u64().unwrap_or(total));
+        m.progress.bytes_total = m.progress.bytes_total.max(total);
+        m.progress.bytes_done = m.progress.bytes_done.max(done);
+        m.progress.rate_bps = (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64;
+        m.progress.eta_s = (m.progress.rate_bps > 0)
+            .then(|| ram["remaining"].as_u64().unwrap_or(0) / m.progress.rate_bps);
+        let sync = ram["dirty-sync-count"].as_u64().unwrap_or(0);
+        if sync > *iterations {
+            *iterations = sync;
+            self.events.emit(
+                "migration.iteration",
+                &m.id,
+                serde_json::json!({
+                    "iteration": sync,
+                    "transferred": ram["transferred"],
+                    "remaining": ram["remaining"],
+                    "dirty_pages_rate": ram["dirty-pages-rate"],
+                    "expected_downtime_ms": info["expected-downtime"],
+                }),
+            );
+        }
+        if last_event.elapsed() >= Duration::from_secs(1) {
+            *last_event = std::time::Instant::now();
+            let _ = self.state.put(KIND, &m.id, m, false);
+            self.events.emit(
+                "migration.progress",
+                &m.id,
+                serde_json::json!({"progress": m.progress}),
+            );
+        }
+    }
+}
+
+/// The destination side of VM moves, answered on the replication protocol.
+pub struct Incoming {
+    /// The VMs.
+    pub vms: Arc<Vms>,
+}
+
+impl server::vmpeer::VmPeer for Incoming {
+    fn incoming(
+        &self,
+        spec: String,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<(), String>> {
+        let vms = self.vms.clone();
+        Box::pin(async move {
+            let spec: crate::model::VmSpec =
+                serde_json::from_str(&spec).map_err(|e| format!("VM spec: {e}"))?;
+            vms.create_incoming(spec).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn tunnel_target(&self, vm: &str) -> std::result::Result<std::path::PathBuf, String> {
+        if !self.vms.is_incoming(vm) {
+            return Err(format!("no VM {vm:?} waits for a migration stream here"));
+        }
+        Ok(self.vms.incoming_socket(vm))
+    }
+}

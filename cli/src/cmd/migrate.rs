@@ -1,0 +1,99 @@
+//! `helio migrate`: move a running VM to another agent, through its agent (`--agent`).
+
+use super::remote::{show, AgentArg};
+
+/// Arguments of `helio migrate`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    agent: AgentArg,
+    /// The VM (running on --agent).
+    vm: String,
+    /// The destination agent: a peer's name or HOST:PORT of its replication listener.
+    #[arg(long)]
+    to: String,
+    /// `shared`: both hosts reach the VM's disks; only memory and device state move.
+    #[arg(long)]
+    disk: Option<String>,
+    /// QEMU's downtime limit in milliseconds (default 300).
+    #[arg(long)]
+    max_downtime_ms: Option<u64>,
+    /// Cap on the migration stream, e.g. 200Mbit.
+    #[arg(long)]
+    bandwidth: Option<String>,
+    /// Follow the migration to its end (exit 0 when completed).
+    #[arg(long)]
+    watch: bool,
+    /// Print JSON (with --watch: the final migration).
+    #[arg(long)]
+    json: bool,
+}
+
+fn line(m: &serde_json::Value) {
+    println!(
+        "{} {} -> {}: {}{}{}",
+        m["id"].as_str().unwrap_or("?"),
+        m["spec"]["vm"].as_str().unwrap_or("?"),
+        m["spec"]["to"].as_str().unwrap_or("?"),
+        m["phase"].as_str().unwrap_or("?"),
+        m["phase_reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+        m["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default(),
+    );
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    let client = a.agent.client()?;
+    let spec = serde_json::json!({
+        "vm": a.vm, "to": a.to, "disk": a.disk,
+        "max_downtime_ms": a.max_downtime_ms, "bandwidth": a.bandwidth,
+    });
+    let (_, m) = client
+        .call("POST", "/v1/migrations", Some(&spec), &[])
+        .await?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    if !a.watch {
+        if a.json {
+            show(&m, true)
+        } else {
+            line(&m)
+        }
+        return Ok(0);
+    }
+    let ended = |p: &str| matches!(p, "completed" | "failed" | "cancelled");
+    let mut phase = m["phase"].as_str().unwrap_or("").to_string();
+    if !a.json {
+        line(&m);
+    }
+    client
+        .events(0, |e| {
+            if e.object != id || e.kind != "migration.phase" {
+                return true;
+            }
+            phase = e.data["phase"].as_str().unwrap_or("").to_string();
+            if !a.json {
+                println!("  {phase}: {}", e.data["reason"].as_str().unwrap_or(""));
+            }
+            !ended(&phase)
+        })
+        .await?;
+    let m = client.get(&format!("/v1/migrations/{id}")).await?;
+    if a.json {
+        show(&m, true);
+    } else {
+        line(&m);
+        let f = &m["figures"];
+        if m["phase"] == "completed" {
+            println!(
+                "  downtime {} ms (QEMU), total {} ms, {} bytes through the tunnel",
+                f["downtime_ms"], f["total_time_ms"], f["tunnel_bytes_sent"]
+            );
+        }
+    }
+    Ok(if m["phase"] == "completed" { 0 } else { 1 })
+}

@@ -1,0 +1,171 @@
+//! What an agent adds to the replication protocol beyond disks: preparing an incoming VM for a
+//! peer agent (`VmIncoming`), and tunnelling a VM's migration stream (`Tunnel`, then
+//! `TunnelData` frames both ways) between the two QEMUs, so that it crosses the WAN on the
+//! agents' mutually authenticated TLS connection.
+
+use protocol::{ConnError, ErrorKind, Frame, FrameReader, FrameWriter, Message};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Bytes read from a migration socket per `TunnelData` frame.
+pub const TUNNEL_CHUNK: usize = 256 * 1024;
+
+/// The agent's side of VM requests.
+pub trait VmPeer: Send + Sync + 'static {
+    /// Prepares an incoming VM from `spec` (JSON of the agent's VM spec); the error is told to
+    /// the peer.
+    fn incoming(&self, spec: String) -> futures::future::BoxFuture<'static, Result<(), String>>;
+    /// The unix socket a tunnel for `vm` connects to (its QEMU's incoming socket).
+    fn tunnel_target(&self, vm: &str) -> Result<PathBuf, String>;
+}
+
+fn refused(message: String) -> Frame {
+    Frame::new(Message::Error {
+        id: None,
+        kind: ErrorKind::BadRequest,
+        message,
+    })
+}
+
+/// Answers `VmIncoming`.
+pub async fn incoming(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
+    let Some(p) = peer else {
+        return refused("this source runs no VMs (it is not an agent)".into());
+    };
+    match p.incoming(spec).await {
+        Ok(()) => Frame::new(Message::VmIncomingReady),
+        Err(e) => refused(e),
+    }
+}
+
+/// Serves `Tunnel`: connects to the VM's socket and carries bytes both ways until either side
+/// ends. The connection is used up.
+pub async fn tunnel(
+    peer: Option<Arc<dyn VmPeer>>,
+    vm: &str,
+    reader: &mut FrameReader,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(), ConnError> {
+    let target = match peer.map(|p| p.tunnel_target(vm)) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return refuse(tx, e).await,
+        None => return refuse(tx, "this source runs no VMs".into()).await,
+    };
+    let stream = match UnixStream::connect(&target).await {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!(
+                "VM {vm:?}: cannot reach its migration socket {}: {e}",
+                target.display()
+            );
+            return refuse(tx, why).await;
+        }
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let out = tx.clone();
+    let up = tokio::spawn(async move {
+        let mut buf = vec![0u8; TUNNEL_CHUNK];
+        loop {
+            let n = rd.read(&mut buf).await.unwrap_or(0);
+            let frame = Frame::with_payload(
+                Message::TunnelData,
+                bytes::Bytes::copy_from_slice(&buf[..n]),
+            );
+            if out.send(frame).await.is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    let result = loop {
+        let frame = match reader.recv().await {
+            Ok(f) => f,
+            Err(ConnError::Closed { .. }) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        if !matches!(frame.msg, Message::TunnelData) {
+            break Err(ConnError::Malformed {
+                peer: reader.peer().to_string(),
+                detail: "only TunnelData may follow Tunnel".into(),
+            });
+        }
+        if frame.payload.is_empty() {
+            let _ = wr.shutdown().await;
+        } else if wr.write_all(&frame.payload).await.is_err() {
+            break Ok(()); // QEMU went away; the peer sees the connection close
+        }
+    };
+    up.abort();
+    result
+}
+
+async fn refuse(tx: &mpsc::Sender<Frame>, why: String) -> Result<(), ConnError> {
+    let _ = tx.send(refused(why)).await;
+    Ok(())
+}
+
+/// The client side: carries bytes between `stream` (a local QEMU's migration socket) and a
+/// connection on which `Tunnel` was sent, until both directions end or either fails. Returns
+/// the bytes sent and received.
+pub async fn pump(
+    stream: UnixStream,
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
+) -> Result<(u64, u64), ConnError> {
+    let (mut rd, mut wr) = stream.into_split();
+    let up = async move {
+        let mut buf = vec![0u8; TUNNEL_CHUNK];
+        let mut sent = 0u64;
+        loop {
+            let n = rd.read(&mut buf).await.unwrap_or(0);
+            let frame = Frame::with_payload(
+                Message::TunnelData,
+                bytes::Bytes::copy_from_slice(&buf[..n]),
+            );
+            writer.send(&frame).await?;
+            sent += n as u64;
+            if n == 0 {
+                return Ok::<u64, ConnError>(sent);
+            }
+        }
+    };
+    let down = async move {
+        let mut got = 0u64;
+        loop {
+            let frame = match reader.recv().await {
+                Ok(f) => f,
+                Err(ConnError::Closed { .. }) => return Ok(got),
+                Err(e) => return Err(e),
+            };
+            match frame.msg {
+                Message::TunnelData if frame.payload.is_empty() => {
+                    let _ = wr.shutdown().await;
+                    return Ok(got);
+                }
+                Message::TunnelData => {
+                    got += frame.payload.len() as u64;
+                    if wr.write_all(&frame.payload).await.is_err() {
+                        return Ok(got);
+                    }
+                }
+                Message::Error { message, .. } => {
+                    return Err(ConnError::Malformed {
+                        peer: reader.peer().to_string(),
+                        detail: format!("the peer refused the tunnel: {message}"),
+                    })
+                }
+                _ => {
+                    return Err(ConnError::Malformed {
+                        peer: reader.peer().to_string(),
+                        detail: "only TunnelData may follow Tunnel".into(),
+                    })
+                }
+            }
+        }
+    };
+    // The stream ends when QEMU closes its socket; the other direction may stay silent.
+    let (up, down) = tokio::join!(up, down);
+    Ok((up?, down?))
+}
