@@ -91,12 +91,67 @@ fn migration(agent: &TestAgent, id: &str) -> serde_json::Value {
     agent.api_ok("GET", &format!("/v1/migrations/{id}"), None, 200)
 }
 
+/// Watches the consoles of both sites from the host, every millisecond, and keeps the longest
+/// time between two consecutive ticks: the pause the guest's users would see.
+struct TickWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Duration>>,
+}
+
+impl TickWatch {
+    fn start(files: [std::path::PathBuf; 2]) -> TickWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut offsets = [0usize; 2];
+            let (mut last, mut worst) = (None::<std::time::Instant>, Duration::ZERO);
+            while !flag.load(Ordering::Relaxed) {
+                for (i, f) in files.iter().enumerate() {
+                    let Ok(text) = std::fs::read(f) else { continue };
+                    let Some(end) = text.iter().rposition(|b| *b == b'\n') else {
+                        continue;
+                    };
+                    if end < offsets[i] {
+                        continue;
+                    }
+                    let fresh = String::from_utf8_lossy(&text[offsets[i]..=end]).into_owned();
+                    offsets[i] = end + 1;
+                    if fresh.lines().any(|l| l.starts_with("tick ")) {
+                        let now = std::time::Instant::now();
+                        worst = worst.max(last.map_or(Duration::ZERO, |p| now - p));
+                        last = Some(now);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            worst
+        });
+        TickWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The longest time without a new tick on either console.
+    fn finish(mut self) -> Duration {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
 #[test]
 fn a_running_vm_moves_to_the_other_agent_and_carries_on() {
     let Some((kernel, initrd)) = sample_guest("a_running_vm_moves") else {
         return;
     };
     let s = sites(&kernel, &initrd);
+    let (sa, sb) = (
+        s.a.state.join("vms/g1/serial.log"),
+        s.b.state.join("vms/g1/serial.log"),
+    );
+    let watch = TickWatch::start([sa.clone(), sb.clone()]);
+    std::thread::sleep(Duration::from_millis(500));
     let spec =
         serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "max_downtime_ms": 300})
             .to_string();
@@ -125,13 +180,10 @@ fn a_running_vm_moves_to_the_other_agent_and_carries_on() {
         let vm = s.b.api_ok("GET", "/v1/vms/g1", None, 200);
         vm["state"] == "running" && vm["qemu_status"] == "running"
     });
-    let (sa, sb) = (
-        s.a.state.join("vms/g1/serial.log"),
-        s.b.state.join("vms/g1/serial.log"),
-    );
     wait_for(30, "ticks at b", || {
         ticks(&sb).is_some_and(|(f, l)| l > f + 100)
     });
+    let gap = watch.finish();
     let (_, last_a) = ticks(&sa).unwrap();
     let (first_b, _) = ticks(&sb).unwrap();
     assert_eq!(
@@ -139,6 +191,12 @@ fn a_running_vm_moves_to_the_other_agent_and_carries_on() {
         last_a + 1,
         "the guest's tick sequence has a gap: a ended at {last_a}, b began at {first_b}"
     );
+    eprintln!(
+        "downtime: QEMU {} ms; the guest's console stopped for {} ms at most",
+        m["figures"]["downtime_ms"],
+        gap.as_millis()
+    );
+    assert!(gap < Duration::from_secs(5), "the guest paused {gap:?}");
     let acked_before = console(&sb).1;
     wait_for(60, "disk records acknowledged at b", || {
         console(&sb).1 > acked_before + 100
@@ -189,6 +247,14 @@ fn a_cancelled_migration_leaves_the_vm_running_at_the_source() {
         ticks(&serial).unwrap().1 > before + 50,
         "the guest at a stopped ticking"
     );
+    // Nothing is left at b but the disk.
+    wait_for(30, "the incoming VM gone from b", || {
+        s.b.api("GET", "/v1/vms/g1", None).0 == 404
+    });
+    assert_eq!(
+        s.b.api_ok("GET", "/v1/disks", None, 200)[0]["spec"]["name"],
+        "d1"
+    );
     // Cancelling again changes nothing.
     let again =
         s.a.api_ok("DELETE", &format!("/v1/migrations/{id}"), None, 200);
@@ -206,4 +272,50 @@ fn a_cancelled_migration_leaves_the_vm_running_at_the_source() {
         Some(r#"{"vm":"g1","to":"127.0.0.1:1"}"#),
     );
     assert_eq!(st, 422, "replicate is not built yet and must say so: {v}");
+}
+
+#[test]
+fn the_source_agent_killed_in_precopy_leaves_the_vm_running_there() {
+    let Some((kernel, initrd)) = sample_guest("the_source_agent_killed_in_precopy") else {
+        return;
+    };
+    let s = sites(&kernel, &initrd);
+    let spec =
+        serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "bandwidth": "16Mbit"})
+            .to_string();
+    let m = s.a.api_ok("POST", "/v1/migrations", Some(&spec), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(60, "precopy", || migration(&s.a, &id)["phase"] == "precopy");
+    std::thread::sleep(Duration::from_secs(2));
+    let state = s.a.state.clone();
+    let Sites {
+        a,
+        b,
+        wan,
+        _dir,
+        img: _,
+        _reapers,
+    } = s;
+    a.proc.kill9();
+    let serial = state.join("vms/g1/serial.log");
+    let (_, before) = ticks(&serial).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        ticks(&serial).unwrap().1 > before + 50,
+        "the guest stopped when its agent died mid-migration"
+    );
+    let dir = state.parent().unwrap();
+    let cert = dir.join("pki/a");
+    let a = TestAgent::start("a", &state, &["--tls", cert.to_str().unwrap()]);
+    let m = migration(&a, &id);
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(m["error"].as_str().unwrap().contains("restarted"), "{m}");
+    wait_for(10, "the VM re-adopted and running at a", || {
+        let vm = a.api_ok("GET", "/v1/vms/g1", None, 200);
+        vm["state"] == "running" && vm["qemu_status"] == "running"
+    });
+    wait_for(30, "the incoming VM gone from b", || {
+        b.api("GET", "/v1/vms/g1", None).0 == 404
+    });
+    drop(wan);
 }

@@ -529,6 +529,24 @@ impl Vms {
         names.iter().map(|n| self.show(n)).collect()
     }
 
+    /// An incoming VM whose QEMU exited before the VM ran here (the stream failed or was
+    /// cancelled): nothing is left of it but its directory's logs; the disks stay.
+    async fn incoming_failed(&self, name: &str) {
+        let words = qemu::last_words(&self.vm_dir(name));
+        tracing::warn!(vm = %name, %words, "an incoming migration ended before the VM ran here; removing the VM");
+        self.drop_monitor(name).await;
+        let _op = self.ops.lock().await;
+        if self.record(name).is_ok_and(|r| r.incoming) {
+            let _ = self.state.delete(KIND, name);
+            lock(&self.live).remove(name);
+            self.events.emit(
+                "vm.deleted",
+                name,
+                serde_json::json!({"reason": "its incoming migration ended before it ran here", "last_words": words}),
+            );
+        }
+    }
+
     /// An incoming VM runs: it is an ordinary VM from now on (a restart boots it normally).
     fn arrived(&self, name: &str) {
         if let Ok(mut rec) = self.record(name) {
@@ -555,7 +573,9 @@ impl Vms {
                     return; // restarted under another pid: that one has its own supervisor
                 }
                 if !qemu::alive(pid, &dir) {
-                    if rec.want_running {
+                    if rec.incoming {
+                        this.incoming_failed(&name).await;
+                    } else if rec.want_running {
                         let words = qemu::last_words(&dir);
                         tracing::warn!(vm = %name, pid, %words, "QEMU died");
                         this.set_live(&name, "died", Some(words));
