@@ -169,6 +169,13 @@ impl Migrations {
             &m.id,
             serde_json::json!({"phase": "checking"}),
         );
+        if m.spec.dry_run {
+            // Answered when done: a few seconds (a ping, the destination's check, a dirty-rate
+            // measurement).
+            let id = m.id.clone();
+            self.run(m, CancellationToken::new()).await?;
+            return self.show(&id);
+        }
         self.launch(m.clone());
         Ok(m)
     }
@@ -266,6 +273,17 @@ impl Migrations {
         let mut conn = protocol::connect(&addr, self.tls.as_ref(), &self.agent)
             .await
             .map_err(|e| format!("destination agent {addr}: {e}"))?;
+        self.check_destination(m, &mut conn, &spec).await?;
+        if m.spec.dry_run {
+            let verdict = m.figures["prediction"]["verdict"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string();
+            let why = format!("dry run: nothing moved; the prediction says {verdict}");
+            return self
+                .finish(m, "completed", &why, None)
+                .map_err(|e| e.to_string());
+        }
         let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
         let started = std::time::Instant::now();
         conn.send(&Frame::new(Message::VmIncoming { spec: spec_json }))
@@ -311,6 +329,61 @@ impl Migrations {
             None,
         )
         .map_err(|e| e.to_string())
+    }
+
+    /// `checking`: the round trip to the destination, whether it can take the VM, the VM's
+    /// measured dirty rate, and the d/r model's prediction (`figures.prediction`).
+    async fn check_destination(
+        &self,
+        m: &mut Migration,
+        conn: &mut protocol::Conn,
+        spec: &crate::model::VmSpec,
+    ) -> std::result::Result<(), String> {
+        let t = std::time::Instant::now();
+        conn.send(&Frame::new(Message::Ping { id: 1 }))
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.recv().await.map_err(|e| e.to_string())?;
+        let rtt = t.elapsed().as_secs_f64();
+        let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+        conn.send(&Frame::new(Message::VmCheck { spec: spec_json }))
+            .await
+            .map_err(|e| e.to_string())?;
+        let found = match conn.recv().await.map_err(|e| e.to_string())?.msg {
+            Message::VmCheckOk { report } => serde_json::from_str(&report).unwrap_or_default(),
+            Message::Error { message, .. } => {
+                return Err(format!(
+                    "the destination cannot take VM {:?}: {message}",
+                    spec.name
+                ))
+            }
+            other => return Err(format!("the destination answered {other:?} to VmCheck")),
+        };
+        let dirty_mib_s = self.dirty_rate(&spec.name).await?;
+        m.figures["prediction"] = predict(m, spec, rtt, dirty_mib_s, found);
+        self.state
+            .put(KIND, &m.id, m, true)
+            .map_err(|e| e.to_string())?;
+        self.events
+            .emit("migration.checked", &m.id, m.figures["prediction"].clone());
+        Ok(())
+    }
+
+    /// The VM's dirty rate in MiB/s, measured by QEMU over one second (page sampling).
+    async fn dirty_rate(&self, vm: &str) -> std::result::Result<f64, String> {
+        let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
+        let args = serde_json::json!({"calc-time": 1, "mode": "page-sampling"});
+        q.json(qmp::CalcDirtyRate(args)).await?;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let r = q.json(qmp::QueryDirtyRate(serde_json::json!({}))).await?;
+            if r["status"] == "measured" {
+                return Ok(r["dirty-rate"].as_f64().unwrap_or(0.0));
+            }
+        }
+        Err(format!(
+            "QEMU did not measure VM {vm:?}'s dirty rate within 5 s"
+        ))
     }
 
     /// Binds the VM's migration socket and, once QEMU connects, carries its stream to the
@@ -466,10 +539,80 @@ impl server::vmpeer::VmPeer for Incoming {
         })
     }
 
+    fn check(
+        &self,
+        spec: String,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<String, String>> {
+        let vms = self.vms.clone();
+        Box::pin(async move {
+            let spec: crate::model::VmSpec =
+                serde_json::from_str(&spec).map_err(|e| format!("VM spec: {e}"))?;
+            let found = vms.check_incoming(&spec).await.map_err(|e| e.to_string())?;
+            Ok(found.to_string())
+        })
+    }
+
     fn tunnel_target(&self, vm: &str) -> std::result::Result<std::path::PathBuf, String> {
         if !self.vms.is_incoming(vm) {
             return Err(format!("no VM {vm:?} waits for a migration stream here"));
         }
         Ok(self.vms.incoming_socket(vm))
     }
+}
+
+/// Assumed when the migration names no bandwidth (said in the prediction).
+const ASSUMED_BANDWIDTH: f64 = 125e6;
+
+/// The d/r model's prediction for moving `spec`'s memory: the verdict, downtime, total time and
+/// WAN bytes, with what it was told.
+fn predict(
+    m: &Migration,
+    spec: &crate::model::VmSpec,
+    rtt: f64,
+    dirty_mib_s: f64,
+    destination: serde_json::Value,
+) -> serde_json::Value {
+    let cap = m
+        .spec
+        .bandwidth
+        .as_deref()
+        .and_then(|b| b.parse::<wan::Rate>().ok());
+    let bandwidth = cap.map_or(ASSUMED_BANDWIDTH, |r| r.bytes_per_sec() as f64);
+    let page = memory::page::PAGE_SIZE as u64;
+    let input = memory::model::ModelInput {
+        memory_bytes: spec.memory_mib << 20,
+        total_pages: (spec.memory_mib << 20) / page,
+        dirty_rate: dirty_mib_s * 1048576.0 / page as f64,
+        bandwidth,
+        compression: 1.0,
+        hot_pages: 0,
+        hot_fraction: 0.0,
+        rtt,
+        downtime_target: m.spec.max_downtime_ms.unwrap_or(300) as f64 / 1000.0,
+        hold_hot: false,
+    };
+    let p = input.predict();
+    let verdict = if p.converges {
+        "converges"
+    } else if p.d_over_r < 1.0 {
+        "needs throttle"
+    } else {
+        "needs postcopy"
+    };
+    let sent: u64 = p.rounds.iter().map(|r| r.bytes).sum();
+    let downtime_bytes = (p.downtime_ms / 1000.0 * bandwidth) as u64;
+    serde_json::json!({
+        "verdict": verdict,
+        "d_over_r": p.d_over_r,
+        "downtime_ms": p.downtime_ms,
+        "total_ms": p.total_ms,
+        "wan_bytes": sent + downtime_bytes,
+        "rounds": p.rounds.len(),
+        "stop_reason": p.stop_reason,
+        "dirty_rate_mib_s": dirty_mib_s,
+        "rtt_ms": rtt * 1000.0,
+        "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_assumed": cap.is_none(),
+        "destination": destination,
+    })
 }

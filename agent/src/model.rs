@@ -300,9 +300,14 @@ pub struct MigrationSpec {
     /// QEMU's downtime limit in milliseconds (default 300, as QEMU's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_downtime_ms: Option<u64>,
-    /// Cap on the migration stream's rate, e.g. `200Mbit` (QEMU's `max-bandwidth`).
+    /// Cap on the migration stream's rate, e.g. `200Mbit` (QEMU's `max-bandwidth`); the
+    /// prediction uses it as the link's bandwidth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<String>,
+    /// Stop after `checking`: the prerequisites and the prediction, nothing moved. The
+    /// request answers once the check is done.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// A migration.

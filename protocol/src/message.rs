@@ -261,6 +261,18 @@ pub enum Message {
     },
     /// Tunnel bytes (payload); an empty payload ends the sender's direction.
     TunnelData,
+    /// The source agent asks whether the destination could take a VM (JSON of its spec),
+    /// without starting anything.
+    VmCheck {
+        /// The VM's spec.
+        spec: String,
+    },
+    /// Reply to `VmCheck`: it could (JSON of what the destination found: accelerator, free
+    /// memory).
+    VmCheckOk {
+        /// The destination's findings.
+        report: String,
+    },
 }
 
 /// A header with its payload.

@@ -273,6 +273,7 @@ impl Source {
                 },
                 Message::Ping { id } => Frame::new(Message::Pong { id }),
                 Message::VmIncoming { spec } => crate::vmpeer::incoming(self.vm_peer(), spec).await,
+                Message::VmCheck { spec } => crate::vmpeer::check(self.vm_peer(), spec).await,
                 Message::Tunnel { vm } => {
                     break crate::vmpeer::tunnel(self.vm_peer(), &vm, &mut reader, &tx).await;
                 }

@@ -18,6 +18,8 @@ pub trait VmPeer: Send + Sync + 'static {
     /// Prepares an incoming VM from `spec` (JSON of the agent's VM spec); the error is told to
     /// the peer.
     fn incoming(&self, spec: String) -> futures::future::BoxFuture<'static, Result<(), String>>;
+    /// Whether a VM of `spec` could come here (nothing is started): JSON of the findings.
+    fn check(&self, spec: String) -> futures::future::BoxFuture<'static, Result<String, String>>;
     /// The unix socket a tunnel for `vm` connects to (its QEMU's incoming socket).
     fn tunnel_target(&self, vm: &str) -> Result<PathBuf, String>;
 }
@@ -37,6 +39,17 @@ pub async fn incoming(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
     };
     match p.incoming(spec).await {
         Ok(()) => Frame::new(Message::VmIncomingReady),
+        Err(e) => refused(e),
+    }
+}
+
+/// Answers `VmCheck`.
+pub async fn check(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
+    let Some(p) = peer else {
+        return refused("this source runs no VMs (it is not an agent)".into());
+    };
+    match p.check(spec).await {
+        Ok(report) => Frame::new(Message::VmCheckOk { report }),
         Err(e) => refused(e),
     }
 }

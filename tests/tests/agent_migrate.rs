@@ -222,6 +222,25 @@ fn a_cancelled_migration_leaves_the_vm_running_at_the_source() {
         return;
     };
     let s = sites(&kernel, &initrd);
+    // Dry runs: the guest dirties about 7 MiB/s; 16 Mbit/s cannot keep up, 1 Gbit/s can.
+    let dry = |bw: &str| {
+        let spec = serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "bandwidth": bw, "dry_run": true});
+        let m =
+            s.a.api_ok("POST", "/v1/migrations", Some(&spec.to_string()), 201);
+        assert_eq!(m["phase"], "completed", "{m}");
+        eprintln!("dry run at {bw}: {}", m["figures"]["prediction"]);
+        m["figures"]["prediction"]["verdict"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(dry("16Mbit"), "needs postcopy");
+    assert_eq!(dry("1Gbit"), "converges");
+    assert_eq!(
+        s.b.api("GET", "/v1/vms/g1", None).0,
+        404,
+        "a dry run started something at b"
+    );
     // A slow stream keeps the migration in precopy long enough to cancel it there.
     let spec =
         serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "bandwidth": "16Mbit"})

@@ -359,6 +359,54 @@ impl Vms {
         self.vm_dir(name).dir.join("incoming.sock")
     }
 
+    /// Whether a VM of `spec` could come here: the spec checks out (its disks exist), no VM of
+    /// that name runs here, QEMU runs, and the host has the memory free. What was found.
+    pub async fn check_incoming(&self, spec: &VmSpec) -> Result<serde_json::Value> {
+        self.check_spec(spec)?;
+        if let Ok(rec) = self.record(&spec.name) {
+            if rec
+                .pid
+                .is_some_and(|p| qemu::alive(p, &self.vm_dir(&spec.name)))
+            {
+                return Err(AgentError::Conflict(format!(
+                    "VM {:?} runs here already",
+                    spec.name
+                )));
+            }
+        }
+        let version = tokio::process::Command::new(qemu::binary())
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| AgentError::Qemu(format!("cannot run {}: {e}", qemu::binary())))?;
+        let version = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let free_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib / 1024);
+        if free_mib < spec.memory_mib {
+            return Err(AgentError::Conflict(format!(
+                "VM {:?} needs {} MiB; this host has {free_mib} MiB available",
+                spec.name, spec.memory_mib
+            )));
+        }
+        let accel = accel::choose(&spec.accel, &self.host).map_err(AgentError::Invalid)?;
+        Ok(
+            serde_json::json!({"qemu": version, "accel": accel.name, "memory_available_mib": free_mib}),
+        )
+    }
+
     /// Whether VM `name` waits for a migration stream here.
     pub fn is_incoming(&self, name: &str) -> bool {
         self.record(name).is_ok_and(|r| r.incoming)

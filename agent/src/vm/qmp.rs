@@ -96,6 +96,8 @@ json_command!(MigrateIncoming, "migrate-incoming");
 json_command!(MigrateContinue, "migrate-continue");
 json_command!(MigrateCancel, "migrate_cancel");
 json_command!(QueryMigrate, "query-migrate");
+json_command!(CalcDirtyRate, "calc-dirty-rate");
+json_command!(QueryDirtyRate, "query-dirty-rate");
 
 impl Qmp {
     /// Runs a JSON command (see [`json_command`]).

@@ -21,6 +21,10 @@ pub struct Args {
     /// Cap on the migration stream, e.g. 200Mbit.
     #[arg(long)]
     bandwidth: Option<String>,
+    /// Check and predict only: prerequisites at the destination, the VM's dirty rate, and the
+    /// d/r model's verdict, downtime, time and WAN bytes; nothing moves.
+    #[arg(long)]
+    dry_run: bool,
     /// Follow the migration to its end (exit 0 when completed).
     #[arg(long)]
     watch: bool,
@@ -47,23 +51,41 @@ fn line(m: &serde_json::Value) {
     );
 }
 
+fn prediction(m: &serde_json::Value) {
+    let Some(p) = m["figures"].get("prediction") else {
+        return;
+    };
+    let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+    println!(
+        "  prediction: {}, d/r {:.2}, downtime {:.0} ms, total {:.1} s, {} WAN bytes (dirty rate {:.1} MiB/s, RTT {:.1} ms)",
+        p["verdict"].as_str().unwrap_or("?"),
+        f("d_over_r"),
+        f("downtime_ms"),
+        f("total_ms") / 1000.0,
+        p["wan_bytes"],
+        f("dirty_rate_mib_s"),
+        f("rtt_ms"),
+    );
+}
+
 pub async fn run(a: Args) -> anyhow::Result<i32> {
     let client = a.agent.client()?;
     let spec = serde_json::json!({
         "vm": a.vm, "to": a.to, "disk": a.disk,
-        "max_downtime_ms": a.max_downtime_ms, "bandwidth": a.bandwidth,
+        "max_downtime_ms": a.max_downtime_ms, "bandwidth": a.bandwidth, "dry_run": a.dry_run,
     });
     let (_, m) = client
         .call("POST", "/v1/migrations", Some(&spec), &[])
         .await?;
     let id = m["id"].as_str().unwrap_or_default().to_string();
-    if !a.watch {
+    if !a.watch || a.dry_run {
         if a.json {
             show(&m, true)
         } else {
-            line(&m)
+            line(&m);
+            prediction(&m);
         }
-        return Ok(0);
+        return Ok(if m["phase"] == "failed" { 1 } else { 0 });
     }
     let ended = |p: &str| matches!(p, "completed" | "failed" | "cancelled");
     let mut phase = m["phase"].as_str().unwrap_or("").to_string();
