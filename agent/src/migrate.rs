@@ -35,6 +35,8 @@ pub struct Migrations {
     tls: Option<protocol::tls::TlsClient>,
     agent: String,
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Manual switchovers waiting for their go.
+    go: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     create: tokio::sync::Mutex<()>,
 }
 
@@ -59,6 +61,7 @@ impl Migrations {
             tls,
             agent,
             running: Mutex::new(HashMap::new()),
+            go: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
         }
     }
@@ -124,6 +127,15 @@ impl Migrations {
             b.parse::<wan::Rate>()
                 .map_err(|e| AgentError::Invalid(format!("bandwidth {b:?}: {e} (e.g. 200Mbit)")))?;
         }
+        let pick = |what: &str, v: &Option<String>, allowed: &[&str]| match v.as_deref() {
+            Some(x) if !allowed.contains(&x) => Err(AgentError::Invalid(format!(
+                "{what} {x:?}: use one of {allowed:?}"
+            ))),
+            _ => Ok(()),
+        };
+        pick("mode", &spec.mode, &["live", "warm"])?;
+        pick("on_diverge", &spec.on_diverge, &["throttle", "abort"])?;
+        pick("switchover", &spec.switchover, &["auto", "manual"])?;
         if spec
             .max_downtime_ms
             .is_some_and(|d| !(1..=600_000).contains(&d))
@@ -185,6 +197,27 @@ impl Migrations {
         let m = self.show(id)?;
         if let Some(t) = lock(&self.running).get(id) {
             t.cancel();
+        }
+        Ok(m)
+    }
+
+    /// Lets a manual switchover go (idempotent); refused for an automatic one or a migration
+    /// that has none left to let go.
+    pub fn switchover(&self, id: &str) -> Result<Migration> {
+        let m = self.show(id)?;
+        if m.spec.switchover.as_deref() != Some("manual") {
+            return Err(AgentError::Conflict(format!(
+                "{id} switches over by itself (switchover: auto)"
+            )));
+        }
+        match lock(&self.go).get(id) {
+            Some(go) => go.store(true, std::sync::atomic::Ordering::Relaxed),
+            None => {
+                return Err(AgentError::Conflict(format!(
+                    "{id} is {}: there is no switchover to let go",
+                    m.phase
+                )))
+            }
         }
         Ok(m)
     }
@@ -418,98 +451,165 @@ impl Migrations {
         }))
     }
 
-    /// Steers QEMU's migration to completion: parameters, `migrate`, then the status polled
-    /// until `completed`, with the switchover at `pre-switchover`.
-    async fn precopy(&self, m: &mut Migration, vm: &str) -> std::result::Result<(), String> {
-        let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
-        let caps = serde_json::json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]});
+    /// Capabilities and parameters from the spec: the pause before the switchover always;
+    /// auto-converge unless divergence aborts; the downtime limit (1 ms while a manual
+    /// switchover is held, 10 minutes for `warm`, which so pauses the VM at once); the cap.
+    async fn configure(&self, q: &qmp::Qmp, m: &Migration) -> std::result::Result<(), String> {
+        let throttle = m.spec.on_diverge.as_deref() != Some("abort");
+        let caps = serde_json::json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": true},
+            {"capability": "auto-converge", "state": throttle},
+        ]});
         q.json(qmp::MigrateSetCapabilities(caps)).await?;
-        let mut params =
-            serde_json::json!({"downtime-limit": m.spec.max_downtime_ms.unwrap_or(300)});
-        if let Some(rate) = m
+        let limit = if m.spec.switchover.as_deref() == Some("manual") {
+            1
+        } else if m.spec.mode.as_deref() == Some("warm") {
+            600_000
+        } else {
+            m.spec.max_downtime_ms.unwrap_or(300)
+        };
+        let mut params = serde_json::json!({ "downtime-limit": limit });
+        let cap = m
             .spec
             .bandwidth
             .as_deref()
-            .and_then(|b| b.parse::<wan::Rate>().ok())
-        {
+            .and_then(|b| b.parse::<wan::Rate>().ok());
+        if let Some(rate) = cap {
             params["max-bandwidth"] = rate.bytes_per_sec().into();
         }
-        q.json(qmp::MigrateSetParameters(params)).await?;
+        q.json(qmp::MigrateSetParameters(params)).await.map(|_| ())
+    }
+
+    /// Steers QEMU's migration to completion: `migrate`, then the status polled until
+    /// `completed`, the switchover at `pre-switchover`, divergence handled as `on_diverge`
+    /// says, a manual switchover held in `ready` until let go.
+    async fn precopy(&self, m: &mut Migration, vm: &str) -> std::result::Result<(), String> {
+        let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
+        self.configure(&q, m).await?;
+        let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let manual = m.spec.switchover.as_deref() == Some("manual");
+        if manual {
+            lock(&self.go).insert(m.id.clone(), go.clone());
+        }
         let uri = format!("unix:{}", self.vms.migrate_socket(vm).display());
         q.json(qmp::Migrate(serde_json::json!({ "uri": uri })))
             .await?;
-        let mut iterations = 0u64;
-        let mut last_event = std::time::Instant::now();
-        loop {
+        let mut w = Watch::new(manual);
+        let result = loop {
             tokio::time::sleep(POLL).await;
-            let info = q.json(qmp::QueryMigrate(serde_json::json!({}))).await?;
-            let status = info["status"].as_str().unwrap_or("unknown").to_string();
-            self.note_progress(m, &info, &mut iterations, &mut last_event);
-            match status.as_str() {
-                "pre-switchover" => {
-                    self.set_phase(
-                        m,
-                        "switchover",
-                        "the source VM is paused at the cut; shared disks need nothing moved",
-                    )
-                    .map_err(|e| e.to_string())?;
-                    q.json(qmp::MigrateContinue(
-                        serde_json::json!({"state": "pre-switchover"}),
-                    ))
-                    .await?;
-                }
-                "completed" => {
-                    m.figures["downtime_ms"] = info["downtime"].clone();
-                    m.figures["total_time_ms"] = info["total-time"].clone();
-                    m.figures["setup_time_ms"] = info["setup-time"].clone();
-                    m.figures["ram"] = info["ram"].clone();
-                    return Ok(());
-                }
-                "failed" | "cancelled" => {
-                    return Err(format!(
-                        "QEMU's migration {status}: {}",
-                        info["error-desc"].as_str().unwrap_or("no reason given")
-                    ))
-                }
-                _ => {}
+            let info = match q.json(qmp::QueryMigrate(serde_json::json!({}))).await {
+                Ok(i) => i,
+                Err(e) => break Err(e),
+            };
+            match self.step(m, &q, &info, &mut w, &go).await {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
+        };
+        lock(&self.go).remove(&m.id);
+        result
+    }
+
+    /// One look at QEMU's migration; true once it has completed.
+    async fn step(
+        &self,
+        m: &mut Migration,
+        q: &qmp::Qmp,
+        info: &serde_json::Value,
+        w: &mut Watch,
+        go: &std::sync::atomic::AtomicBool,
+    ) -> std::result::Result<bool, String> {
+        let status = info["status"].as_str().unwrap_or("unknown");
+        if self.note_progress(m, info, w) {
+            self.on_iteration(m, info, w, go, q).await?;
+        }
+        match status {
+            "pre-switchover" => {
+                self.set_phase(
+                    m,
+                    "switchover",
+                    "the source VM is paused at the cut; shared disks need nothing moved",
+                )
+                .map_err(|e| e.to_string())?;
+                q.json(qmp::MigrateContinue(
+                    serde_json::json!({"state": "pre-switchover"}),
+                ))
+                .await?;
+                Ok(false)
+            }
+            "completed" => {
+                for (k, v) in [
+                    ("downtime_ms", "downtime"),
+                    ("total_time_ms", "total-time"),
+                    ("setup_time_ms", "setup-time"),
+                    ("ram", "ram"),
+                ] {
+                    m.figures[k] = info[v].clone();
+                }
+                Ok(true)
+            }
+            "failed" | "cancelled" => Err(format!(
+                "QEMU's migration {status}: {}",
+                info["error-desc"].as_str().unwrap_or("no reason given")
+            )),
+            _ => Ok(false),
         }
     }
 
-    /// Folds one `query-migrate` answer into the job; an event per QEMU iteration (a new dirty
-    /// sync) and at most one progress event a second.
-    fn note_progress(
+    /// At each QEMU iteration: divergence (the remaining memory has not shrunk for 3
+    /// iterations) handled as `on_diverge` says; a manual switchover held in `ready` once the
+    /// expected downtime is within the limit, and let go when asked.
+    async fn on_iteration(
         &self,
         m: &mut Migration,
         info: &serde_json::Value,
-        iterations: &mut u64,
-        last_event: &mut std::time::Instant,
-    ) {
+        w: &mut Watch,
+        go: &std::sync::atomic::AtomicBool,
+        q: &qmp::Qmp,
+    ) -> std::result::Result<(), String> {
+        if w.diverging() && !w.said_diverging {
+            w.said_diverging = true;
+            let abort = m.spec.on_diverge.as_deref() == Some("abort");
+            self.events.emit("migration.diverging", &m.id, serde_json::json!({"remaining": w.remaining, "action": if abort { "abort" } else { "throttle" }}));
+            if abort {
+                return Err("pre-copy does not converge (the remaining memory stopped shrinking over 3 iterations) and on_diverge is abort".into());
+            }
+        }
+        let limit = m.spec.max_downtime_ms.unwrap_or(300);
+        let expected = info["expected-downtime"].as_u64().unwrap_or(u64::MAX);
+        if w.held && m.phase == "precopy" && w.remaining.len() >= 2 && expected <= limit {
+            self.set_phase(m, "ready", &format!("converged (expected downtime {expected} ms); waiting for POST /v1/migrations/{}/switchover", m.id))
+                .map_err(|e| e.to_string())?;
+        }
+        if w.held && go.load(std::sync::atomic::Ordering::Relaxed) {
+            w.held = false;
+            q.json(qmp::MigrateSetParameters(
+                serde_json::json!({"downtime-limit": limit}),
+            ))
+            .await?;
+            self.set_phase(
+                m,
+                "precopy",
+                "switchover let go: QEMU stops the VM once it fits the downtime limit",
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Folds one `query-migrate` answer into the job (at most one progress event a second);
+    /// true at a new QEMU iteration (a new dirty sync), which gets an event of its own.
+    fn note_progress(&self, m: &mut Migration, info: &serde_json::Value, w: &mut Watch) -> bool {
         let ram = &info["ram"];
         let total = ram["total"].as_u64().unwrap_or(0);
-        let done = total.saturating_sub(ram["remaining"].as_u64().unwrap_or(total));
+        let remaining = ram["remaining"].as_u64().unwrap_or(total);
         m.progress.bytes_total = m.progress.bytes_total.max(total);
-        m.progress.bytes_done = m.progress.bytes_done.max(done);
+        m.progress.bytes_done = m.progress.bytes_done.max(total.saturating_sub(remaining));
         m.progress.rate_bps = (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64;
-        m.progress.eta_s = (m.progress.rate_bps > 0)
-            .then(|| ram["remaining"].as_u64().unwrap_or(0) / m.progress.rate_bps);
-        let sync = ram["dirty-sync-count"].as_u64().unwrap_or(0);
-        if sync > *iterations {
-            *iterations = sync;
-            self.events.emit(
-                "migration.iteration",
-                &m.id,
-                serde_json::json!({
-                    "iteration": sync,
-                    "transferred": ram["transferred"],
-                    "remaining": ram["remaining"],
-                    "dirty_pages_rate": ram["dirty-pages-rate"],
-                    "expected_downtime_ms": info["expected-downtime"],
-                }),
-            );
-        }
-        if last_event.elapsed() >= Duration::from_secs(1) {
-            *last_event = std::time::Instant::now();
+        m.progress.eta_s = (m.progress.rate_bps > 0).then(|| remaining / m.progress.rate_bps);
+        if w.last_event.elapsed() >= Duration::from_secs(1) {
+            w.last_event = std::time::Instant::now();
             let _ = self.state.put(KIND, &m.id, m, false);
             self.events.emit(
                 "migration.progress",
@@ -517,6 +617,63 @@ impl Migrations {
                 serde_json::json!({"progress": m.progress}),
             );
         }
+        let sync = ram["dirty-sync-count"].as_u64().unwrap_or(0);
+        if sync <= w.iterations {
+            return false;
+        }
+        w.iterations = sync;
+        w.remaining.push(remaining);
+        self.events.emit(
+            "migration.iteration",
+            &m.id,
+            serde_json::json!({
+                "iteration": sync,
+                "transferred": ram["transferred"],
+                "remaining": remaining,
+                "dirty_pages_rate": ram["dirty-pages-rate"],
+                "expected_downtime_ms": info["expected-downtime"],
+                "cpu_throttle_percentage": info["cpu-throttle-percentage"],
+            }),
+        );
+        true
+    }
+}
+
+/// What the steering loop remembers between looks at QEMU.
+struct Watch {
+    iterations: u64,
+    /// Remaining bytes at the start of each iteration.
+    remaining: Vec<u64>,
+    last_event: std::time::Instant,
+    said_diverging: bool,
+    /// A manual switchover not yet let go.
+    held: bool,
+}
+
+impl Watch {
+    fn new(manual: bool) -> Watch {
+        Watch {
+            iterations: 0,
+            remaining: Vec::new(),
+            last_event: std::time::Instant::now(),
+            said_diverging: false,
+            held: manual,
+        }
+    }
+
+    /// The remaining memory has not gone below its earlier minimum for the last 3 iterations.
+    fn diverging(&self) -> bool {
+        let n = self.remaining.len();
+        if n < 5 {
+            return false;
+        }
+        // The first iteration sends all of memory: compare from the second on.
+        let best_before = self.remaining[1..n - 3]
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or(u64::MAX);
+        self.remaining[n - 3..].iter().all(|r| *r >= best_before)
     }
 }
 

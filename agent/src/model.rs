@@ -304,6 +304,19 @@ pub struct MigrationSpec {
     /// prediction uses it as the link's bandwidth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<String>,
+    /// `live` (default: iterative pre-copy while the VM runs) or `warm` (the VM pauses at the
+    /// start and its whole memory moves paused: the downtime is the transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// When pre-copy does not converge (the remaining memory stops shrinking over 3 QEMU
+    /// iterations): `throttle` (default: QEMU's auto-converge slows the guest's vCPUs) or
+    /// `abort` (the migration is cancelled; the VM keeps running here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_diverge: Option<String>,
+    /// `auto` (default) or `manual`: the migration waits in `ready` (converged, still
+    /// copying) for `POST /v1/migrations/{id}/switchover`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<String>,
     /// Stop after `checking`: the prerequisites and the prediction, nothing moved. The
     /// request answers once the check is done.
     #[serde(default)]

@@ -36,6 +36,11 @@ struct Sites {
 /// Agents a and b with certificates from one CA, b behind an emulated 20 ms, 200 Mbit/s link,
 /// both holding disk d1 (one image file: shared storage), and VM g1 running at a.
 fn sites(kernel: &Path, initrd: &Path) -> Sites {
+    sites_dirtying(kernel, initrd, 2000)
+}
+
+/// [`sites`] with the guest dirtying `mem_rate` pages a second over 32 MiB.
+fn sites_dirtying(kernel: &Path, initrd: &Path, mem_rate: u32) -> Sites {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     helio_ok(&["pki", "init", pki.join("ca").to_str().unwrap()]);
@@ -68,7 +73,7 @@ fn sites(kernel: &Path, initrd: &Path) -> Sites {
     let spec = serde_json::json!({
         "name": "g1", "memory_mib": 192,
         "boot": {"kernel": kernel, "initrd": initrd,
-                 "cmdline": "console=ttyS0 quiet helio.disk=/dev/vda helio.disk_rate=50 helio.mem_mib=32 helio.mem_rate=2000"},
+                 "cmdline": format!("console=ttyS0 quiet helio.disk=/dev/vda helio.disk_rate=50 helio.mem_mib=32 helio.mem_rate={mem_rate}")},
         "disks": ["d1"],
     })
     .to_string();
@@ -337,4 +342,101 @@ fn the_source_agent_killed_in_precopy_leaves_the_vm_running_there() {
         b.api("GET", "/v1/vms/g1", None).0 == 404
     });
     drop(wan);
+}
+
+#[test]
+fn a_manual_switchover_waits_in_ready_and_warm_mode_brings_the_vm_back() {
+    let Some((kernel, initrd)) = sample_guest("a_manual_switchover") else {
+        return;
+    };
+    let s = sites(&kernel, &initrd);
+    let spec =
+        serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "switchover": "manual"});
+    let m =
+        s.a.api_ok("POST", "/v1/migrations", Some(&spec.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(120, "ready", || {
+        let m = migration(&s.a, &id);
+        assert!(
+            !["failed", "cancelled", "completed"].contains(&m["phase"].as_str().unwrap()),
+            "{m}"
+        );
+        m["phase"] == "ready"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        migration(&s.a, &id)["phase"],
+        "ready",
+        "it switched over by itself"
+    );
+    assert_eq!(
+        s.a.api_ok("GET", "/v1/vms/g1", None, 200)["qemu_status"],
+        "running"
+    );
+    s.a.api_ok(
+        "POST",
+        &format!("/v1/migrations/{id}/switchover"),
+        None,
+        200,
+    );
+    wait_for(60, "completed", || {
+        migration(&s.a, &id)["phase"] == "completed"
+    });
+    wait_for(30, "the VM running at b", || {
+        s.b.api_ok("GET", "/v1/vms/g1", None, 200)["qemu_status"] == "running"
+    });
+    let live = migration(&s.a, &id)["figures"]["downtime_ms"]
+        .as_u64()
+        .unwrap();
+
+    // The way back, warm: the VM pauses at once and its memory moves paused.
+    let back =
+        serde_json::json!({"vm": "g1", "to": s.a.proc.addr, "disk": "shared", "mode": "warm"});
+    let m =
+        s.b.api_ok("POST", "/v1/migrations", Some(&back.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(120, "the warm move back", || {
+        let m = migration(&s.b, &id);
+        assert_ne!(m["phase"], "failed", "{m}");
+        m["phase"] == "completed"
+    });
+    let warm = migration(&s.b, &id)["figures"]["downtime_ms"]
+        .as_u64()
+        .unwrap();
+    wait_for(30, "the VM running at a again", || {
+        let vm = s.a.api_ok("GET", "/v1/vms/g1", None, 200);
+        vm["state"] == "running" && vm["qemu_status"] == "running"
+    });
+    eprintln!("downtime: live with a manual switchover {live} ms, warm {warm} ms");
+    assert!(
+        warm > live,
+        "warm ({warm} ms) should pause for the whole transfer, live paused {live} ms"
+    );
+}
+
+#[test]
+fn a_migration_that_cannot_converge_aborts_when_asked() {
+    let Some((kernel, initrd)) = sample_guest("a_migration_that_cannot_converge") else {
+        return;
+    };
+    // 20000 pages a second over 32 MiB: every iteration finds the whole buffer dirty again.
+    let s = sites_dirtying(&kernel, &initrd, 20000);
+    let spec = serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "on_diverge": "abort", "max_downtime_ms": 50});
+    let m =
+        s.a.api_ok("POST", "/v1/migrations", Some(&spec.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(180, "the migration to give up", || {
+        migration(&s.a, &id)["phase"] == "failed"
+    });
+    let m = migration(&s.a, &id);
+    assert!(
+        m["error"].as_str().unwrap().contains("does not converge"),
+        "{m}"
+    );
+    wait_for(10, "the VM running at a", || {
+        s.a.api_ok("GET", "/v1/vms/g1", None, 200)["qemu_status"] == "running"
+    });
+    wait_for(30, "the incoming VM gone from b", || {
+        s.b.api("GET", "/v1/vms/g1", None).0 == 404
+    });
 }

@@ -24,7 +24,10 @@ pub fn allowed(role: Role, method: &Method, route: &str) -> bool {
                 || (method == Method::POST
                     && matches!(
                         route,
-                        "/v1/jobs" | "/v1/jobs/{id}/cancel" | "/v1/migrations"
+                        "/v1/jobs"
+                            | "/v1/jobs/{id}/cancel"
+                            | "/v1/migrations"
+                            | "/v1/migrations/{id}/switchover"
                     ))
                 || (method == Method::DELETE && route == "/v1/migrations/{id}")
         }

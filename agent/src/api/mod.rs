@@ -49,7 +49,7 @@ pub const MAX_CONNECTIONS: usize = 256;
         routes::list_jobs, routes::create_job, routes::show_job, routes::cancel_job,
         routes::list_peers, routes::add_peer, routes::metrics, sse::events, openapi,
         routes::list_migrations, routes::create_migration, routes::show_migration,
-        routes::cancel_migration,
+        routes::cancel_migration, routes::switchover_migration,
     ),
     components(schemas(Problem)),
     tags((name = "agent"), (name = "disks"), (name = "vms"), (name = "jobs"), (name = "migrations"), (name = "events")),
@@ -94,6 +94,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(
             "/v1/migrations/{id}",
             get(routes::show_migration).delete(routes::cancel_migration),
+        )
+        .route(
+            "/v1/migrations/{id}/switchover",
+            post(routes::switchover_migration),
         )
         .route("/v1/events", get(sse::events))
         .route("/v1/openapi.json", get(openapi))

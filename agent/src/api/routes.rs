@@ -301,3 +301,12 @@ pub async fn show_migration(State(a): Api, Path(id): Path<String>) -> Answer<Mig
 pub async fn cancel_migration(State(a): Api, Path(id): Path<String>) -> Answer<Migration> {
     blocking(move || a.migrations.cancel(&id)).await.map(ok)
 }
+
+/// Lets a manual switchover go (`switchover: manual`): QEMU stops the VM once the rest fits
+/// the downtime limit.
+#[utoipa::path(post, path = "/v1/migrations/{id}/switchover", tag = "migrations",
+    params(("id" = String, Path, description = "The migration")),
+    responses((status = 200, body = Migration), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn switchover_migration(State(a): Api, Path(id): Path<String>) -> Answer<Migration> {
+    blocking(move || a.migrations.switchover(&id)).await.map(ok)
+}
