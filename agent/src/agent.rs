@@ -166,15 +166,22 @@ impl Agent {
             metrics.clone(),
             dir.join("exports"),
         ));
-        source.set_vm_peer(Arc::new(crate::migrate::Incoming { vms: vms.clone() }));
+        vms.set_jobs(jobs.clone());
+        source.set_vm_peer(Arc::new(crate::migrate::Incoming {
+            vms: vms.clone(),
+            jobs: jobs.clone(),
+            store_id: disks.store().id(),
+        }));
+        let listen = serve_replication(opts.listen.as_deref(), tls_server.clone(), &source).await?;
         let migrations = Arc::new(crate::migrate::Migrations::new(
             state.clone(),
+            disks.clone(),
+            listen.clone(),
             events.clone(),
             vms.clone(),
             tls_client.clone(),
             opts.name.clone(),
         ));
-        let listen = serve_replication(opts.listen.as_deref(), tls_server.clone(), &source).await?;
         let agent = Arc::new(Agent {
             name: opts.name.clone(),
             state,

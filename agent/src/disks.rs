@@ -217,6 +217,20 @@ impl Disks {
         Ok(names.iter().filter_map(|n| self.show(n).ok()).collect())
     }
 
+    /// The chunks of disk `name` written since the replica `replica` last synced (every chunk
+    /// ever written when it never registered): what a migration's switchover invalidates.
+    pub fn dirty_since(&self, name: &str, replica: &[u8; 16]) -> Result<Vec<u64>> {
+        let tracker = lock(&self.open)
+            .get(name)
+            .and_then(|o| o.source.tracker.clone())
+            .ok_or_else(|| AgentError::not_found("disk", name, "it is not served here"))?;
+        let since = tracker
+            .synced(replica)
+            .map_err(|e| AgentError::Internal(format!("disk {name:?}: {e}")))?
+            .unwrap_or(0);
+        Ok(tracker.written_between(since, u64::MAX))
+    }
+
     /// Whether disk `name` exists.
     pub fn exists(&self, name: &str) -> bool {
         lock(&self.open).contains_key(name)

@@ -293,10 +293,16 @@ pub struct MigrationSpec {
     pub vm: String,
     /// The destination agent: a peer's name or `HOST:PORT` of its replication listener.
     pub to: String,
-    /// `shared`: both hosts reach the VM's disks (each agent has them under the same names);
-    /// only memory and device state move. `replicate` (the default) is not in this build yet.
+    /// `replicate` (default): the destination seeds and syncs the disks from this agent, runs
+    /// the VM on exports of its replicas, and at the switchover learns which chunks were
+    /// written since the last round (fetched on demand after). `shared`: both hosts reach the
+    /// disks (each agent has them under the same names); only memory and device state move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    /// With `replicate`: this agent's replication listener as the destination reaches it
+    /// (default: its `--listen` address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_addr: Option<String>,
     /// QEMU's downtime limit in milliseconds (default 300, as QEMU's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_downtime_ms: Option<u64>,
@@ -330,7 +336,8 @@ pub struct Migration {
     pub id: String,
     /// What it was created with.
     pub spec: MigrationSpec,
-    /// `checking`, `precopy`, `switchover`, `completed`, `failed`, `cancelled`.
+    /// `checking`, `seeding`, `syncing`, `precopy`, `ready` (a manual switchover held),
+    /// `switchover`, `running_at_destination`, `completed`, `failed`, `cancelled`.
     pub phase: String,
     /// Why the phase last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

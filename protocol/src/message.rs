@@ -273,6 +273,35 @@ pub enum Message {
         /// The destination's findings.
         report: String,
     },
+    /// The source agent asks the destination agent to run a job of its own (JSON of the
+    /// agent's job spec: a seed, a sync round or an export, pulling from the source).
+    JobStart {
+        /// The job's spec.
+        spec: String,
+    },
+    /// Asks how a job started with `JobStart` is doing.
+    JobQuery {
+        /// The job's id.
+        id: String,
+    },
+    /// Reply to `JobStart` and `JobQuery`: JSON of the job.
+    JobState {
+        /// The job.
+        job: String,
+    },
+    /// At a migration's switchover: the chunks of `disk` written at the source since the
+    /// destination's last sync round; the destination's export fetches them again on demand.
+    ExportInvalidate {
+        /// The disk.
+        disk: String,
+        /// Chunk indexes.
+        chunks: Vec<u64>,
+    },
+    /// Reply to `ExportInvalidate`: how many chunks were made absent.
+    Invalidated {
+        /// Chunks now absent.
+        count: u64,
+    },
 }
 
 /// A header with its payload.

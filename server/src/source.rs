@@ -274,6 +274,11 @@ impl Source {
                 Message::Ping { id } => Frame::new(Message::Pong { id }),
                 Message::VmIncoming { spec } => crate::vmpeer::incoming(self.vm_peer(), spec).await,
                 Message::VmCheck { spec } => crate::vmpeer::check(self.vm_peer(), spec).await,
+                msg @ (Message::JobStart { .. }
+                | Message::JobQuery { .. }
+                | Message::ExportInvalidate { .. }) => {
+                    crate::vmpeer::jobs(self.vm_peer(), msg).await
+                }
                 Message::Tunnel { vm } => {
                     break crate::vmpeer::tunnel(self.vm_peer(), &vm, &mut reader, &tx).await;
                 }

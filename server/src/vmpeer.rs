@@ -20,6 +20,15 @@ pub trait VmPeer: Send + Sync + 'static {
     fn incoming(&self, spec: String) -> futures::future::BoxFuture<'static, Result<(), String>>;
     /// Whether a VM of `spec` could come here (nothing is started): JSON of the findings.
     fn check(&self, spec: String) -> futures::future::BoxFuture<'static, Result<String, String>>;
+    /// Starts a job here for the peer (JSON of a job spec); JSON of the job.
+    fn start_job(
+        &self,
+        spec: String,
+    ) -> futures::future::BoxFuture<'static, Result<String, String>>;
+    /// JSON of a job.
+    fn job(&self, id: &str) -> Result<String, String>;
+    /// Makes `chunks` of the export of `disk` absent; how many.
+    fn invalidate(&self, disk: &str, chunks: &[u64]) -> Result<u64, String>;
     /// The unix socket a tunnel for `vm` connects to (its QEMU's incoming socket).
     fn tunnel_target(&self, vm: &str) -> Result<PathBuf, String>;
 }
@@ -50,6 +59,25 @@ pub async fn check(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
     };
     match p.check(spec).await {
         Ok(report) => Frame::new(Message::VmCheckOk { report }),
+        Err(e) => refused(e),
+    }
+}
+
+/// Answers `JobStart`, `JobQuery` and `ExportInvalidate`.
+pub async fn jobs(peer: Option<Arc<dyn VmPeer>>, msg: Message) -> Frame {
+    let Some(p) = peer else {
+        return refused("this source runs no jobs (it is not an agent)".into());
+    };
+    let answer = match msg {
+        Message::JobStart { spec } => p.start_job(spec).await.map(|job| Message::JobState { job }),
+        Message::JobQuery { id } => p.job(&id).map(|job| Message::JobState { job }),
+        Message::ExportInvalidate { disk, chunks } => p
+            .invalidate(&disk, &chunks)
+            .map(|count| Message::Invalidated { count }),
+        _ => Err("not a job request".into()),
+    };
+    match answer {
+        Ok(m) => Frame::new(m),
         Err(e) => refused(e),
     }
 }

@@ -440,3 +440,114 @@ fn a_migration_that_cannot_converge_aborts_when_asked() {
         s.b.api("GET", "/v1/vms/g1", None).0 == 404
     });
 }
+
+#[test]
+fn a_vm_moves_with_its_disk_replicated_and_every_record_survives_the_cut() {
+    let Some((kernel, initrd)) = sample_guest("a_vm_moves_with_its_disk") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    helio_ok(&["pki", "init", pki.join("ca").to_str().unwrap()]);
+    for n in ["a", "b"] {
+        let (ca, out) = (pki.join("ca"), pki.join(n));
+        helio_ok(&[
+            "pki",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--name",
+            n,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    let (sa, sb) = (dir.path().join("a"), dir.path().join("b"));
+    let _reapers = (QemuReaper(sa.clone()), QemuReaper(sb.clone()));
+    let a = TestAgent::start("a", &sa, &["--tls", pki.join("a").to_str().unwrap()]);
+    let b = TestAgent::start("b", &sb, &["--tls", pki.join("b").to_str().unwrap()]);
+    // Both directions cross an emulated WAN: b seeds from a through one link, a streams to b
+    // through the other.
+    let link = ["--rtt", "20ms", "--bandwidth", "200Mbit"];
+    let to_b = wan_proxy(&b.proc.addr, &link, &dir.path().join("wan-b.log"));
+    let to_a = wan_proxy(&a.proc.addr, &link, &dir.path().join("wan-a.log"));
+    let img = dir.path().join("d1.raw");
+    let disk = serde_json::json!({"name": "d1", "path": img, "size": 64 << 20}).to_string();
+    a.api_ok("POST", "/v1/disks", Some(&disk), 201);
+    let spec = serde_json::json!({
+        "name": "g1", "memory_mib": 192,
+        "boot": {"kernel": kernel, "initrd": initrd,
+                 "cmdline": "console=ttyS0 quiet helio.disk=/dev/vda helio.disk_rate=50 helio.mem_mib=32 helio.mem_rate=2000"},
+        "disks": ["d1"],
+    });
+    a.api_ok("POST", "/v1/vms", Some(&spec.to_string()), 201);
+    let serial_a = sa.join("vms/g1/serial.log");
+    wait_for(90, "the guest's first disk records", || {
+        console(&serial_a).1 > 0
+    });
+
+    let mig = serde_json::json!({"vm": "g1", "to": to_b.addr, "source_addr": to_a.addr});
+    let m = a.api_ok("POST", "/v1/migrations", Some(&mig.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    let mut phases = vec![];
+    wait_for(300, "the migration with its disk", || {
+        let m = migration(&a, &id);
+        assert_ne!(
+            m["phase"],
+            "failed",
+            "{m}\nA:\n{}\nB:\n{}",
+            a.proc.log(),
+            b.proc.log()
+        );
+        let p = m["phase"].as_str().unwrap().to_string();
+        if phases.last() != Some(&p) {
+            phases.push(p);
+        }
+        m["phase"] == "completed"
+    });
+    let m = migration(&a, &id);
+    eprintln!("phases seen: {phases:?}\nmigration: {m}");
+    assert!(
+        m["figures"]["seed"]["d1"]["chunks_total"]
+            .as_u64()
+            .is_some(),
+        "{m}"
+    );
+    assert!(m["figures"]["switchover_chunks"].as_u64().is_some(), "{m}");
+    let serial_b = sb.join("vms/g1/serial.log");
+    wait_for(30, "ticks at b", || {
+        ticks(&serial_b).is_some_and(|(f, l)| l > f + 100)
+    });
+    let (_, last_a) = ticks(&serial_a).unwrap();
+    let (first_b, _) = ticks(&serial_b).unwrap();
+    assert_eq!(
+        first_b,
+        last_a + 1,
+        "tick sequence gap: a ended at {last_a}, b began at {first_b}"
+    );
+    let acked_before = console(&serial_b).1;
+    wait_for(60, "disk records acknowledged at b", || {
+        console(&serial_b).1 > acked_before + 100
+    });
+    helio_ok(&["vm", "stop", "g1", "--agent", &b.url]);
+    let (_, acked) = console(&serial_b);
+    // b's disk, read through its export by qemu-img: every record, from before and after the cut.
+    let copy = dir.path().join("b-disk.raw");
+    let uri = common::nbd_uri(&sb.join("exports/d1.sock"), "d1");
+    common::run_ok(
+        "qemu-img",
+        &["convert", "-O", "raw", &uri, copy.to_str().unwrap()],
+    );
+    let records = agent::guest::check(&copy).unwrap();
+    assert_eq!(
+        (records.corrupt, records.misplaced, records.boots),
+        (0, 0, 1),
+        "{records:?}"
+    );
+    assert!(
+        records.max_seq >= acked,
+        "acknowledged record {acked} missing at b: {records:?}"
+    );
+    eprintln!("records at b after the move: {records:?}, last acknowledged {acked}");
+    assert_eq!(a.api_ok("GET", "/v1/vms/g1", None, 200)["state"], "moved");
+}

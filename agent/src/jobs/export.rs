@@ -2,7 +2,7 @@
 //! agent), absent chunks fetched from the source on demand and by a background copier. It
 //! serves until cancelled; cancelling stops the listener and syncs the replica.
 
-use super::{Jobs, PROGRESS_EVERY};
+use super::{lock, Jobs, PROGRESS_EVERY};
 use crate::error::Result;
 use crate::model::Job;
 use server::export::{ExportOptions, Exported, ReplicaDevice};
@@ -39,7 +39,12 @@ impl Jobs {
             )),
         }];
         let serve = tokio::spawn(listener.run(exports, None));
-        let copier = tokio::spawn(dev.clone().background_copy());
+        let mut copier = tokio::spawn(dev.clone().background_copy());
+        let socket = match &addr {
+            NbdAddr::Unix(p) => Some(p.clone()),
+            NbdAddr::Tcp(_) => None,
+        };
+        lock(&self.exports).insert(job.spec.disk.clone(), (dev.clone(), socket));
         self.set_phase(&mut job, "transferring", &format!("serving on {where_}"))?;
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         loop {
@@ -48,6 +53,14 @@ impl Jobs {
                 _ = tick.tick() => {}
             }
             let s = dev.status(&where_, 0.0);
+            if s.absent_bytes > 0 && job.phase == "serving" {
+                // Invalidated at a migration's switchover: chunks to fetch again.
+                job.progress.bytes_done = s.present_bytes;
+                self.set_phase(&mut job, "transferring", "chunks the source wrote after the replica got them are fetched again (a switchover)")?;
+            }
+            if copier.is_finished() && s.absent_bytes > 0 {
+                copier = tokio::spawn(dev.clone().background_copy());
+            }
             job.progress.bytes_total = s.size_bytes;
             job.progress.bytes_done = job.progress.bytes_done.max(s.present_bytes);
             job.figures = serde_json::to_value(&s).unwrap_or_default();
@@ -61,6 +74,7 @@ impl Jobs {
                 tracing::warn!(job = %job.id, error = %e, "cannot store an export's progress");
             }
         }
+        lock(&self.exports).remove(&job.spec.disk);
         serve.abort();
         copier.abort();
         let d = dev.clone();
@@ -105,6 +119,28 @@ impl Jobs {
             .await
             .map_err(|e| e.to_string())?;
         Ok((dev, listener))
+    }
+
+    /// Makes `chunks` of the running export of `disk` absent (a migration's switchover).
+    pub fn invalidate(&self, disk: &str, chunks: &[u64]) -> Result<u64> {
+        let dev = lock(&self.exports)
+            .get(disk)
+            .map(|(d, _)| d.clone())
+            .ok_or_else(|| {
+                crate::error::AgentError::not_found(
+                    "export",
+                    disk,
+                    "start an export job of the disk first",
+                )
+            })?;
+        dev.invalidate(chunks).map_err(|e| {
+            crate::error::AgentError::Internal(format!("invalidating chunks of {disk:?}: {e}"))
+        })
+    }
+
+    /// The unix socket of the running export of `disk`, if any.
+    pub fn export_socket(&self, disk: &str) -> Option<std::path::PathBuf> {
+        lock(&self.exports).get(disk).and_then(|(_, s)| s.clone())
     }
 
     fn default_socket(&self, disk: &str) -> std::path::PathBuf {

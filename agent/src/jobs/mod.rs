@@ -52,7 +52,14 @@ pub struct Jobs {
     create: tokio::sync::Mutex<()>,
     /// Where exports' default sockets go.
     exports_dir: std::path::PathBuf,
+    /// Running exports by disk: the device and its unix socket.
+    exports: Mutex<HashMap<String, ExportEntry>>,
 }
+
+type ExportEntry = (
+    Arc<server::export::ReplicaDevice>,
+    Option<std::path::PathBuf>,
+);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Poisoned only if a holder panicked; entries are inserted and removed whole.
@@ -72,6 +79,7 @@ impl Jobs {
     ) -> Jobs {
         Jobs {
             exports_dir,
+            exports: Mutex::new(HashMap::new()),
             metrics,
             state,
             events,

@@ -66,6 +66,9 @@ pub struct Vms {
     nbd: PathBuf,
     host: accel::Accel,
     live: Arc<Mutex<HashMap<String, Live>>>,
+    /// Running export jobs: a disk that is not an image here may be one of them (a VM arriving
+    /// from a peer runs on its replica).
+    jobs: std::sync::OnceLock<Arc<crate::jobs::Jobs>>,
     /// One QMP connection per VM, shared (QEMU's monitor socket takes one client at a time).
     monitors: tokio::sync::Mutex<HashMap<String, Arc<qmp::Qmp>>>,
     /// Serialises create/start/stop/delete (each is short; QMP calls carry deadlines).
@@ -95,8 +98,23 @@ impl Vms {
             host: accel::detect(),
             live: Default::default(),
             monitors: Default::default(),
+            jobs: std::sync::OnceLock::new(),
             ops: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Lets VMs run on the exports of `jobs` (set once, after the jobs exist).
+    pub fn set_jobs(&self, jobs: Arc<crate::jobs::Jobs>) {
+        let _ = self.jobs.set(jobs);
+    }
+
+    /// Where disk `d` is served to QEMU: the agent's socket for an image disk, else the socket
+    /// of a running export of the replica.
+    fn disk_socket(&self, d: &str) -> Option<PathBuf> {
+        if self.disks.exists(d) {
+            return Some(self.nbd.clone());
+        }
+        self.jobs.get().and_then(|j| j.export_socket(d))
     }
 
     /// The accelerator `auto` gives on this host.
@@ -202,7 +220,7 @@ impl Vms {
         }
         let attached = self.attachments()?;
         for d in &spec.disks {
-            if !self.disks.exists(d) {
+            if self.disk_socket(d).is_none() {
                 return Err(AgentError::not_found(
                     "disk",
                     d,
@@ -287,7 +305,7 @@ impl Vms {
             return Ok(());
         }
         for d in &rec.spec.disks {
-            if !self.disks.exists(d) {
+            if self.disk_socket(d).is_none() {
                 return Err(AgentError::not_found(
                     "disk",
                     d,
@@ -296,7 +314,13 @@ impl Vms {
             }
         }
         let acc = accel::choose(&rec.spec.accel, &self.host).map_err(AgentError::Invalid)?;
-        let mut args = qemu::args(&rec.spec, acc.name, &dir, &self.nbd);
+        let sockets: Vec<PathBuf> = rec
+            .spec
+            .disks
+            .iter()
+            .filter_map(|d| self.disk_socket(d))
+            .collect();
+        let mut args = qemu::args(&rec.spec, acc.name, &dir, &sockets);
         if rec.incoming {
             args.extend(["-incoming".into(), "defer".into()]);
         }
@@ -361,8 +385,25 @@ impl Vms {
 
     /// Whether a VM of `spec` could come here: the spec checks out (its disks exist), no VM of
     /// that name runs here, QEMU runs, and the host has the memory free. What was found.
-    pub async fn check_incoming(&self, spec: &VmSpec) -> Result<serde_json::Value> {
-        self.check_spec(spec)?;
+    /// With `replicate` the disks come later (seeded into the store, served by an export job):
+    /// they must only not be image disks here, which QEMU would be given instead.
+    pub async fn check_incoming(
+        &self,
+        spec: &VmSpec,
+        replicate: bool,
+    ) -> Result<serde_json::Value> {
+        if replicate {
+            if let Some(d) = spec.disks.iter().find(|d| self.disks.exists(d)) {
+                return Err(AgentError::Conflict(format!(
+                    "disk {d:?} is an image disk here: a replicated disk of that name cannot come"
+                )));
+            }
+            let mut bare = spec.clone();
+            bare.disks.clear();
+            self.check_spec(&bare)?;
+        } else {
+            self.check_spec(spec)?;
+        }
         if let Ok(rec) = self.record(&spec.name) {
             if rec
                 .pid

@@ -42,8 +42,9 @@ impl VmDir {
     }
 }
 
-/// QEMU's arguments for `spec` with accelerator `accel`, its disks on the NBD socket `nbd`.
-pub fn args(spec: &VmSpec, accel: &str, dir: &VmDir, nbd: &Path) -> Vec<String> {
+/// QEMU's arguments for `spec` with accelerator `accel`, disk `i` on the NBD socket `nbd[i]`
+/// (the export named as the disk).
+pub fn args(spec: &VmSpec, accel: &str, dir: &VmDir, nbd: &[PathBuf]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "-name".into(),
         format!("{},process=helio-vm-{}", spec.name, spec.name),
@@ -82,7 +83,7 @@ pub fn args(spec: &VmSpec, accel: &str, dir: &VmDir, nbd: &Path) -> Vec<String> 
             a.extend(["-append".into(), c.clone()]);
         }
     }
-    for (i, disk) in spec.disks.iter().enumerate() {
+    for ((i, disk), nbd) in spec.disks.iter().enumerate().zip(nbd) {
         let node = serde_json::json!({
             "driver": "nbd",
             "node-name": format!("disk{i}"),

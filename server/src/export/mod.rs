@@ -277,6 +277,37 @@ impl ReplicaDevice {
         self.absent.load(Ordering::SeqCst)
     }
 
+    /// Makes `chunks` absent again: the source wrote them after the replica got them (a
+    /// migration's switchover says which). Their records are forgotten durably first; then
+    /// reads fetch them. Chunks written here keep the local bytes. How many became absent.
+    pub fn invalidate(&self, chunks: &[u64]) -> Result<u64, DeviceError> {
+        let n = self.g.chunk_count();
+        if let Some(bad) = chunks.iter().find(|&&c| c >= n) {
+            return Err(DeviceError::io(format!(
+                "chunk {bad} is beyond disk {:?} ({n} chunks)",
+                self.name
+            )));
+        }
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<u64> = chunks
+            .iter()
+            .copied()
+            .filter(|&c| !matches!(self.state(c), ABSENT | WRITTEN))
+            .collect();
+        {
+            let mut rec = lock(&self.records);
+            rec.forget(&stale).map_err(store_err)?;
+            rec.commit().map_err(store_err)?;
+        }
+        for &c in &stale {
+            let _stripe = lock(&self.stripes[self.stripe(c)]);
+            if self.states[c as usize].swap(ABSENT, Ordering::SeqCst) != ABSENT {
+                self.absent.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Ok(stale.len() as u64)
+    }
+
     /// True when every chunk is local.
     pub fn is_complete(&self) -> bool {
         self.absent_chunks() == 0

@@ -21,6 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+mod disk;
+
+use disk::Ctl;
+
 const KIND: &str = "migration";
 /// How often QEMU's migration status is read.
 const POLL: Duration = Duration::from_millis(100);
@@ -30,6 +34,9 @@ const TUNNEL_WAIT: Duration = Duration::from_secs(30);
 /// The migrations of this (source) agent.
 pub struct Migrations {
     state: Arc<State>,
+    disks: Arc<crate::disks::Disks>,
+    /// This agent's replication listener, which destinations seed from by default.
+    listen: Option<String>,
     events: Arc<Events>,
     vms: Arc<Vms>,
     tls: Option<protocol::tls::TlsClient>,
@@ -47,8 +54,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Migrations {
     /// The migrations of `state`, dialing peers as agent `agent`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: Arc<State>,
+        disks: Arc<crate::disks::Disks>,
+        listen: Option<String>,
         events: Arc<Events>,
         vms: Arc<Vms>,
         tls: Option<protocol::tls::TlsClient>,
@@ -56,6 +66,8 @@ impl Migrations {
     ) -> Migrations {
         Migrations {
             state,
+            disks,
+            listen,
             events,
             vms,
             tls,
@@ -110,16 +122,15 @@ impl Migrations {
         }
         match spec.disk.as_deref().unwrap_or("replicate") {
             "shared" => {}
-            "replicate" => {
-                return Err(AgentError::Invalid(format!(
-                    "disk \"replicate\" (moving VM {:?}'s disks in the same job) is not in this build yet; \
-                     pass \"disk\": \"shared\" when both hosts reach the disks",
-                    spec.vm
-                )))
+            "replicate" if spec.source_addr.is_none() && self.listen.is_none() => {
+                return Err(AgentError::Invalid(
+                    "disk \"replicate\" needs this agent's replication listener (--listen) or a source_addr the destination can reach".into(),
+                ))
             }
+            "replicate" => {}
             other => {
                 return Err(AgentError::Invalid(format!(
-                    "disk {other:?}: use \"shared\" (or \"replicate\", coming)"
+                    "disk {other:?}: use \"replicate\" or \"shared\""
                 )))
             }
         }
@@ -317,51 +328,74 @@ impl Migrations {
                 .finish(m, "completed", &why, None)
                 .map_err(|e| e.to_string());
         }
-        let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
-        let started = std::time::Instant::now();
-        conn.send(&Frame::new(Message::VmIncoming { spec: spec_json }))
-            .await
-            .map_err(|e| e.to_string())?;
-        match conn.recv().await.map_err(|e| e.to_string())?.msg {
-            Message::VmIncomingReady => {}
-            Message::Error { message, .. } => {
-                return Err(format!(
-                    "the destination cannot take VM {:?}: {message}",
-                    spec.name
-                ))
-            }
-            other => return Err(format!("the destination answered {other:?} to VmIncoming")),
+        let store_id = m.figures["prediction"]["destination"]["store_id"]
+            .as_str()
+            .and_then(unhex)
+            .ok_or("the destination did not say its store id")?;
+        let mut ctl = Ctl {
+            conn,
+            store_id,
+            exports: Vec::new(),
+        };
+        if m.spec.disk.as_deref() != Some("shared") {
+            let source = m
+                .spec
+                .source_addr
+                .clone()
+                .or(self.listen.clone())
+                .unwrap_or_default();
+            self.move_disks(m, &mut ctl, &spec.disks, &source).await?;
         }
-        m.figures["destination_ready_ms"] = (started.elapsed().as_millis() as u64).into();
-        self.set_phase(
-            m,
-            "precopy",
-            &format!("QEMU waits at {addr}; memory and device state stream through the agents"),
-        )
-        .map_err(|e| e.to_string())?;
+        self.start_incoming(m, &mut ctl, &spec, &addr).await?;
         let tunnel = self.open_tunnel(&spec.name, &addr).await?;
-        self.precopy(m, &spec.name).await?;
+        self.precopy(m, &spec.name, &mut ctl).await?;
         let (sent, received) = tokio::time::timeout(Duration::from_secs(30), tunnel)
             .await
             .map_err(|_| "the stream did not end after QEMU completed".to_string())?
             .map_err(|e| format!("the tunnel task failed: {e}"))??;
         m.figures["tunnel_bytes_sent"] = sent.into();
         m.figures["tunnel_bytes_received"] = received.into();
+        m.progress.bytes_done = m.progress.bytes_total.max(m.progress.bytes_done);
+        if !ctl.exports.is_empty() {
+            let why = "the VM runs at the destination; chunks it lacks come on demand and in the background";
+            self.set_phase(m, "running_at_destination", why)
+                .map_err(|e| e.to_string())?;
+            self.await_exports(m, &mut ctl).await?;
+        }
         self.vms
             .mark_moved(&spec.name, &m.spec.to)
             .await
             .map_err(|e| e.to_string())?;
-        m.progress.bytes_done = m.progress.bytes_total.max(m.progress.bytes_done);
-        self.finish(
-            m,
-            "completed",
-            &format!(
-                "VM {:?} runs at {}; the source QEMU is stopped",
-                spec.name, m.spec.to
-            ),
-            None,
-        )
-        .map_err(|e| e.to_string())
+        let why = format!("VM {:?} runs at {}; the source QEMU is stopped, its disks kept as the base for the way back", spec.name, m.spec.to);
+        self.finish(m, "completed", &why, None)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The destination starts QEMU waiting for the stream (`precopy` begins).
+    async fn start_incoming(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        spec: &crate::model::VmSpec,
+        addr: &str,
+    ) -> std::result::Result<(), String> {
+        let started = std::time::Instant::now();
+        let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+        match disk::ask(&mut ctl.conn, Message::VmIncoming { spec: spec_json }).await {
+            Ok(Message::VmIncomingReady) => {}
+            Ok(other) => return Err(format!("the destination answered {other:?} to VmIncoming")),
+            Err(e) => {
+                return Err(format!(
+                    "the destination cannot take VM {:?}: {e}",
+                    spec.name
+                ))
+            }
+        }
+        m.figures["destination_ready_ms"] = (started.elapsed().as_millis() as u64).into();
+        let why =
+            format!("QEMU waits at {addr}; memory and device state stream through the agents");
+        self.set_phase(m, "precopy", &why)
+            .map_err(|e| e.to_string())
     }
 
     /// `checking`: the round trip to the destination, whether it can take the VM, the VM's
@@ -378,7 +412,11 @@ impl Migrations {
             .map_err(|e| e.to_string())?;
         conn.recv().await.map_err(|e| e.to_string())?;
         let rtt = t.elapsed().as_secs_f64();
-        let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+        let request = CheckRequest {
+            spec: spec.clone(),
+            replicate: m.spec.disk.as_deref() != Some("shared"),
+        };
+        let spec_json = serde_json::to_string(&request).map_err(|e| e.to_string())?;
         conn.send(&Frame::new(Message::VmCheck { spec: spec_json }))
             .await
             .map_err(|e| e.to_string())?;
@@ -483,7 +521,12 @@ impl Migrations {
     /// Steers QEMU's migration to completion: `migrate`, then the status polled until
     /// `completed`, the switchover at `pre-switchover`, divergence handled as `on_diverge`
     /// says, a manual switchover held in `ready` until let go.
-    async fn precopy(&self, m: &mut Migration, vm: &str) -> std::result::Result<(), String> {
+    async fn precopy(
+        &self,
+        m: &mut Migration,
+        vm: &str,
+        ctl: &mut Ctl,
+    ) -> std::result::Result<(), String> {
         let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
         self.configure(&q, m).await?;
         let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -501,7 +544,7 @@ impl Migrations {
                 Ok(i) => i,
                 Err(e) => break Err(e),
             };
-            match self.step(m, &q, &info, &mut w, &go).await {
+            match self.step(m, &q, &info, &mut w, &go, ctl).await {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e) => break Err(e),
@@ -519,6 +562,7 @@ impl Migrations {
         info: &serde_json::Value,
         w: &mut Watch,
         go: &std::sync::atomic::AtomicBool,
+        ctl: &mut Ctl,
     ) -> std::result::Result<bool, String> {
         let status = info["status"].as_str().unwrap_or("unknown");
         if self.note_progress(m, info, w) {
@@ -526,12 +570,14 @@ impl Migrations {
         }
         match status {
             "pre-switchover" => {
-                self.set_phase(
-                    m,
-                    "switchover",
-                    "the source VM is paused at the cut; shared disks need nothing moved",
-                )
-                .map_err(|e| e.to_string())?;
+                let why = if ctl.exports.is_empty() {
+                    "the source VM is paused at the cut; shared disks need nothing moved"
+                } else {
+                    "the source VM is paused at the cut, its disks flushed: the chunks written since the last round are made absent at the destination"
+                };
+                self.set_phase(m, "switchover", why)
+                    .map_err(|e| e.to_string())?;
+                self.cut_disks(m, ctl).await?;
                 q.json(qmp::MigrateContinue(
                     serde_json::json!({"state": "pre-switchover"}),
                 ))
@@ -681,6 +727,18 @@ impl Watch {
 pub struct Incoming {
     /// The VMs.
     pub vms: Arc<Vms>,
+    /// The jobs (seeds, syncs and exports the source asks for).
+    pub jobs: Arc<crate::jobs::Jobs>,
+    /// This agent's store id (the source cuts the disk's dirty list for this replica).
+    pub store_id: [u8; 16],
+}
+
+/// What `VmCheck` carries: the spec, and whether the disks are to be replicated.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    spec: crate::model::VmSpec,
+    replicate: bool,
 }
 
 impl server::vmpeer::VmPeer for Incoming {
@@ -701,12 +759,41 @@ impl server::vmpeer::VmPeer for Incoming {
         spec: String,
     ) -> futures::future::BoxFuture<'static, std::result::Result<String, String>> {
         let vms = self.vms.clone();
+        let store_id = hex(&self.store_id);
         Box::pin(async move {
-            let spec: crate::model::VmSpec =
-                serde_json::from_str(&spec).map_err(|e| format!("VM spec: {e}"))?;
-            let found = vms.check_incoming(&spec).await.map_err(|e| e.to_string())?;
+            let req: CheckRequest =
+                serde_json::from_str(&spec).map_err(|e| format!("VM check: {e}"))?;
+            let mut found = vms
+                .check_incoming(&req.spec, req.replicate)
+                .await
+                .map_err(|e| e.to_string())?;
+            found["store_id"] = store_id.into();
             Ok(found.to_string())
         })
+    }
+
+    fn start_job(
+        &self,
+        spec: String,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<String, String>> {
+        let jobs = self.jobs.clone();
+        Box::pin(async move {
+            let spec: crate::model::JobSpec =
+                serde_json::from_str(&spec).map_err(|e| format!("job spec: {e}"))?;
+            let (job, _) = jobs.create(spec, None).await.map_err(|e| e.to_string())?;
+            serde_json::to_string(&job).map_err(|e| e.to_string())
+        })
+    }
+
+    fn job(&self, id: &str) -> std::result::Result<String, String> {
+        let job = self.jobs.show(id).map_err(|e| e.to_string())?;
+        serde_json::to_string(&job).map_err(|e| e.to_string())
+    }
+
+    fn invalidate(&self, disk: &str, chunks: &[u64]) -> std::result::Result<u64, String> {
+        self.jobs
+            .invalidate(disk, chunks)
+            .map_err(|e| e.to_string())
     }
 
     fn tunnel_target(&self, vm: &str) -> std::result::Result<std::path::PathBuf, String> {
@@ -715,6 +802,23 @@ impl server::vmpeer::VmPeer for Incoming {
         }
         Ok(self.vms.incoming_socket(vm))
     }
+}
+
+/// Lower-case hex of a store id.
+pub fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A store id from [`hex`].
+fn unhex(s: &str) -> Option<[u8; 16]> {
+    let mut id = [0u8; 16];
+    if s.len() != 32 {
+        return None;
+    }
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
 }
 
 /// Assumed when the migration names no bandwidth (said in the prediction).

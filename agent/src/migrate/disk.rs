@@ -1,0 +1,184 @@
+//! Moving a VM's disks in its migration (`disk: replicate`): the destination agent seeds and
+//! syncs the disks from this agent and serves each replica through an export job, on which its
+//! QEMU starts; at the switchover this agent tells it which chunks the VM wrote since the last
+//! round, which its exports then fetch on demand: the disk's last round costs one round trip
+//! of downtime, not its data.
+
+use super::{Migration, Migrations};
+use crate::model::Job;
+use protocol::{Conn, Frame, Message};
+use std::time::Duration;
+
+/// How often the destination's jobs are asked how they are doing.
+const JOB_POLL: Duration = Duration::from_millis(300);
+/// Sync rounds at most before the memory moves.
+const MAX_ROUNDS: usize = 5;
+/// A round that shipped no more than this is small enough to move on.
+const SMALL_ROUND: u64 = 8 << 20;
+
+/// The control connection to the destination agent and what the disks' move needs.
+pub struct Ctl {
+    /// The connection (the replication protocol, mutual TLS).
+    pub conn: Conn,
+    /// The destination store's id (the replica the dirty lists are cut for).
+    pub store_id: [u8; 16],
+    /// The export job serving each disk at the destination.
+    pub exports: Vec<(String, String)>,
+}
+
+/// Sends `msg` and returns the answer; an error answer is an `Err` with its words.
+pub async fn ask(conn: &mut Conn, msg: Message) -> Result<Message, String> {
+    conn.send(&Frame::new(msg))
+        .await
+        .map_err(|e| e.to_string())?;
+    match conn.recv().await.map_err(|e| e.to_string())?.msg {
+        Message::Error { message, .. } => Err(message),
+        other => Ok(other),
+    }
+}
+
+async fn job_call(conn: &mut Conn, msg: Message) -> Result<Job, String> {
+    match ask(conn, msg).await? {
+        Message::JobState { job } => serde_json::from_str(&job).map_err(|e| format!("job: {e}")),
+        other => Err(format!("the destination answered {other:?} about a job")),
+    }
+}
+
+impl Migrations {
+    /// Runs a job at the destination until it ends (`until` phases also count as the end);
+    /// its progress is this migration's.
+    async fn remote_job(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        spec: serde_json::Value,
+        until: &[&str],
+    ) -> Result<Job, String> {
+        let job = job_call(
+            &mut ctl.conn,
+            Message::JobStart {
+                spec: spec.to_string(),
+            },
+        )
+        .await?;
+        loop {
+            let j = job_call(&mut ctl.conn, Message::JobQuery { id: job.id.clone() }).await?;
+            m.progress.bytes_total = m.progress.bytes_total.max(j.progress.bytes_total);
+            m.progress.rate_bps = j.progress.rate_bps;
+            match j.phase.as_str() {
+                "done" => return Ok(j),
+                p if until.contains(&p) => return Ok(j),
+                "failed" | "cancelled" => {
+                    return Err(format!(
+                        "the destination's {} job {} {}: {}",
+                        j.kind,
+                        j.id,
+                        j.phase,
+                        j.error.clone().unwrap_or_default()
+                    ))
+                }
+                _ => tokio::time::sleep(JOB_POLL).await,
+            }
+        }
+    }
+
+    /// `seeding` and `syncing` of every disk, then an export of each at the destination.
+    pub(super) async fn move_disks(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        disks: &[String],
+        source: &str,
+    ) -> Result<(), String> {
+        let phase = |s: &Self, m: &mut Migration, p: &str, why: String| {
+            s.set_phase(m, p, &why).map_err(|e| e.to_string())
+        };
+        for d in disks {
+            phase(
+                self,
+                m,
+                "seeding",
+                format!("disk {d:?}: the chunks the destination lacks"),
+            )?;
+            let spec = serde_json::json!({"kind": "seed", "disk": d, "from": source});
+            let j = self.remote_job(m, ctl, spec, &[]).await?;
+            m.figures["seed"][d] = j.figures;
+            for round in 1..=MAX_ROUNDS {
+                phase(self, m, "syncing", format!("disk {d:?}: round {round}"))?;
+                let spec = serde_json::json!({"kind": "sync", "disk": d, "from": source});
+                let j = self.remote_job(m, ctl, spec, &[]).await?;
+                let shipped = j.figures["rounds"][0]["dirty_bytes"].as_u64().unwrap_or(0);
+                m.figures["sync_rounds"][d][round.to_string()] = j.figures["rounds"][0].clone();
+                if shipped <= SMALL_ROUND {
+                    break;
+                }
+            }
+            let spec = serde_json::json!({"kind": "export", "disk": d, "from": source});
+            let j = self
+                .remote_job(m, ctl, spec, &["transferring", "serving"])
+                .await?;
+            ctl.exports.push((d.clone(), j.id));
+        }
+        Ok(())
+    }
+
+    /// At the cut (the source VM paused, its disks flushed): the chunks written since each
+    /// replica's last round, made absent in the destination's exports.
+    pub(super) async fn cut_disks(&self, m: &mut Migration, ctl: &mut Ctl) -> Result<(), String> {
+        let t = std::time::Instant::now();
+        let mut total = 0;
+        for (d, _) in ctl.exports.clone() {
+            let chunks = self
+                .disks
+                .dirty_since(&d, &ctl.store_id)
+                .map_err(|e| e.to_string())?;
+            total += chunks.len();
+            match ask(
+                &mut ctl.conn,
+                Message::ExportInvalidate {
+                    disk: d.clone(),
+                    chunks,
+                },
+            )
+            .await?
+            {
+                Message::Invalidated { .. } => {}
+                other => {
+                    return Err(format!(
+                        "the destination answered {other:?} to ExportInvalidate"
+                    ))
+                }
+            }
+        }
+        m.figures["switchover_chunks"] = total.into();
+        m.figures["switchover_disk_ms"] = (t.elapsed().as_millis() as u64).into();
+        Ok(())
+    }
+
+    /// `running_at_destination`: until every export at the destination holds every chunk.
+    pub(super) async fn await_exports(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+    ) -> Result<(), String> {
+        for (d, id) in ctl.exports.clone() {
+            loop {
+                let j = job_call(&mut ctl.conn, Message::JobQuery { id: id.clone() }).await?;
+                match j.phase.as_str() {
+                    "serving" => {
+                        m.figures["export"][&d] = j.figures;
+                        break;
+                    }
+                    "transferring" => tokio::time::sleep(JOB_POLL).await,
+                    p => {
+                        return Err(format!(
+                            "the destination's export of {d:?} is {p}: {}",
+                            j.error.unwrap_or_default()
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
