@@ -118,6 +118,7 @@ impl Migrations {
                 .remote_job(m, ctl, spec, &["transferring", "serving"])
                 .await?;
             ctl.exports.push((d.clone(), j.id));
+            m.figures["export_jobs"] = serde_json::to_value(&ctl.exports).unwrap_or_default();
         }
         Ok(())
     }

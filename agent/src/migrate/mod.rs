@@ -235,9 +235,25 @@ impl Migrations {
 
     /// Migrations that had not ended when the agent stopped: the stream died with the agent,
     /// so QEMU's migration failed and the VM runs here; each is recorded as failed.
-    pub fn resume(&self) -> Result<()> {
+    pub fn resume(self: &Arc<Self>) -> Result<()> {
         for mut m in self.list()? {
             if m.ended() {
+                continue;
+            }
+            if m.phase == "running_at_destination" {
+                // Past the cut: the VM runs at the destination; only the wait for its exports
+                // and the source's clean-up are left.
+                let token = CancellationToken::new();
+                lock(&self.running).insert(m.id.clone(), token);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let id = m.id.clone();
+                    if let Err(e) = this.finish_moved(&mut m).await {
+                        let why = "the destination's exports could not be followed after a restart of the source agent";
+                        let _ = this.finish(&mut m, "failed", why, Some(e));
+                    }
+                    lock(&this.running).remove(&id);
+                });
                 continue;
             }
             let why = "the source agent restarted during the migration: its stream to the destination \
@@ -245,6 +261,33 @@ impl Migrations {
             self.finish(&mut m, "failed", why, Some(why.into()))?;
         }
         Ok(())
+    }
+
+    /// After a restart in `running_at_destination`: waits for the destination's exports again,
+    /// then stops the paused source QEMU and completes.
+    async fn finish_moved(&self, m: &mut Migration) -> std::result::Result<(), String> {
+        let addr = self.resolve(&m.spec.to).map_err(|e| e.to_string())?;
+        let conn = protocol::connect(&addr, self.tls.as_ref(), &self.agent)
+            .await
+            .map_err(|e| format!("destination agent {addr}: {e}"))?;
+        let exports: Vec<(String, String)> =
+            serde_json::from_value(m.figures["export_jobs"].clone()).unwrap_or_default();
+        let mut ctl = Ctl {
+            conn,
+            store_id: [0; 16],
+            exports,
+        };
+        self.await_exports(m, &mut ctl).await?;
+        self.vms
+            .mark_moved(&m.spec.vm, &m.spec.to)
+            .await
+            .map_err(|e| e.to_string())?;
+        let why = format!(
+            "VM {:?} runs at {} (followed after a restart of this agent)",
+            m.spec.vm, m.spec.to
+        );
+        self.finish(m, "completed", &why, None)
+            .map_err(|e| e.to_string())
     }
 
     fn set_phase(&self, m: &mut Migration, phase: &str, why: &str) -> Result<()> {
