@@ -583,7 +583,9 @@ impl Migrations {
         let mut w = Watch::new(manual);
         let result = loop {
             tokio::time::sleep(POLL).await;
-            let info = match q.json(qmp::QueryMigrate(serde_json::json!({}))).await {
+            let query = qmp::QueryMigrate(serde_json::json!({}));
+            let polled = q.run_within("query-migrate", query, qmp::MIGRATION_QMP_TIMEOUT);
+            let info = match polled.await {
                 Ok(i) => i,
                 Err(e) => break Err(e),
             };

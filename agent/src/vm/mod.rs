@@ -239,6 +239,31 @@ impl Vms {
         Ok(())
     }
 
+    /// Checks `spec` and records a new VM (not started; `incoming`: waiting for a stream).
+    fn record_new(&self, spec: &VmSpec, incoming: bool) -> Result<()> {
+        self.check_spec(spec)?;
+        let dir = self.vm_dir(&spec.name);
+        std::fs::create_dir_all(&dir.dir)
+            .map_err(AgentError::io(format!("creating {}", dir.dir.display())))?;
+        let rec = Record {
+            spec: spec.clone(),
+            want_running: false,
+            accel: None,
+            accel_reason: None,
+            pid: None,
+            started_at: None,
+            incoming,
+            moved_to: None,
+        };
+        self.state.put(KIND, &spec.name, &rec, true)?;
+        self.set_live(
+            &spec.name,
+            if incoming { "incoming" } else { "stopped" },
+            None,
+        );
+        Ok(())
+    }
+
     /// Disk name -> the VM it is attached to.
     pub fn attachments(&self) -> Result<HashMap<String, String>> {
         let mut out = HashMap::new();
@@ -263,22 +288,7 @@ impl Vms {
                 spec.name
             )));
         }
-        self.check_spec(&spec)?;
-        let dir = self.vm_dir(&spec.name);
-        std::fs::create_dir_all(&dir.dir)
-            .map_err(AgentError::io(format!("creating {}", dir.dir.display())))?;
-        let rec = Record {
-            spec: spec.clone(),
-            want_running: false,
-            accel: None,
-            accel_reason: None,
-            pid: None,
-            started_at: None,
-            incoming: false,
-            moved_to: None,
-        };
-        self.state.put(KIND, &spec.name, &rec, true)?;
-        self.set_live(&spec.name, "stopped", None);
+        self.record_new(&spec, false)?;
         if spec.start {
             if let Err(e) = self.start_locked(&spec.name).await {
                 // Nothing half-made: the VM that could not start is not left behind.
@@ -303,6 +313,13 @@ impl Vms {
         if let Some(pid) = rec.pid.filter(|p| qemu::alive(*p, &dir)) {
             tracing::debug!(vm = %name, pid, "start: already running");
             return Ok(());
+        }
+        if let Some(to) = &rec.moved_to {
+            // Its disks here are the base for the way back: a VM started on them would diverge
+            // from the one running there.
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} moved to {to} and runs there; migrate it back rather than start this copy"
+            )));
         }
         for d in &rec.spec.disks {
             if self.disk_socket(d).is_none() {
@@ -356,7 +373,7 @@ impl Vms {
     /// The VM's monitor, connecting when there is no live connection.
     pub async fn monitor(&self, name: &str) -> Result<Arc<qmp::Qmp>> {
         let mut monitors = self.monitors.lock().await;
-        if let Some(m) = monitors.get(name) {
+        if let Some(m) = monitors.get(name).filter(|m| m.usable()) {
             return Ok(m.clone());
         }
         let m = Arc::new(
@@ -499,22 +516,7 @@ impl Vms {
             }
         }
         spec.start = true;
-        self.check_spec(&spec)?;
-        let dir = self.vm_dir(&spec.name);
-        std::fs::create_dir_all(&dir.dir)
-            .map_err(AgentError::io(format!("creating {}", dir.dir.display())))?;
-        let rec = Record {
-            spec: spec.clone(),
-            want_running: false,
-            accel: None,
-            accel_reason: None,
-            pid: None,
-            started_at: None,
-            incoming: true,
-            moved_to: None,
-        };
-        self.state.put(KIND, &spec.name, &rec, true)?;
-        self.set_live(&spec.name, "incoming", None);
+        self.record_new(&spec, true)?;
         self.start_locked(&spec.name).await
     }
 

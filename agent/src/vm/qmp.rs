@@ -16,6 +16,12 @@ type Service = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
 pub struct Qmp {
     service: Service,
     reader: tokio::task::JoinHandle<()>,
+    /// One command at a time: without QMP's out-of-band capability the `qapi` client gives
+    /// every command the same id, and two in flight make it panic.
+    one: tokio::sync::Mutex<()>,
+    /// A command timed out: its answer may still come and would be taken for the next
+    /// command's; the connection is not used again.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Qmp {
@@ -44,16 +50,46 @@ impl Qmp {
             .await
             .map_err(|_| timed_out("connect"))??;
         let (service, reader) = stream.spawn_tokio();
-        Ok(Qmp { service, reader })
+        Ok(Qmp {
+            service,
+            reader,
+            one: tokio::sync::Mutex::new(()),
+            broken: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
-    /// Runs `cmd` with the deadline.
+    /// Runs `cmd` with the deadline; after a timeout the connection is broken for good.
     pub async fn run<C: qapi::qmp::QmpCommand>(&self, name: &str, cmd: C) -> Result<C::Ok, String> {
-        match tokio::time::timeout(QMP_TIMEOUT, self.service.execute(cmd)).await {
-            Err(_) => Err(timed_out(name)),
+        self.run_within(name, cmd, QMP_TIMEOUT).await
+    }
+
+    /// [`Qmp::run`] with another deadline: during a migration's final stop-and-copy QEMU holds
+    /// its main lock and answers only once the device state is sent (seconds, for a warm move
+    /// of a large memory).
+    pub async fn run_within<C: qapi::qmp::QmpCommand>(
+        &self,
+        name: &str,
+        cmd: C,
+        deadline: Duration,
+    ) -> Result<C::Ok, String> {
+        use std::sync::atomic::Ordering;
+        let _one = self.one.lock().await;
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(format!("QMP {name}: the monitor connection is broken (an earlier command timed out); reconnect"));
+        }
+        match tokio::time::timeout(deadline, self.service.execute(cmd)).await {
+            Err(_) => {
+                self.broken.store(true, Ordering::SeqCst);
+                Err(format!("QMP {name} got no answer within {deadline:?}: the monitor is stuck or QEMU is gone"))
+            }
             Ok(Err(e)) => Err(format!("QMP {name}: {e}")),
             Ok(Ok(v)) => Ok(v),
         }
+    }
+
+    /// Whether the connection may still be used.
+    pub fn usable(&self) -> bool {
+        !self.broken.load(std::sync::atomic::Ordering::SeqCst) && !self.reader.is_finished()
     }
 
     /// QEMU's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
@@ -96,6 +132,9 @@ json_command!(MigrateIncoming, "migrate-incoming");
 json_command!(MigrateContinue, "migrate-continue");
 json_command!(MigrateCancel, "migrate_cancel");
 json_command!(QueryMigrate, "query-migrate");
+
+/// Deadline of the commands a migration polls with (see [`Qmp::run_within`]).
+pub const MIGRATION_QMP_TIMEOUT: Duration = Duration::from_secs(120);
 json_command!(CalcDirtyRate, "calc-dirty-rate");
 json_command!(QueryDirtyRate, "query-dirty-rate");
 
