@@ -32,13 +32,14 @@ fn ticks(serial: &Path) -> Option<(u64, u64)> {
     Some((first, seq.next_back().unwrap_or(first)))
 }
 
+/// Fields drop in order: the reapers read the VMs' pidfiles before the directory goes.
 struct Sites {
-    _dir: tempfile::TempDir,
+    _reapers: (QemuReaper, QemuReaper),
     a: TestAgent,
     b: TestAgent,
     wan: common::Agent,
     img: std::path::PathBuf,
-    _reapers: (QemuReaper, QemuReaper),
+    _dir: tempfile::TempDir,
 }
 
 /// Agents a and b with certificates from one CA, b behind an emulated 20 ms, 200 Mbit/s link,
@@ -91,12 +92,12 @@ fn sites_dirtying(kernel: &Path, initrd: &Path, mem_rate: u32) -> Sites {
         console(&serial).1 > 0
     });
     Sites {
-        _dir: dir,
+        _reapers: reapers,
         a,
         b,
         wan,
         img,
-        _reapers: reapers,
+        _dir: dir,
     }
 }
 
