@@ -171,6 +171,7 @@ impl Agent {
             vms: vms.clone(),
             jobs: jobs.clone(),
             store_id: disks.store().id(),
+            disks: disks.clone(),
         }));
         let listen = serve_replication(opts.listen.as_deref(), tls_server.clone(), &source).await?;
         let migrations = Arc::new(crate::migrate::Migrations::new(
@@ -179,6 +180,7 @@ impl Agent {
             listen.clone(),
             events.clone(),
             vms.clone(),
+            jobs.clone(),
             tls_client.clone(),
             opts.name.clone(),
         ));

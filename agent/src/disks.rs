@@ -38,6 +38,8 @@ pub struct Disks {
     store: blockstore::Store,
     metrics: Metrics,
     open: Mutex<HashMap<String, Open>>,
+    /// Chunks patched into each disk since its last patch commit (a migration's way back).
+    patched: Mutex<HashMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,6 +67,7 @@ impl Disks {
             store,
             metrics,
             open: Mutex::new(HashMap::new()),
+            patched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,6 +232,77 @@ impl Disks {
             .map_err(|e| AgentError::Internal(format!("disk {name:?}: {e}")))?
             .unwrap_or(0);
         Ok(tracker.written_between(since, u64::MAX))
+    }
+
+    /// A migration's way back: writes chunk `index` of image disk `name` (zstd `data`, or
+    /// zeros) through its tracked export, so the disk's own tracking sees it. The caller
+    /// checked that no VM runs on the disk.
+    pub async fn patch(&self, name: &str, index: u64, zero: bool, data: &[u8]) -> Result<()> {
+        use server::nbd::Device;
+        let (device, g) = self.device(name)?;
+        if index >= g.chunk_count() {
+            return Err(AgentError::Invalid(format!(
+                "chunk {index} is beyond disk {name:?} ({} chunks)",
+                g.chunk_count()
+            )));
+        }
+        let (offset, len) = (g.offset(index), g.len(index));
+        let io = |e: server::nbd::DeviceError| {
+            AgentError::Internal(format!("patching chunk {index} of disk {name:?}: {e}"))
+        };
+        if zero {
+            let have = device.read(offset, len as u32).await.map_err(io)?;
+            if have.iter().any(|&b| b != 0) {
+                device
+                    .write_zeroes(offset, len as u32, false, false)
+                    .await
+                    .map_err(io)?;
+            }
+        } else {
+            // Bounded by the chunk's length: a peer cannot make this allocate more.
+            let bytes = zstd::bulk::decompress(data, len).map_err(|e| {
+                AgentError::Invalid(format!(
+                    "chunk {index} of disk {name:?} does not decompress: {e}"
+                ))
+            })?;
+            if bytes.len() != len {
+                return Err(AgentError::Invalid(format!(
+                    "chunk {index} of disk {name:?} holds {} bytes, not {len}",
+                    bytes.len()
+                )));
+            }
+            device.write(offset, bytes, false).await.map_err(io)?;
+        }
+        *lock(&self.patched).entry(name.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Makes the chunks patched into disk `name` durable; how many since the last commit.
+    pub async fn patch_commit(&self, name: &str) -> Result<u64> {
+        use server::nbd::Device;
+        let (device, _) = self.device(name)?;
+        device.flush().await.map_err(|e| {
+            AgentError::Internal(format!(
+                "flushing the chunks patched into disk {name:?}: {e}"
+            ))
+        })?;
+        Ok(lock(&self.patched).remove(name).unwrap_or(0))
+    }
+
+    fn device(&self, name: &str) -> Result<(Arc<Observed<TrackedImage>>, Geometry)> {
+        let g = lock(&self.open)
+            .get(name)
+            .map(|o| o.source.geometry)
+            .ok_or_else(|| {
+                AgentError::not_found("disk", name, "no image disk of that name here")
+            })?;
+        let exports = self.exports.read().unwrap_or_else(|p| p.into_inner());
+        let device = exports
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.device.clone())
+            .ok_or_else(|| AgentError::not_found("disk", name, "it is not exported here"))?;
+        Ok((device, g))
     }
 
     /// Whether disk `name` exists.

@@ -302,6 +302,27 @@ pub enum Message {
         /// Chunks now absent.
         count: u64,
     },
+    /// A migration's way back: one chunk the VM wrote at the sending agent, for the image
+    /// disk of the same name here (the base the VM left behind). Payload: the chunk,
+    /// zstd-compressed; empty when `zero`. No reply unless it fails (`PatchCommit` answers).
+    DiskPatch {
+        /// The disk.
+        disk: String,
+        /// The chunk's index.
+        index: u64,
+        /// The chunk is all zeros.
+        zero: bool,
+    },
+    /// Makes the `DiskPatch` chunks of `disk` sent so far durable.
+    PatchCommit {
+        /// The disk.
+        disk: String,
+    },
+    /// Reply to `PatchCommit`: how many chunks were applied since the last commit.
+    PatchCommitted {
+        /// Chunks applied.
+        chunks: u64,
+    },
 }
 
 /// A header with its payload.

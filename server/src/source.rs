@@ -279,6 +279,12 @@ impl Source {
                 | Message::ExportInvalidate { .. }) => {
                     crate::vmpeer::jobs(self.vm_peer(), msg).await
                 }
+                msg @ (Message::DiskPatch { .. } | Message::PatchCommit { .. }) => {
+                    match crate::vmpeer::patch(self.vm_peer(), msg, frame.payload.clone()).await {
+                        Some(answer) => answer,
+                        None => continue,
+                    }
+                }
                 Message::Tunnel { vm } => {
                     break crate::vmpeer::tunnel(self.vm_peer(), &vm, &mut reader, &tx).await;
                 }

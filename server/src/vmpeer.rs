@@ -29,6 +29,20 @@ pub trait VmPeer: Send + Sync + 'static {
     fn job(&self, id: &str) -> Result<String, String>;
     /// Makes `chunks` of the export of `disk` absent; how many.
     fn invalidate(&self, disk: &str, chunks: &[u64]) -> Result<u64, String>;
+    /// Applies one chunk of a way back to the image disk `disk` (`data` compressed, empty
+    /// when `zero`).
+    fn patch(
+        &self,
+        disk: String,
+        index: u64,
+        zero: bool,
+        data: bytes::Bytes,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+    /// Makes the chunks patched into `disk` durable; how many since the last commit.
+    fn patch_commit(
+        &self,
+        disk: String,
+    ) -> futures::future::BoxFuture<'static, Result<u64, String>>;
     /// The unix socket a tunnel for `vm` connects to (its QEMU's incoming socket).
     fn tunnel_target(&self, vm: &str) -> Result<PathBuf, String>;
 }
@@ -79,6 +93,29 @@ pub async fn jobs(peer: Option<Arc<dyn VmPeer>>, msg: Message) -> Frame {
     match answer {
         Ok(m) => Frame::new(m),
         Err(e) => refused(e),
+    }
+}
+
+/// Answers `DiskPatch` (nothing unless it fails) and `PatchCommit`.
+pub async fn patch(
+    peer: Option<Arc<dyn VmPeer>>,
+    msg: Message,
+    payload: bytes::Bytes,
+) -> Option<Frame> {
+    let Some(p) = peer else {
+        return Some(refused(
+            "this source takes no patches (it is not an agent)".into(),
+        ));
+    };
+    match msg {
+        Message::DiskPatch { disk, index, zero } => {
+            p.patch(disk, index, zero, payload).await.err().map(refused)
+        }
+        Message::PatchCommit { disk } => Some(match p.patch_commit(disk).await {
+            Ok(chunks) => Frame::new(Message::PatchCommitted { chunks }),
+            Err(e) => refused(e),
+        }),
+        _ => Some(refused("not a patch request".into())),
     }
 }
 

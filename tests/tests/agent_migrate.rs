@@ -32,6 +32,20 @@ fn ticks(serial: &Path) -> Option<(u64, u64)> {
     Some((first, seq.next_back().unwrap_or(first)))
 }
 
+/// The first tick on `serial` after tick `n`.
+fn ticks_after(serial: &Path, n: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(serial).ok()?;
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("tick ")?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .find(|&t| t > n)
+}
+
 /// Fields drop in order: the reapers read the VMs' pidfiles before the directory goes.
 struct Sites {
     _reapers: (QemuReaper, QemuReaper),
@@ -407,17 +421,30 @@ fn a_manual_switchover_is_refused_and_warm_mode_brings_the_vm_back() {
         assert_ne!(m["phase"], "failed", "{m}");
         m["phase"] == "completed"
     });
-    let warm = migration(&s.b, &id)["figures"]["downtime_ms"]
-        .as_u64()
-        .unwrap();
+    let figures = migration(&s.b, &id)["figures"].clone();
+    let warm = figures["downtime_ms"].as_u64().unwrap();
+    let ram = &figures["ram"];
+    let pages = |k: &str| ram[k].as_u64().unwrap();
     wait_for(30, "the VM running at a again", || {
         let vm = s.a.api_ok("GET", "/v1/vms/g1", None, 200);
         vm["state"] == "running" && vm["qemu_status"] == "running"
     });
-    eprintln!("downtime: live {live} ms, warm {warm} ms");
+    eprintln!("downtime: live {live} ms, warm {warm} ms; warm figures {figures}");
+    // Paused for the whole transfer: QEMU sent no byte while the guest ran, every page once,
+    // and the pause covers QEMU's whole migration.
+    assert_eq!(
+        pages("precopy-bytes"),
+        0,
+        "warm moved memory while the guest ran: {figures}"
+    );
+    assert_eq!(
+        pages("normal") + pages("duplicate"),
+        pages("total") / pages("page-size"),
+        "warm sent some page twice: {figures}"
+    );
     assert!(
-        warm > live,
-        "warm ({warm} ms) should pause for the whole transfer, live paused {live} ms"
+        warm >= figures["total_time_ms"].as_u64().unwrap(),
+        "{figures}"
     );
 }
 
@@ -450,7 +477,7 @@ fn a_migration_that_cannot_converge_aborts_when_asked() {
 }
 
 #[test]
-fn a_vm_moves_with_its_disk_replicated_and_every_record_survives_the_cut() {
+fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     let _serial = serial();
     let Some((kernel, initrd)) = sample_guest("a_vm_moves_with_its_disk") else {
         return;
@@ -538,7 +565,78 @@ fn a_vm_moves_with_its_disk_replicated_and_every_record_survives_the_cut() {
     wait_for(60, "disk records acknowledged at b", || {
         console(&serial_b).1 > acked_before + 100
     });
-    helio_ok(&["vm", "stop", "g1", "--agent", &b.url]);
+    assert_eq!(a.api_ok("GET", "/v1/vms/g1", None, 200)["state"], "moved");
+    // The copy left at a is the base for the way back, not a VM to start.
+    let (st, v) = a.api("POST", "/v1/vms/g1/start", None);
+    assert_eq!(st, 409, "{v}");
+
+    // The way back: only what the VM wrote at b moves; a's image, frozen at the cut, is the base.
+    let back = serde_json::json!({"vm": "g1", "to": to_a.addr, "source_addr": to_b.addr});
+    let m = b.api_ok("POST", "/v1/migrations", Some(&back.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(300, "the way back", || {
+        let m = migration(&b, &id);
+        assert_ne!(
+            m["phase"],
+            "failed",
+            "{m}\nA:\n{}\nB:\n{}",
+            a.proc.log(),
+            b.proc.log()
+        );
+        m["phase"] == "completed"
+    });
+    let m = migration(&b, &id);
+    eprintln!("the way back: {}", m["figures"]["return"]);
+    let ret = &m["figures"]["return"];
+    let (wire, written) = (
+        ret["disk_wire_bytes"].as_u64().unwrap(),
+        ret["written_compressed_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        written > 0,
+        "the guest wrote at b, yet nothing went back: {m}"
+    );
+    // The disk is 64 MiB: a way back that re-sent it would cross far more than what b wrote.
+    assert!(
+        wire < (16 << 20),
+        "the way back sent {wire} disk bytes for {written} compressed bytes written at b: {m}"
+    );
+    eprintln!(
+        "the way back: {wire} disk bytes on the wire for {written} compressed bytes written at b ({:.2}x)",
+        wire as f64 / written as f64
+    );
+    wait_for(30, "the VM running at a again", || {
+        let vm = a.api_ok("GET", "/v1/vms/g1", None, 200);
+        vm["state"] == "running" && vm["qemu_status"] == "running"
+    });
+    let (_, last_b) = ticks(&serial_b).unwrap();
+    wait_for(30, "ticks at a again", || {
+        ticks(&serial_a).is_some_and(|(_, l)| l > last_b + 100)
+    });
+    let first_back = ticks_after(&serial_a, last_a).unwrap();
+    assert_eq!(
+        first_back,
+        last_b + 1,
+        "tick sequence gap on the way back: b ended at {last_b}, a began again at {first_back}"
+    );
+    let acked_at_b = console(&serial_b).1;
+    wait_for(60, "disk records acknowledged at a again", || {
+        console(&serial_a).1 > acked_at_b + 100
+    });
+    helio_ok(&["vm", "stop", "g1", "--agent", &a.url]);
+    let (_, acked) = console(&serial_a);
+    // a's image: every record, written at a before the first move, at b, and at a again.
+    let records = agent::guest::check(&img).unwrap();
+    assert_eq!(
+        (records.corrupt, records.misplaced, records.boots),
+        (0, 0, 1),
+        "{records:?}"
+    );
+    assert!(
+        records.max_seq >= acked,
+        "acknowledged record {acked} missing at a: {records:?}"
+    );
+    eprintln!("records at a after the way back: {records:?}, last acknowledged {acked}");
     let (_, acked) = console(&serial_b);
     // b's disk, read through its export by qemu-img: every record, from before and after the cut.
     let copy = dir.path().join("b-disk.raw");
@@ -558,8 +656,4 @@ fn a_vm_moves_with_its_disk_replicated_and_every_record_survives_the_cut() {
         "acknowledged record {acked} missing at b: {records:?}"
     );
     eprintln!("records at b after the move: {records:?}, last acknowledged {acked}");
-    assert_eq!(a.api_ok("GET", "/v1/vms/g1", None, 200)["state"], "moved");
-    // The copy left at a is the base for the way back, not a VM to start.
-    let (st, v) = a.api("POST", "/v1/vms/g1/start", None);
-    assert_eq!(st, 409, "{v}");
 }

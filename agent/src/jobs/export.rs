@@ -138,6 +138,11 @@ impl Jobs {
         })
     }
 
+    /// The device of the running export of `disk`, if any.
+    pub fn export_device(&self, disk: &str) -> Option<Arc<server::export::ReplicaDevice>> {
+        lock(&self.exports).get(disk).map(|(d, _)| d.clone())
+    }
+
     /// The unix socket of the running export of `disk`, if any.
     pub fn export_socket(&self, disk: &str) -> Option<std::path::PathBuf> {
         lock(&self.exports).get(disk).and_then(|(_, s)| s.clone())

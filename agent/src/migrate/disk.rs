@@ -12,9 +12,9 @@ use std::time::Duration;
 /// How often the destination's jobs are asked how they are doing.
 const JOB_POLL: Duration = Duration::from_millis(300);
 /// Sync rounds at most before the memory moves.
-const MAX_ROUNDS: usize = 5;
+pub(super) const MAX_ROUNDS: usize = 5;
 /// A round that shipped no more than this is small enough to move on.
-const SMALL_ROUND: u64 = 8 << 20;
+pub(super) const SMALL_ROUND: u64 = 8 << 20;
 
 /// The control connection to the destination agent and what the disks' move needs.
 pub struct Ctl {
@@ -24,6 +24,8 @@ pub struct Ctl {
     pub store_id: [u8; 16],
     /// The export job serving each disk at the destination.
     pub exports: Vec<(String, String)>,
+    /// A way back: the disks going back, whose chunks written here are patched there.
+    pub returning: Vec<super::back::Returning>,
 }
 
 /// Sends `msg` and returns the answer; an error answer is an `Err` with its words.

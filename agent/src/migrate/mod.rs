@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+mod back;
 mod disk;
 
 use disk::Ctl;
@@ -39,6 +40,8 @@ pub struct Migrations {
     listen: Option<String>,
     events: Arc<Events>,
     vms: Arc<Vms>,
+    /// The jobs (a returning VM's disks are served by export jobs here).
+    jobs: Arc<crate::jobs::Jobs>,
     tls: Option<protocol::tls::TlsClient>,
     agent: String,
     running: Mutex<HashMap<String, CancellationToken>>,
@@ -61,6 +64,7 @@ impl Migrations {
         listen: Option<String>,
         events: Arc<Events>,
         vms: Arc<Vms>,
+        jobs: Arc<crate::jobs::Jobs>,
         tls: Option<protocol::tls::TlsClient>,
         agent: String,
     ) -> Migrations {
@@ -70,6 +74,7 @@ impl Migrations {
             listen,
             events,
             vms,
+            jobs,
             tls,
             agent,
             running: Mutex::new(HashMap::new()),
@@ -283,6 +288,7 @@ impl Migrations {
             conn,
             store_id: [0; 16],
             exports,
+            returning: Vec::new(),
         };
         self.await_exports(m, &mut ctl).await?;
         self.vms
@@ -347,6 +353,7 @@ impl Migrations {
                 let vm = m.spec.vm.clone();
                 if let Ok(q) = self.vms.monitor(&vm).await {
                     let _ = q.json(qmp::MigrateCancel(serde_json::json!({}))).await;
+                    self.resume_if_warm(&m, &q).await;
                 }
                 if cancel.is_cancelled() {
                     let why = format!("cancelled on request in {}: QEMU's migration was cancelled and VM {vm:?} runs here, untouched; the destination's incoming QEMU exits when its stream ends", m.phase);
@@ -359,15 +366,45 @@ impl Migrations {
         }
     }
 
+    /// A warm migration that ends before the cut leaves its guest paused: it runs again here.
+    /// After the cut the source stays paused (the destination owns the disk).
+    async fn resume_if_warm(&self, m: &Migration, q: &qmp::Qmp) {
+        let before_cut = matches!(
+            m.phase.as_str(),
+            "checking" | "seeding" | "syncing" | "precopy" | "ready"
+        );
+        if m.spec.mode.as_deref() != Some("warm") || !before_cut {
+            return;
+        }
+        // QEMU leaves `paused` for `running` only on `cont`; wait for the cancel to settle.
+        for _ in 0..50 {
+            match q.status().await.as_deref() {
+                Ok("paused") => break,
+                Ok("finish-migrate") | Ok("pre-switchover") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                _ => return,
+            }
+        }
+        if let Err(e) = q.resume().await {
+            tracing::error!(migration = %m.id, vm = %m.spec.vm, error = %e, "the warm migration ended before the cut but the paused VM could not be resumed; resume it with QMP cont");
+        }
+    }
+
     /// The phases, in order.
     async fn drive(&self, m: &mut Migration) -> std::result::Result<(), String> {
         let addr = self.resolve(&m.spec.to).map_err(|e| e.to_string())?;
         let spec = self.vms.show(&m.spec.vm).map_err(|e| e.to_string())?.spec;
+        let returning = match m.spec.disk.as_deref() {
+            Some("shared") => None,
+            _ => self.returning_disks(&spec.disks)?,
+        };
         // checking: the destination reachable, authorized, and able to start the VM.
         let mut conn = protocol::connect(&addr, self.tls.as_ref(), &self.agent)
             .await
             .map_err(|e| format!("destination agent {addr}: {e}"))?;
-        self.check_destination(m, &mut conn, &spec).await?;
+        self.check_destination(m, &mut conn, &spec, returning.is_some())
+            .await?;
         if m.spec.dry_run {
             let verdict = m.figures["prediction"]["verdict"]
                 .as_str()
@@ -386,8 +423,12 @@ impl Migrations {
             conn,
             store_id,
             exports: Vec::new(),
+            returning: Vec::new(),
         };
-        if m.spec.disk.as_deref() != Some("shared") {
+        if let Some(back) = returning {
+            ctl.returning = back;
+            self.return_disks(m, &mut ctl).await?;
+        } else if m.spec.disk.as_deref() != Some("shared") {
             let source = m
                 .spec
                 .source_addr
@@ -455,6 +496,7 @@ impl Migrations {
         m: &mut Migration,
         conn: &mut protocol::Conn,
         spec: &crate::model::VmSpec,
+        back: bool,
     ) -> std::result::Result<(), String> {
         let t = std::time::Instant::now();
         conn.send(&Frame::new(Message::Ping { id: 1 }))
@@ -465,6 +507,7 @@ impl Migrations {
         let request = CheckRequest {
             spec: spec.clone(),
             replicate: m.spec.disk.as_deref() != Some("shared"),
+            back,
         };
         let spec_json = serde_json::to_string(&request).map_err(|e| e.to_string())?;
         conn.send(&Frame::new(Message::VmCheck { spec: spec_json }))
@@ -541,7 +584,7 @@ impl Migrations {
 
     /// Capabilities and parameters from the spec: the pause before the switchover always;
     /// auto-converge unless divergence aborts; the downtime limit (1 ms while a manual
-    /// switchover is held, 10 minutes for `warm`, which so pauses the VM at once); the cap.
+    /// switchover is held, 10 minutes for `warm`, whose guest is paused before `migrate`); the cap.
     async fn configure(&self, q: &qmp::Qmp, m: &Migration) -> std::result::Result<(), String> {
         let throttle = m.spec.on_diverge.as_deref() != Some("abort");
         let caps = serde_json::json!({"capabilities": [
@@ -584,10 +627,15 @@ impl Migrations {
         if manual {
             lock(&self.go).insert(m.id.clone(), go.clone());
         }
+        let mut w = Watch::new(manual);
+        if m.spec.mode.as_deref() == Some("warm") {
+            // Warm: the guest stops first and its whole memory moves while it is paused.
+            q.pause().await?;
+            w.paused_at = Some(std::time::Instant::now());
+        }
         let uri = format!("unix:{}", self.vms.migrate_socket(vm).display());
         q.json(qmp::Migrate(serde_json::json!({ "uri": uri })))
             .await?;
-        let mut w = Watch::new(manual);
         let result = loop {
             tokio::time::sleep(POLL).await;
             let query = qmp::QueryMigrate(serde_json::json!({}));
@@ -629,7 +677,11 @@ impl Migrations {
                 };
                 self.set_phase(m, "switchover", why)
                     .map_err(|e| e.to_string())?;
-                self.cut_disks(m, ctl).await?;
+                if ctl.returning.is_empty() {
+                    self.cut_disks(m, ctl).await?;
+                } else {
+                    self.return_cut(m, ctl).await?;
+                }
                 q.json(qmp::MigrateContinue(
                     serde_json::json!({"state": "pre-switchover"}),
                 ))
@@ -644,6 +696,11 @@ impl Migrations {
                     ("ram", "ram"),
                 ] {
                     m.figures[k] = info[v].clone();
+                }
+                if let Some(at) = w.paused_at {
+                    // QEMU counts only its final stop-and-copy; the guest was paused since `stop`.
+                    m.figures["qemu_downtime_ms"] = info["downtime"].clone();
+                    m.figures["downtime_ms"] = (at.elapsed().as_millis() as u64).into();
                 }
                 Ok(true)
             }
@@ -746,6 +803,8 @@ struct Watch {
     said_diverging: bool,
     /// A manual switchover not yet let go.
     held: bool,
+    /// When a warm migration paused the guest.
+    paused_at: Option<std::time::Instant>,
 }
 
 impl Watch {
@@ -756,6 +815,7 @@ impl Watch {
             last_event: std::time::Instant::now(),
             said_diverging: false,
             held: manual,
+            paused_at: None,
         }
     }
 
@@ -783,6 +843,8 @@ pub struct Incoming {
     pub jobs: Arc<crate::jobs::Jobs>,
     /// This agent's store id (the source cuts the disk's dirty list for this replica).
     pub store_id: [u8; 16],
+    /// The disks (a way back patches them).
+    pub disks: Arc<crate::disks::Disks>,
 }
 
 /// What `VmCheck` carries: the spec, and whether the disks are to be replicated.
@@ -791,6 +853,9 @@ pub struct Incoming {
 struct CheckRequest {
     spec: crate::model::VmSpec,
     replicate: bool,
+    /// A way back: the disks are image disks there, the base the VM left.
+    #[serde(default)]
+    back: bool,
 }
 
 impl server::vmpeer::VmPeer for Incoming {
@@ -816,7 +881,7 @@ impl server::vmpeer::VmPeer for Incoming {
             let req: CheckRequest =
                 serde_json::from_str(&spec).map_err(|e| format!("VM check: {e}"))?;
             let mut found = vms
-                .check_incoming(&req.spec, req.replicate)
+                .check_incoming(&req.spec, req.replicate && !req.back)
                 .await
                 .map_err(|e| e.to_string())?;
             found["store_id"] = store_id.into();
@@ -846,6 +911,31 @@ impl server::vmpeer::VmPeer for Incoming {
         self.jobs
             .invalidate(disk, chunks)
             .map_err(|e| e.to_string())
+    }
+
+    fn patch(
+        &self,
+        disk: String,
+        index: u64,
+        zero: bool,
+        data: bytes::Bytes,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<(), String>> {
+        let (vms, disks) = (self.vms.clone(), self.disks.clone());
+        Box::pin(async move {
+            vms.check_patchable(&disk).map_err(|e| e.to_string())?;
+            disks
+                .patch(&disk, index, zero, &data)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn patch_commit(
+        &self,
+        disk: String,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<u64, String>> {
+        let disks = self.disks.clone();
+        Box::pin(async move { disks.patch_commit(&disk).await.map_err(|e| e.to_string()) })
     }
 
     fn tunnel_target(&self, vm: &str) -> std::result::Result<std::path::PathBuf, String> {

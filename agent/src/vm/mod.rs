@@ -28,6 +28,8 @@ const KIND: &str = "vm";
 const START_WAIT: Duration = Duration::from_secs(20);
 /// How often a VM's supervisor looks at its process and run state.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+/// How often an incoming VM is looked at.
+const INCOMING_EVERY: Duration = Duration::from_millis(50);
 
 /// What the state database keeps of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -273,6 +275,22 @@ impl Vms {
             }
         }
         Ok(out)
+    }
+
+    /// Whether a peer may patch disk `disk` (a migration's way back): not while a VM runs on
+    /// it here (an incoming one, not yet running, may).
+    pub fn check_patchable(&self, disk: &str) -> Result<()> {
+        let Some(vm) = self.attachments()?.remove(disk) else {
+            return Ok(());
+        };
+        let rec = self.record(&vm)?;
+        let alive = rec.pid.is_some_and(|p| qemu::alive(p, &self.vm_dir(&vm)));
+        if alive && !rec.incoming {
+            return Err(AgentError::Conflict(format!(
+                "disk {disk:?} belongs to VM {vm:?}, which runs here: a peer cannot write it"
+            )));
+        }
+        Ok(())
     }
 
     /// Creates a VM (starting it unless `spec.start` is false). The same spec again returns
@@ -657,9 +675,16 @@ impl Vms {
         let this = self.clone();
         tokio::spawn(async move {
             let dir = this.vm_dir(&name);
+            let mut every = SUPERVISE_EVERY;
             loop {
-                tokio::time::sleep(SUPERVISE_EVERY).await;
+                tokio::time::sleep(every).await;
                 let Ok(rec) = this.record(&name) else { return };
+                // An arriving VM is watched closely: its start ends the migration's downtime.
+                every = if rec.incoming {
+                    INCOMING_EVERY
+                } else {
+                    SUPERVISE_EVERY
+                };
                 if rec.pid != Some(pid) {
                     return; // restarted under another pid: that one has its own supervisor
                 }
@@ -679,6 +704,16 @@ impl Vms {
                 };
                 if status.is_none() {
                     this.drop_monitor(&name).await; // reconnect next time
+                }
+                if rec.incoming && status.as_deref() == Some("paused") {
+                    // The stream of a guest paused at the source (a warm move) ends paused:
+                    // an agent's VMs run, so it starts here.
+                    if let Ok(m) = this.monitor(&name).await {
+                        if let Err(e) = m.resume().await {
+                            tracing::warn!(vm = %name, error = %e, "cannot resume an arrived VM");
+                        }
+                    }
+                    continue;
                 }
                 if status.as_deref() == Some("running") && rec.incoming {
                     this.arrived(&name);

@@ -101,6 +101,16 @@ impl Qmp {
             .unwrap_or_else(|| "unknown".into()))
     }
 
+    /// Pauses the guest's vCPUs (QMP `stop`).
+    pub async fn pause(&self) -> Result<(), String> {
+        self.run("stop", qapi::qmp::stop {}).await.map(|_| ())
+    }
+
+    /// Resumes a paused guest (QMP `cont`).
+    pub async fn resume(&self) -> Result<(), String> {
+        self.run("cont", qapi::qmp::cont {}).await.map(|_| ())
+    }
+
     /// Asks QEMU to exit (it flushes its block devices first).
     pub async fn quit(&self) -> Result<(), String> {
         self.run("quit", qapi::qmp::quit {}).await.map(|_| ())

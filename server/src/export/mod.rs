@@ -118,6 +118,12 @@ pub struct ReplicaDevice {
     last_read_end: AtomicU64,
     /// Live counters.
     pub stats: ExportStats,
+    /// Generation of local writes (see [`ReplicaDevice::cut`]), and per chunk the generation
+    /// of its last local write since this open (0: none).
+    generation: AtomicU64,
+    stamps: Vec<AtomicU64>,
+    /// Chunks were written locally before this open: their generations are unknown.
+    written_before_open: bool,
 }
 
 fn encode_state(s: Option<ChunkState>) -> u8 {
@@ -264,6 +270,9 @@ impl ReplicaDevice {
             remote,
             last_read_end: AtomicU64::new(u64::MAX),
             stats: ExportStats::default(),
+            generation: AtomicU64::new(1),
+            stamps: (0..g.chunk_count()).map(|_| AtomicU64::new(0)).collect(),
+            written_before_open: written > 0,
         }))
     }
 
@@ -306,6 +315,73 @@ impl ReplicaDevice {
             }
         }
         Ok(stale.len() as u64)
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.g
+    }
+
+    /// Cuts the generation of local writes: every write acknowledged before the cut is stamped
+    /// with a generation up to the one returned, later ones with a later one (writes are
+    /// stamped after their bytes land, so a round that cuts and then reads misses none).
+    pub fn cut(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// The chunks written locally in generations `since + 1 ..= until`.
+    pub fn written_between(&self, since: u64, until: u64) -> Vec<u64> {
+        (0..self.g.chunk_count())
+            .filter(|&i| {
+                let s = self.stamps[i as usize].load(Ordering::SeqCst);
+                s > since && s <= until
+            })
+            .collect()
+    }
+
+    /// Every chunk the guest may have changed here up to generation `until`: those stamped
+    /// since this open or, when local writes predate it (an agent restart), every chunk
+    /// recorded written or zero (a superset: zero chunks cost a marker).
+    pub fn changed_until(&self, until: u64) -> Vec<u64> {
+        if !self.written_before_open {
+            return self.written_between(0, until);
+        }
+        (0..self.g.chunk_count())
+            .filter(|&i| matches!(self.state(i), WRITTEN | ZERO))
+            .collect()
+    }
+
+    /// Chunk `i`'s local bytes, or `None` for a zero chunk; an absent chunk is an error (it
+    /// holds the source's bytes, which the caller did not ask for).
+    pub fn local_chunk(&self, i: u64) -> Result<Option<Vec<u8>>, DeviceError> {
+        if i >= self.g.chunk_count() {
+            return Err(DeviceError::io(format!(
+                "chunk {i} is beyond disk {:?} ({} chunks)",
+                self.name,
+                self.g.chunk_count()
+            )));
+        }
+        match self.state(i) {
+            ZERO => Ok(None),
+            ABSENT => Err(DeviceError::io(format!(
+                "chunk {i} of disk {:?} is not local",
+                self.name
+            ))),
+            _ => {
+                let mut buf = vec![0u8; self.g.len(i)];
+                self.file
+                    .read_exact_at(&mut buf, self.g.offset(i))
+                    .map_err(io_err("cannot read replica"))?;
+                Ok(Some(buf))
+            }
+        }
+    }
+
+    fn stamp(&self, range: std::ops::Range<u64>) {
+        let generation = self.generation.load(Ordering::SeqCst);
+        for i in range {
+            self.stamps[i as usize].store(generation, Ordering::SeqCst);
+        }
     }
 
     /// True when every chunk is local.
@@ -705,11 +781,12 @@ impl ReplicaDevice {
         self.file
             .write_all_at(data, offset)
             .map_err(io_err("cannot write replica"))?;
-        for i in range {
+        for i in range.clone() {
             if self.state(i) != WRITTEN {
                 self.mark(i, WRITTEN)?;
             }
         }
+        self.stamp(range);
         Ok(())
     }
 
@@ -751,6 +828,7 @@ impl ReplicaDevice {
             }
             i = j;
         }
+        self.stamp(range);
         Ok(())
     }
 
