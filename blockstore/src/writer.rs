@@ -466,6 +466,16 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// Records chunk `index`, written locally, as holding data of `hash`: the caller read its
+    /// bytes back and hashed them, with nothing writing the chunk meanwhile. The record then
+    /// vouches for the bytes like a fetched chunk's (a later sync may replace them).
+    pub fn vouch(&mut self, index: u64, hash: ChunkHash) -> Result<()> {
+        self.check()?;
+        self.assert_not_streaming();
+        self.record(index, ChunkState::Data(hash), 0);
+        Ok(())
+    }
+
     /// Records chunk `index` as zeros; the caller punched or zeroed it already (after
     /// [`ChunkWriter::record_written_now`] if the chunk had a vouching record).
     pub fn mark_zero(&mut self, index: u64) -> Result<()> {

@@ -623,9 +623,37 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     wait_for(60, "disk records acknowledged at a again", || {
         console(&serial_a).1 > acked_at_b + 100
     });
-    helio_ok(&["vm", "stop", "g1", "--agent", &a.url]);
-    let (_, acked) = console(&serial_a);
-    // a's image: every record, written at a before the first move, at b, and at a again.
+
+    // The next day: to b again, onto the replica b kept (its chunks settled with their hashes).
+    let m = a.api_ok("POST", "/v1/migrations", Some(&mig.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(300, "the second move to b", || {
+        let m = migration(&a, &id);
+        assert_ne!(
+            m["phase"],
+            "failed",
+            "{m}\nA:\n{}\nB:\n{}",
+            a.proc.log(),
+            b.proc.log()
+        );
+        m["phase"] == "completed"
+    });
+    let m = migration(&a, &id);
+    eprintln!(
+        "the second move: seed {} sync {}",
+        m["figures"]["seed"]["d1"], m["figures"]["sync_rounds"]
+    );
+    let (_, last_a) = ticks(&serial_a).unwrap();
+    wait_for(30, "ticks at b again", || {
+        ticks(&serial_b).is_some_and(|(_, l)| l > last_a + 100)
+    });
+    assert_eq!(ticks_after(&serial_b, last_b), Some(last_a + 1));
+    let acked_at_a = console(&serial_a).1;
+    wait_for(60, "disk records acknowledged at b again", || {
+        console(&serial_b).1 > acked_at_a + 100
+    });
+    helio_ok(&["vm", "stop", "g1", "--agent", &b.url]);
+    // a's image, frozen at the second cut: every record written at a, at b, and at a again.
     let records = agent::guest::check(&img).unwrap();
     assert_eq!(
         (records.corrupt, records.misplaced, records.boots),
@@ -633,10 +661,12 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         "{records:?}"
     );
     assert!(
-        records.max_seq >= acked,
-        "acknowledged record {acked} missing at a: {records:?}"
+        records.max_seq >= acked_at_a,
+        "acknowledged record {acked_at_a} missing at a: {records:?}"
     );
-    eprintln!("records at a after the way back: {records:?}, last acknowledged {acked}");
+    eprintln!(
+        "records at a, frozen at the second cut: {records:?}, last acknowledged there {acked_at_a}"
+    );
     let (_, acked) = console(&serial_b);
     // b's disk, read through its export by qemu-img: every record, from before and after the cut.
     let copy = dir.path().join("b-disk.raw");

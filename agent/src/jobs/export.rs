@@ -138,6 +138,27 @@ impl Jobs {
         })
     }
 
+    /// After a VM left this agent on the way back: the running export of `disk` records the
+    /// VM's chunks with their hashes ([`ReplicaDevice::settle_written`]) and stops; the replica
+    /// stays, the base of the next trip here. How many chunks were settled.
+    pub async fn retire_export(&self, disk: &str) -> Result<u64> {
+        let dev = self.export_device(disk).ok_or_else(|| {
+            crate::error::AgentError::not_found("export", disk, "no export of it runs here")
+        })?;
+        let settled = tokio::task::spawn_blocking(move || dev.settle_written())
+            .await
+            .map_err(|e| crate::error::AgentError::Internal(format!("settling {disk:?}: {e}")))?
+            .map_err(|e| crate::error::AgentError::Internal(format!("settling {disk:?}: {e}")))?;
+        let running = self
+            .list()?
+            .into_iter()
+            .filter(|j| j.spec.kind == "export" && j.spec.disk == disk && !j.ended());
+        for j in running {
+            self.cancel(&j.id)?;
+        }
+        Ok(settled)
+    }
+
     /// The device of the running export of `disk`, if any.
     pub fn export_device(&self, disk: &str) -> Option<Arc<server::export::ReplicaDevice>> {
         lock(&self.exports).get(disk).map(|(d, _)| d.clone())

@@ -457,6 +457,14 @@ impl Migrations {
             .mark_moved(&spec.name, &m.spec.to)
             .await
             .map_err(|e| e.to_string())?;
+        for r in &ctl.returning {
+            let settled = self
+                .jobs
+                .retire_export(&r.disk)
+                .await
+                .map_err(|e| e.to_string())?;
+            m.figures["return"]["settled_chunks"] = settled.into();
+        }
         let why = format!("VM {:?} runs at {}; the source QEMU is stopped, its disks kept as the base for the way back", spec.name, m.spec.to);
         self.finish(m, "completed", &why, None)
             .map_err(|e| e.to_string())

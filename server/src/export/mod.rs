@@ -377,6 +377,40 @@ impl ReplicaDevice {
         }
     }
 
+    /// Once nothing writes here any more (the VM left, its writes flushed): every chunk
+    /// written locally is recorded with the hash of its bytes (or as zeros), so that a later
+    /// seed or sync compares it like a fetched chunk, and replaces it if the source's differs
+    /// (a `Written` chunk is the guest's and never replaced). How many.
+    pub fn settle_written(&self) -> Result<u64, DeviceError> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut settled = 0;
+        for i in 0..self.g.chunk_count() {
+            if self.state(i) != WRITTEN {
+                continue;
+            }
+            let mut buf = vec![0u8; self.g.len(i)];
+            self.file
+                .read_exact_at(&mut buf, self.g.offset(i))
+                .map_err(io_err("cannot read replica"))?;
+            let mut rec = lock(&self.records);
+            match ChunkEntry::of(&buf) {
+                ChunkEntry::Zero => {
+                    rec.mark_zero(i).map_err(store_err)?;
+                    self.set_state(i, ZERO);
+                }
+                ChunkEntry::Data(h) => {
+                    rec.vouch(i, h).map_err(store_err)?;
+                    self.set_state(i, DATA);
+                }
+            }
+            settled += 1;
+        }
+        let mut rec = lock(&self.records);
+        rec.commit().map_err(store_err)?;
+        rec.flush().map_err(store_err)?;
+        Ok(settled)
+    }
+
     fn stamp(&self, range: std::ops::Range<u64>) {
         let generation = self.generation.load(Ordering::SeqCst);
         for i in range {
