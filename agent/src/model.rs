@@ -310,13 +310,16 @@ pub struct MigrationSpec {
     /// prediction uses it as the link's bandwidth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<String>,
-    /// `live` (default: iterative pre-copy while the VM runs) or `warm` (the VM pauses at the
-    /// start and its whole memory moves paused: the downtime is the transfer).
+    /// `live` (default: iterative pre-copy while the VM runs), `warm` (the VM pauses at the
+    /// start and its whole memory moves paused: the downtime is the transfer) or `postcopy`
+    /// (after the first pass over memory the VM runs at the destination; the pages it lacks
+    /// come on demand).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// When pre-copy does not converge (the remaining memory stops shrinking over 3 QEMU
-    /// iterations): `throttle` (default: QEMU's auto-converge slows the guest's vCPUs) or
-    /// `abort` (the migration is cancelled; the VM keeps running here).
+    /// iterations): `throttle` (default: QEMU's auto-converge slows the guest's vCPUs),
+    /// `postcopy` (QEMU switches to post-copy) or `abort` (the migration is cancelled; the VM
+    /// keeps running here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_diverge: Option<String>,
     /// `auto` (default) or `manual`: the migration waits in `ready` (converged, still

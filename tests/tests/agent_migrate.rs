@@ -477,6 +477,88 @@ fn a_migration_that_cannot_converge_aborts_when_asked() {
 }
 
 #[test]
+fn a_migration_that_cannot_converge_finishes_in_postcopy() {
+    let _serial = serial();
+    let Some((kernel, initrd)) = sample_guest("a_migration_finishes_in_postcopy") else {
+        return;
+    };
+    let s = sites_dirtying(&kernel, &initrd, 20000);
+    let (sa, sb) = (
+        s.a.state.join("vms/g1/serial.log"),
+        s.b.state.join("vms/g1/serial.log"),
+    );
+    let spec = serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "on_diverge": "postcopy", "max_downtime_ms": 50});
+    let m =
+        s.a.api_ok("POST", "/v1/migrations", Some(&spec.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    let mut phases = vec![];
+    wait_for(240, "the migration to end in post-copy", || {
+        let m = migration(&s.a, &id);
+        assert_ne!(
+            m["phase"],
+            "failed",
+            "{m}\nA:\n{}\nB:\n{}",
+            s.a.proc.log(),
+            s.b.proc.log()
+        );
+        let p = m["phase"].as_str().unwrap().to_string();
+        if phases.last() != Some(&p) {
+            phases.push(p);
+        }
+        m["phase"] == "completed"
+    });
+    let m = migration(&s.a, &id);
+    eprintln!("phases seen: {phases:?}\nfigures: {}", m["figures"]);
+    let after = m["figures"]["postcopy_after_iterations"].as_u64();
+    assert!(
+        after.is_some_and(|n| n >= 5),
+        "post-copy should start once divergence shows: {m}"
+    );
+    assert!(
+        m["figures"]["ram"]["postcopy-bytes"].as_u64().unwrap() > 0,
+        "{m}"
+    );
+    wait_for(30, "the VM running at b", || {
+        let vm = s.b.api_ok("GET", "/v1/vms/g1", None, 200);
+        vm["state"] == "running" && vm["qemu_status"] == "running"
+    });
+    wait_for(30, "ticks at b", || {
+        ticks(&sb).is_some_and(|(f, l)| l > f + 100)
+    });
+    let (_, last_a) = ticks(&sa).unwrap();
+    let (first_b, _) = ticks(&sb).unwrap();
+    assert_eq!(
+        first_b,
+        last_a + 1,
+        "tick gap: a ended at {last_a}, b began at {first_b}"
+    );
+    assert_eq!(s.a.api_ok("GET", "/v1/vms/g1", None, 200)["state"], "moved");
+
+    // Back in post-copy mode: it switches after the first pass, without waiting to diverge.
+    let back =
+        serde_json::json!({"vm": "g1", "to": s.a.proc.addr, "disk": "shared", "mode": "postcopy"});
+    let m =
+        s.b.api_ok("POST", "/v1/migrations", Some(&back.to_string()), 201);
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_for(240, "the way back in post-copy", || {
+        let m = migration(&s.b, &id);
+        assert_ne!(m["phase"], "failed", "{m}");
+        m["phase"] == "completed"
+    });
+    let m = migration(&s.b, &id);
+    eprintln!("back in post-copy mode: {}", m["figures"]);
+    let after = m["figures"]["postcopy_after_iterations"].as_u64();
+    assert!(
+        after.is_some_and(|n| n <= 3),
+        "mode postcopy waits for one pass only: {m}"
+    );
+    wait_for(30, "the VM running at a again", || {
+        let vm = s.a.api_ok("GET", "/v1/vms/g1", None, 200);
+        vm["state"] == "running" && vm["qemu_status"] == "running"
+    });
+}
+
+#[test]
 fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     let _serial = serial();
     let Some((kernel, initrd)) = sample_guest("a_vm_moves_with_its_disk") else {

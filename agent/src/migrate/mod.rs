@@ -149,8 +149,12 @@ impl Migrations {
             ))),
             _ => Ok(()),
         };
-        pick("mode", &spec.mode, &["live", "warm"])?;
-        pick("on_diverge", &spec.on_diverge, &["throttle", "abort"])?;
+        pick("mode", &spec.mode, &["live", "warm", "postcopy"])?;
+        pick(
+            "on_diverge",
+            &spec.on_diverge,
+            &["throttle", "postcopy", "abort"],
+        )?;
         if spec.switchover.as_deref() == Some("manual") {
             // A 1 ms downtime limit does not hold a converged migration: QEMU still switched
             // over by itself when the guest's dirty set got small (seen in CI).
@@ -359,7 +363,13 @@ impl Migrations {
                     let why = format!("cancelled on request in {}: QEMU's migration was cancelled and VM {vm:?} runs here, untouched; the destination's incoming QEMU exits when its stream ends", m.phase);
                     self.finish(&mut m, "cancelled", &why, None)
                 } else {
-                    let why = format!("failed in {}; VM {vm:?} keeps running here", m.phase);
+                    let why = if m.figures.get("postcopy_after_iterations").is_some()
+                        && m.phase == "running_at_destination"
+                    {
+                        format!("failed in post-copy; VM {vm:?} is paused here and at the destination, which holds part of its memory")
+                    } else {
+                        format!("failed in {}; VM {vm:?} keeps running here", m.phase)
+                    };
                     self.finish(&mut m, "failed", &why, Some(e))
                 }
             }
@@ -479,7 +489,11 @@ impl Migrations {
         addr: &str,
     ) -> std::result::Result<(), String> {
         let started = std::time::Instant::now();
-        let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+        let request = IncomingRequest {
+            spec: spec.clone(),
+            postcopy: may_postcopy(m),
+        };
+        let spec_json = serde_json::to_string(&request).map_err(|e| e.to_string())?;
         match disk::ask(&mut ctl.conn, Message::VmIncoming { spec: spec_json }).await {
             Ok(Message::VmIncomingReady) => {}
             Ok(other) => return Err(format!("the destination answered {other:?} to VmIncoming")),
@@ -594,10 +608,11 @@ impl Migrations {
     /// auto-converge unless divergence aborts; the downtime limit (1 ms while a manual
     /// switchover is held, 10 minutes for `warm`, whose guest is paused before `migrate`); the cap.
     async fn configure(&self, q: &qmp::Qmp, m: &Migration) -> std::result::Result<(), String> {
-        let throttle = m.spec.on_diverge.as_deref() != Some("abort");
+        let throttle = matches!(m.spec.on_diverge.as_deref(), None | Some("throttle"));
         let caps = serde_json::json!({"capabilities": [
             {"capability": "pause-before-switchover", "state": true},
             {"capability": "auto-converge", "state": throttle},
+            {"capability": "postcopy-ram", "state": may_postcopy(m)},
         ]});
         q.json(qmp::MigrateSetCapabilities(caps)).await?;
         let limit = if m.spec.switchover.as_deref() == Some("manual") {
@@ -662,6 +677,30 @@ impl Migrations {
         result
     }
 
+    /// Switches QEMU to post-copy (once): the VM starts at the destination after the switchover
+    /// and the pages it lacks come on demand, so the migration ends whatever the guest dirties.
+    async fn start_postcopy(
+        &self,
+        m: &mut Migration,
+        w: &mut Watch,
+        q: &qmp::Qmp,
+        why: &str,
+    ) -> std::result::Result<(), String> {
+        if w.postcopy {
+            return Ok(());
+        }
+        w.postcopy = true;
+        q.json(qmp::MigrateStartPostcopy(serde_json::json!({})))
+            .await?;
+        m.figures["postcopy_after_iterations"] = w.iterations.into();
+        self.events.emit(
+            "migration.postcopy",
+            &m.id,
+            serde_json::json!({"reason": why, "iteration": w.iterations}),
+        );
+        Ok(())
+    }
+
     /// One look at QEMU's migration; true once it has completed.
     async fn step(
         &self,
@@ -696,6 +735,12 @@ impl Migrations {
                 .await?;
                 Ok(false)
             }
+            "postcopy-active" if m.phase != "running_at_destination" => {
+                let why = "post-copy: the VM runs at the destination; the memory pages it lacks come on demand from here";
+                self.set_phase(m, "running_at_destination", why)
+                    .map_err(|e| e.to_string())?;
+                Ok(false)
+            }
             "completed" => {
                 for (k, v) in [
                     ("downtime_ms", "downtime"),
@@ -712,6 +757,9 @@ impl Migrations {
                 }
                 Ok(true)
             }
+            "postcopy-paused" | "postcopy-recover-setup" | "postcopy-recover" => Err(
+                "post-copy lost its stream: the VM's memory is split between the two hosts and QEMU holds both paused; bring the link back and recover it with QMP migrate-recover at the destination and migrate with resume at the source".to_string(),
+            ),
             "failed" | "cancelled" => Err(format!(
                 "QEMU's migration {status}: {}",
                 info["error-desc"].as_str().unwrap_or("no reason given")
@@ -733,11 +781,22 @@ impl Migrations {
     ) -> std::result::Result<(), String> {
         if w.diverging() && !w.said_diverging {
             w.said_diverging = true;
-            let abort = m.spec.on_diverge.as_deref() == Some("abort");
-            self.events.emit("migration.diverging", &m.id, serde_json::json!({"remaining": w.remaining, "action": if abort { "abort" } else { "throttle" }}));
-            if abort {
-                return Err("pre-copy does not converge (the remaining memory stopped shrinking over 3 iterations) and on_diverge is abort".into());
+            let action = m.spec.on_diverge.as_deref().unwrap_or("throttle");
+            self.events.emit(
+                "migration.diverging",
+                &m.id,
+                serde_json::json!({"remaining": w.remaining, "action": action}),
+            );
+            match action {
+                "abort" => return Err("pre-copy does not converge (the remaining memory stopped shrinking over 3 iterations) and on_diverge is abort".into()),
+                "postcopy" => self.start_postcopy(m, w, q, "pre-copy does not converge (the remaining memory stopped shrinking over 3 iterations)").await?,
+                _ => {}
             }
+        }
+        if m.spec.mode.as_deref() == Some("postcopy") && w.remaining.len() >= 2 {
+            // After the first full pass: the guest's memory is mostly there already.
+            self.start_postcopy(m, w, q, "mode postcopy, after the first pass over memory")
+                .await?;
         }
         let limit = m.spec.max_downtime_ms.unwrap_or(300);
         let expected = info["expected-downtime"].as_u64().unwrap_or(u64::MAX);
@@ -813,6 +872,8 @@ struct Watch {
     held: bool,
     /// When a warm migration paused the guest.
     paused_at: Option<std::time::Instant>,
+    /// Post-copy was asked of QEMU.
+    postcopy: bool,
 }
 
 impl Watch {
@@ -824,6 +885,7 @@ impl Watch {
             said_diverging: false,
             held: manual,
             paused_at: None,
+            postcopy: false,
         }
     }
 
@@ -855,6 +917,20 @@ pub struct Incoming {
     pub disks: Arc<crate::disks::Disks>,
 }
 
+/// What `VmIncoming` carries: the spec, and whether the source may switch to post-copy (the
+/// incoming QEMU must allow it before it listens).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingRequest {
+    spec: crate::model::VmSpec,
+    postcopy: bool,
+}
+
+/// Whether migration `m` may switch to post-copy (asked for, or the answer to divergence).
+fn may_postcopy(m: &Migration) -> bool {
+    m.spec.mode.as_deref() == Some("postcopy") || m.spec.on_diverge.as_deref() == Some("postcopy")
+}
+
 /// What `VmCheck` carries: the spec, and whether the disks are to be replicated.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -873,9 +949,11 @@ impl server::vmpeer::VmPeer for Incoming {
     ) -> futures::future::BoxFuture<'static, std::result::Result<(), String>> {
         let vms = self.vms.clone();
         Box::pin(async move {
-            let spec: crate::model::VmSpec =
+            let req: IncomingRequest =
                 serde_json::from_str(&spec).map_err(|e| format!("VM spec: {e}"))?;
-            vms.create_incoming(spec).await.map_err(|e| e.to_string())
+            vms.create_incoming(req.spec, req.postcopy)
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 

@@ -48,6 +48,10 @@ struct Record {
     /// The agent the VM moved to, after a completed migration away from here.
     #[serde(default)]
     moved_to: Option<String>,
+    /// Migration capabilities an incoming QEMU needs before it listens (`postcopy-ram`: the
+    /// source may switch to post-copy).
+    #[serde(default)]
+    incoming_caps: Vec<String>,
 }
 
 /// What the agent knows of a VM right now.
@@ -256,6 +260,7 @@ impl Vms {
             started_at: None,
             incoming,
             moved_to: None,
+            incoming_caps: Vec::new(),
         };
         self.state.put(KIND, &spec.name, &rec, true)?;
         self.set_live(
@@ -494,11 +499,29 @@ impl Vms {
         let sock = self.incoming_socket(name);
         let _ = std::fs::remove_file(&sock);
         let uri = format!("unix:{}", sock.display());
+        let caps: Vec<serde_json::Value> = self
+            .record(name)?
+            .incoming_caps
+            .iter()
+            .map(|c| serde_json::json!({"capability": c, "state": true}))
+            .collect();
         let listened = match self.monitor(name).await {
-            Ok(q) => q
-                .json(qmp::MigrateIncoming(serde_json::json!({ "uri": uri })))
-                .await
-                .map_err(AgentError::Qemu),
+            Ok(q) => {
+                let set = match caps.is_empty() {
+                    true => Ok(serde_json::Value::Null),
+                    false => {
+                        let caps = serde_json::json!({ "capabilities": caps });
+                        q.json(qmp::MigrateSetCapabilities(caps)).await
+                    }
+                };
+                match set {
+                    Ok(_) => q
+                        .json(qmp::MigrateIncoming(serde_json::json!({ "uri": uri })))
+                        .await
+                        .map_err(AgentError::Qemu),
+                    Err(e) => Err(AgentError::Qemu(e)),
+                }
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = listened {
@@ -514,7 +537,7 @@ impl Vms {
 
     /// Creates and starts a VM that waits for a migration stream from a peer agent (same name
     /// and spec as at the source). An incoming VM of the same name that never ran is replaced.
-    pub async fn create_incoming(self: &Arc<Self>, mut spec: VmSpec) -> Result<()> {
+    pub async fn create_incoming(self: &Arc<Self>, mut spec: VmSpec, postcopy: bool) -> Result<()> {
         let _op = self.ops.lock().await;
         if let Some(rec) = self.state.get::<Record>(KIND, &spec.name)? {
             let alive = rec
@@ -535,6 +558,11 @@ impl Vms {
         }
         spec.start = true;
         self.record_new(&spec, true)?;
+        if postcopy {
+            let mut rec = self.record(&spec.name)?;
+            rec.incoming_caps = vec!["postcopy-ram".into()];
+            self.state.put(KIND, &spec.name, &rec, true)?;
+        }
         self.start_locked(&spec.name).await
     }
 

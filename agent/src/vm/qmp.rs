@@ -141,6 +141,7 @@ json_command!(Migrate, "migrate");
 json_command!(MigrateIncoming, "migrate-incoming");
 json_command!(MigrateContinue, "migrate-continue");
 json_command!(MigrateCancel, "migrate_cancel");
+json_command!(MigrateStartPostcopy, "migrate-start-postcopy");
 json_command!(QueryMigrate, "query-migrate");
 
 /// Deadline of the commands a migration polls with (see [`Qmp::run_within`]).

@@ -21,6 +21,13 @@ pub struct Args {
     /// Cap on the migration stream, e.g. 200Mbit.
     #[arg(long)]
     bandwidth: Option<String>,
+    /// `live` (default), `warm` (paused for the whole transfer) or `postcopy` (runs at the
+    /// destination after the first pass; missing pages come on demand).
+    #[arg(long)]
+    mode: Option<String>,
+    /// When pre-copy stops converging: `throttle` (default), `postcopy` or `abort`.
+    #[arg(long)]
+    on_diverge: Option<String>,
     /// Check and predict only: prerequisites at the destination, the VM's dirty rate, and the
     /// d/r model's verdict, downtime, time and WAN bytes; nothing moves.
     #[arg(long)]
@@ -73,6 +80,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let spec = serde_json::json!({
         "vm": a.vm, "to": a.to, "disk": a.disk,
         "max_downtime_ms": a.max_downtime_ms, "bandwidth": a.bandwidth, "dry_run": a.dry_run,
+        "mode": a.mode, "on_diverge": a.on_diverge,
     });
     let (_, m) = client
         .call("POST", "/v1/migrations", Some(&spec), &[])
