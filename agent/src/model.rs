@@ -322,8 +322,9 @@ pub struct MigrationSpec {
     /// keeps running here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_diverge: Option<String>,
-    /// `auto` (default) or `manual`: the migration waits in `ready` (converged, still
-    /// copying) for `POST /v1/migrations/{id}/switchover`.
+    /// `auto` (default) or `manual`: the migration waits in `ready` (the disks in step, kept so
+    /// by a round every 30 s; the VM running here, its memory not yet moving) for
+    /// `POST /v1/migrations/{id}/switchover`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<String>,
     /// Stop after `checking`: the prerequisites and the prediction, nothing moved. The

@@ -384,20 +384,48 @@ fn the_source_agent_killed_in_precopy_leaves_the_vm_running_there() {
 }
 
 #[test]
-fn a_manual_switchover_is_refused_and_warm_mode_brings_the_vm_back() {
+fn a_manual_switchover_waits_for_its_go_and_warm_mode_brings_the_vm_back() {
     let _serial = serial();
     let Some((kernel, initrd)) = sample_guest("a_manual_switchover") else {
         return;
     };
     let s = sites(&kernel, &initrd);
+    let sa = s.a.state.join("vms/g1/serial.log");
     let manual =
         serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "switchover": "manual"});
-    let (st, v) = s.a.api("POST", "/v1/migrations", Some(&manual.to_string()));
-    assert_eq!(st, 422, "{v}");
-    let spec = serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared"});
     let m =
-        s.a.api_ok("POST", "/v1/migrations", Some(&spec.to_string()), 201);
+        s.a.api_ok("POST", "/v1/migrations", Some(&manual.to_string()), 201);
     let id = m["id"].as_str().unwrap().to_string();
+    wait_for(60, "ready", || {
+        let m = migration(&s.a, &id);
+        assert_ne!(m["phase"], "failed", "{m}");
+        m["phase"] == "ready"
+    });
+    // Held: the VM keeps running here, nothing of it at b, for as long as the operator waits.
+    let (_, before) = ticks(&sa).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let m = migration(&s.a, &id);
+    assert_eq!(m["phase"], "ready", "{m}");
+    assert_eq!(
+        s.a.api_ok("GET", "/v1/vms/g1", None, 200)["qemu_status"],
+        "running"
+    );
+    assert!(
+        ticks(&sa).unwrap().1 > before + 100,
+        "the held VM stopped ticking"
+    );
+    assert_eq!(s.b.api("GET", "/v1/vms/g1", None).0, 404);
+    // The go, and a second one: harmless (200 while the hold ends, 409 after).
+    s.a.api_ok(
+        "POST",
+        &format!("/v1/migrations/{id}/switchover"),
+        None,
+        200,
+    );
+    let (st, v) =
+        s.a.api("POST", &format!("/v1/migrations/{id}/switchover"), None);
+    assert!(st == 200 || st == 409, "{st} {v}");
+    let id = id.clone();
     wait_for(120, "completed", || {
         let m = migration(&s.a, &id);
         assert_ne!(m["phase"], "failed", "{m}");
@@ -706,9 +734,23 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         console(&serial_a).1 > acked_at_b + 100
     });
 
-    // The next day: to b again, onto the replica b kept (its chunks settled with their hashes).
-    let m = a.api_ok("POST", "/v1/migrations", Some(&mig.to_string()), 201);
+    // The next day: to b again, onto the replica b kept (its chunks settled with their hashes),
+    // at the minute the operator picks.
+    let mut again = mig.clone();
+    again["switchover"] = "manual".into();
+    let m = a.api_ok("POST", "/v1/migrations", Some(&again.to_string()), 201);
     let id = m["id"].as_str().unwrap().to_string();
+    wait_for(120, "the second move ready", || {
+        let m = migration(&a, &id);
+        assert_ne!(m["phase"], "failed", "{m}");
+        m["phase"] == "ready"
+    });
+    a.api_ok(
+        "POST",
+        &format!("/v1/migrations/{id}/switchover"),
+        None,
+        200,
+    );
     wait_for(300, "the second move to b", || {
         let m = migration(&a, &id);
         assert_ne!(

@@ -302,8 +302,8 @@ pub async fn cancel_migration(State(a): Api, Path(id): Path<String>) -> Answer<M
     blocking(move || a.migrations.cancel(&id)).await.map(ok)
 }
 
-/// Lets a manual switchover go (`switchover: manual`): QEMU stops the VM once the rest fits
-/// the downtime limit.
+/// Lets a manual switchover go (`switchover: manual`, waiting in `ready`): a last disk round,
+/// then the VM's memory moves and the cut follows. 409 when there is no hold to end.
 #[utoipa::path(post, path = "/v1/migrations/{id}/switchover", tag = "migrations",
     params(("id" = String, Path, description = "The migration")),
     responses((status = 200, body = Migration), (status = 404, body = Problem), (status = 409, body = Problem)))]

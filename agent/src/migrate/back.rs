@@ -77,15 +77,27 @@ impl Migrations {
             let why = format!("the way back, round {round}: the chunks the VM wrote here");
             self.set_phase(m, "syncing", &why)
                 .map_err(|e| e.to_string())?;
-            let s = patch_round(ctl, round == 1).await?;
-            m.figures["return"]["rounds"][round.to_string()] =
-                serde_json::json!({"chunks": s.chunks, "raw_bytes": s.raw, "wire_bytes": s.wire});
-            add(m, "disk_wire_bytes", s.wire);
-            if s.raw <= SMALL_ROUND {
+            let raw = self.return_round(m, ctl, &round.to_string()).await?;
+            if raw <= SMALL_ROUND {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// One round of the way back, recorded as `return.rounds.label`; the bytes it carried.
+    pub(super) async fn return_round(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        label: &str,
+    ) -> Result<u64, String> {
+        let first = m.figures["return"]["rounds"].is_null();
+        let s = patch_round(ctl, first).await?;
+        m.figures["return"]["rounds"][label] =
+            serde_json::json!({"chunks": s.chunks, "raw_bytes": s.raw, "wire_bytes": s.wire});
+        add(m, "disk_wire_bytes", s.wire);
+        Ok(s.raw)
     }
 
     /// At the switchover (the VM paused, its disks flushed): the last round, then the figures

@@ -84,37 +84,61 @@ impl Migrations {
         }
     }
 
-    /// `seeding` and `syncing` of every disk, then an export of each at the destination.
-    pub(super) async fn move_disks(
+    /// `seeding` and `syncing` of every disk.
+    pub(super) async fn copy_disks(
         &self,
         m: &mut Migration,
         ctl: &mut Ctl,
         disks: &[String],
         source: &str,
     ) -> Result<(), String> {
-        let phase = |s: &Self, m: &mut Migration, p: &str, why: String| {
-            s.set_phase(m, p, &why).map_err(|e| e.to_string())
-        };
         for d in disks {
-            phase(
-                self,
-                m,
-                "seeding",
-                format!("disk {d:?}: the chunks the destination lacks"),
-            )?;
+            let why = format!("disk {d:?}: the chunks the destination lacks");
+            self.set_phase(m, "seeding", &why)
+                .map_err(|e| e.to_string())?;
             let spec = serde_json::json!({"kind": "seed", "disk": d, "from": source});
             let j = self.remote_job(m, ctl, spec, &[]).await?;
             m.figures["seed"][d] = j.figures;
             for round in 1..=MAX_ROUNDS {
-                phase(self, m, "syncing", format!("disk {d:?}: round {round}"))?;
-                let spec = serde_json::json!({"kind": "sync", "disk": d, "from": source});
-                let j = self.remote_job(m, ctl, spec, &[]).await?;
-                let shipped = j.figures["rounds"][0]["dirty_bytes"].as_u64().unwrap_or(0);
-                m.figures["sync_rounds"][d][round.to_string()] = j.figures["rounds"][0].clone();
+                let why = format!("disk {d:?}: round {round}");
+                self.set_phase(m, "syncing", &why)
+                    .map_err(|e| e.to_string())?;
+                let shipped = self
+                    .sync_round(m, ctl, d, source, &round.to_string())
+                    .await?;
                 if shipped <= SMALL_ROUND {
                     break;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// One sync round of disk `d` at the destination, recorded as `sync_rounds.d.label`; the
+    /// bytes it shipped.
+    pub(super) async fn sync_round(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        d: &str,
+        source: &str,
+        label: &str,
+    ) -> Result<u64, String> {
+        let spec = serde_json::json!({"kind": "sync", "disk": d, "from": source});
+        let j = self.remote_job(m, ctl, spec, &[]).await?;
+        m.figures["sync_rounds"][d][label] = j.figures["rounds"][0].clone();
+        Ok(j.figures["rounds"][0]["dirty_bytes"].as_u64().unwrap_or(0))
+    }
+
+    /// An export of every disk at the destination, for its QEMU.
+    pub(super) async fn export_disks(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        disks: &[String],
+        source: &str,
+    ) -> Result<(), String> {
+        for d in disks {
             let spec = serde_json::json!({"kind": "export", "disk": d, "from": source});
             let j = self
                 .remote_job(m, ctl, spec, &["transferring", "serving"])

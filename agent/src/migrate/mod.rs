@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 mod back;
 mod disk;
+mod hold;
 
 use disk::Ctl;
 
@@ -155,14 +156,7 @@ impl Migrations {
             &spec.on_diverge,
             &["throttle", "postcopy", "abort"],
         )?;
-        if spec.switchover.as_deref() == Some("manual") {
-            // A 1 ms downtime limit does not hold a converged migration: QEMU still switched
-            // over by itself when the guest's dirty set got small (seen in CI).
-            return Err(AgentError::Invalid(
-                "switchover \"manual\" is not in this build: QEMU cannot be held reliably before its switchover yet; use \"auto\"".into(),
-            ));
-        }
-        pick("switchover", &spec.switchover, &["auto"])?;
+        pick("switchover", &spec.switchover, &["auto", "manual"])?;
         if spec
             .max_downtime_ms
             .is_some_and(|d| !(1..=600_000).contains(&d))
@@ -435,17 +429,26 @@ impl Migrations {
             exports: Vec::new(),
             returning: Vec::new(),
         };
+        let manual = m.spec.switchover.as_deref() == Some("manual");
+        let source = m
+            .spec
+            .source_addr
+            .clone()
+            .or(self.listen.clone())
+            .unwrap_or_default();
+        let replicate = m.spec.disk.as_deref() != Some("shared") && returning.is_none();
         if let Some(back) = returning {
             ctl.returning = back;
             self.return_disks(m, &mut ctl).await?;
-        } else if m.spec.disk.as_deref() != Some("shared") {
-            let source = m
-                .spec
-                .source_addr
-                .clone()
-                .or(self.listen.clone())
-                .unwrap_or_default();
-            self.move_disks(m, &mut ctl, &spec.disks, &source).await?;
+        } else if replicate {
+            self.copy_disks(m, &mut ctl, &spec.disks, &source).await?;
+        }
+        if manual {
+            let disks = if replicate { &spec.disks[..] } else { &[] };
+            self.hold(m, &mut ctl, disks, &source).await?;
+        }
+        if replicate {
+            self.export_disks(m, &mut ctl, &spec.disks, &source).await?;
         }
         self.start_incoming(m, &mut ctl, &spec, &addr).await?;
         let tunnel = self.open_tunnel(&spec.name, &addr).await?;
@@ -605,8 +608,8 @@ impl Migrations {
     }
 
     /// Capabilities and parameters from the spec: the pause before the switchover always;
-    /// auto-converge unless divergence aborts; the downtime limit (1 ms while a manual
-    /// switchover is held, 10 minutes for `warm`, whose guest is paused before `migrate`); the cap.
+    /// auto-converge when divergence throttles; post-copy when it may be asked for; the downtime
+    /// limit (10 minutes for `warm`, whose guest is paused before `migrate`); the cap.
     async fn configure(&self, q: &qmp::Qmp, m: &Migration) -> std::result::Result<(), String> {
         let throttle = matches!(m.spec.on_diverge.as_deref(), None | Some("throttle"));
         let caps = serde_json::json!({"capabilities": [
@@ -615,9 +618,7 @@ impl Migrations {
             {"capability": "postcopy-ram", "state": may_postcopy(m)},
         ]});
         q.json(qmp::MigrateSetCapabilities(caps)).await?;
-        let limit = if m.spec.switchover.as_deref() == Some("manual") {
-            1
-        } else if m.spec.mode.as_deref() == Some("warm") {
+        let limit = if m.spec.mode.as_deref() == Some("warm") {
             600_000
         } else {
             m.spec.max_downtime_ms.unwrap_or(300)
@@ -636,7 +637,7 @@ impl Migrations {
 
     /// Steers QEMU's migration to completion: `migrate`, then the status polled until
     /// `completed`, the switchover at `pre-switchover`, divergence handled as `on_diverge`
-    /// says, a manual switchover held in `ready` until let go.
+    /// says.
     async fn precopy(
         &self,
         m: &mut Migration,
@@ -645,12 +646,7 @@ impl Migrations {
     ) -> std::result::Result<(), String> {
         let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
         self.configure(&q, m).await?;
-        let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let manual = m.spec.switchover.as_deref() == Some("manual");
-        if manual {
-            lock(&self.go).insert(m.id.clone(), go.clone());
-        }
-        let mut w = Watch::new(manual);
+        let mut w = Watch::new();
         if m.spec.mode.as_deref() == Some("warm") {
             // Warm: the guest stops first and its whole memory moves while it is paused.
             q.pause().await?;
@@ -667,13 +663,12 @@ impl Migrations {
                 Ok(i) => i,
                 Err(e) => break Err(e),
             };
-            match self.step(m, &q, &info, &mut w, &go, ctl).await {
+            match self.step(m, &q, &info, &mut w, ctl).await {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
                 Err(e) => break Err(e),
             }
         };
-        lock(&self.go).remove(&m.id);
         result
     }
 
@@ -708,12 +703,11 @@ impl Migrations {
         q: &qmp::Qmp,
         info: &serde_json::Value,
         w: &mut Watch,
-        go: &std::sync::atomic::AtomicBool,
         ctl: &mut Ctl,
     ) -> std::result::Result<bool, String> {
         let status = info["status"].as_str().unwrap_or("unknown");
         if self.note_progress(m, info, w) {
-            self.on_iteration(m, info, w, go, q).await?;
+            self.on_iteration(m, w, q).await?;
         }
         match status {
             "pre-switchover" => {
@@ -769,14 +763,11 @@ impl Migrations {
     }
 
     /// At each QEMU iteration: divergence (the remaining memory has not shrunk for 3
-    /// iterations) handled as `on_diverge` says; a manual switchover held in `ready` once the
-    /// expected downtime is within the limit, and let go when asked.
+    /// iterations) handled as `on_diverge` says; post-copy after the first pass if asked.
     async fn on_iteration(
         &self,
         m: &mut Migration,
-        info: &serde_json::Value,
         w: &mut Watch,
-        go: &std::sync::atomic::AtomicBool,
         q: &qmp::Qmp,
     ) -> std::result::Result<(), String> {
         if w.diverging() && !w.said_diverging {
@@ -797,25 +788,6 @@ impl Migrations {
             // After the first full pass: the guest's memory is mostly there already.
             self.start_postcopy(m, w, q, "mode postcopy, after the first pass over memory")
                 .await?;
-        }
-        let limit = m.spec.max_downtime_ms.unwrap_or(300);
-        let expected = info["expected-downtime"].as_u64().unwrap_or(u64::MAX);
-        if w.held && m.phase == "precopy" && w.remaining.len() >= 2 && expected <= limit {
-            self.set_phase(m, "ready", &format!("converged (expected downtime {expected} ms); waiting for POST /v1/migrations/{}/switchover", m.id))
-                .map_err(|e| e.to_string())?;
-        }
-        if w.held && go.load(std::sync::atomic::Ordering::Relaxed) {
-            w.held = false;
-            q.json(qmp::MigrateSetParameters(
-                serde_json::json!({"downtime-limit": limit}),
-            ))
-            .await?;
-            self.set_phase(
-                m,
-                "precopy",
-                "switchover let go: QEMU stops the VM once it fits the downtime limit",
-            )
-            .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -868,8 +840,6 @@ struct Watch {
     remaining: Vec<u64>,
     last_event: std::time::Instant,
     said_diverging: bool,
-    /// A manual switchover not yet let go.
-    held: bool,
     /// When a warm migration paused the guest.
     paused_at: Option<std::time::Instant>,
     /// Post-copy was asked of QEMU.
@@ -877,13 +847,12 @@ struct Watch {
 }
 
 impl Watch {
-    fn new(manual: bool) -> Watch {
+    fn new() -> Watch {
         Watch {
             iterations: 0,
             remaining: Vec::new(),
             last_event: std::time::Instant::now(),
             said_diverging: false,
-            held: manual,
             paused_at: None,
             postcopy: false,
         }
