@@ -58,9 +58,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    // The demo narrates on stdout; agents' routine logs would drown it.
+    // The demo narrates on stdout; agents' routine logs (and the warnings its story provokes on
+    // purpose, such as chunks written after a seed) would drown it. HELIO_LOG=warn shows them.
     let default_level = if matches!(cli.command, Command::Demo(_)) {
-        "warn"
+        "error"
     } else {
         "info"
     };

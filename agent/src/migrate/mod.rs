@@ -711,7 +711,9 @@ impl Migrations {
         }
         match status {
             "pre-switchover" => {
-                let why = if ctl.exports.is_empty() {
+                let why = if !ctl.returning.is_empty() {
+                    "the source VM is paused at the cut, its disks flushed: the chunks it wrote since the last round go back now"
+                } else if ctl.exports.is_empty() {
                     "the source VM is paused at the cut; shared disks need nothing moved"
                 } else {
                     "the source VM is paused at the cut, its disks flushed: the chunks written since the last round are made absent at the destination"

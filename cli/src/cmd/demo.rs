@@ -1,4 +1,5 @@
-//! `helio demo`: the whole pre-seeding story on one machine, with nothing to set up.
+//! `helio demo`: the whole story on the sample guest ([`super::demo_vm`]); with `--parts`, the
+//! parts without QEMU, on one machine, with nothing to set up:
 //!
 //! Two VM disks that share a base image are served by a source agent behind an emulated WAN
 //! (40 ms RTT, 200 Mbit/s by default) over mutual TLS. Both are seeded into a destination store,
@@ -31,6 +32,10 @@ pub struct Args {
     /// Emulated link bandwidth.
     #[arg(long, default_value = "200Mbit")]
     bandwidth: Rate,
+    /// The parts without QEMU instead: pre-seeding two disks with dedup, sync rounds under
+    /// writes, and a KVM micro-VM's memory migration.
+    #[arg(long)]
+    parts: bool,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
@@ -47,6 +52,15 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     };
     let size = parse_size(&a.size)?;
     println!("heliotrope demo in {}", dir.display());
+    if !a.parts {
+        let setup = super::demo_vm::Setup {
+            dir: dir.clone(),
+            os_size: size,
+            rtt: a.rtt,
+            bandwidth: a.bandwidth,
+        };
+        return super::demo_vm::run(setup).await;
+    }
     println!(
         "1. building two {} VM disks that share a base image (zeros, OS blocks, unique data)",
         human(size)

@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod args;
 pub mod demo;
+mod demo_vm;
+mod demo_watch;
 pub mod export;
 pub mod job;
 pub mod materialize;
