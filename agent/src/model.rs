@@ -310,6 +310,10 @@ pub struct MigrationSpec {
     /// prediction uses it as the link's bandwidth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<String>,
+    /// Parallel streams for the memory (QEMU's multifd channels, 2 to 16; each its own agent
+    /// connection across the link). Default 1: QEMU's single stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
     /// `live` (default: iterative pre-copy while the VM runs), `warm` (the VM pauses at the
     /// start and its whole memory moves paused: the downtime is the transfer) or `postcopy`
     /// (after the first pass over memory the VM runs at the destination; the pages it lacks

@@ -182,7 +182,7 @@ fn a_running_vm_moves_to_the_other_agent_and_carries_on() {
     let watch = TickWatch::start([sa.clone(), sb.clone()]);
     std::thread::sleep(Duration::from_millis(500));
     let spec =
-        serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "max_downtime_ms": 300})
+        serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "max_downtime_ms": 300, "streams": 4})
             .to_string();
     let m = s.a.api_ok("POST", "/v1/migrations", Some(&spec), 201);
     let id = m["id"].as_str().unwrap().to_string();
@@ -200,6 +200,11 @@ fn a_running_vm_moves_to_the_other_agent_and_carries_on() {
     let m = migration(&s.a, &id);
     eprintln!("migration: {m}");
     assert!(m["figures"]["downtime_ms"].as_u64().is_some(), "{m}");
+    // Four multifd channels, each through its own tunnel, carried the pages.
+    assert!(
+        m["figures"]["ram"]["multifd-bytes"].as_u64().unwrap() > 32 << 20,
+        "{m}"
+    );
     assert!(
         m["figures"]["tunnel_bytes_sent"].as_u64().unwrap() > 32 << 20,
         "{m}"

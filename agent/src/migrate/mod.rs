@@ -157,6 +157,19 @@ impl Migrations {
             &["throttle", "postcopy", "abort"],
         )?;
         pick("switchover", &spec.switchover, &["auto", "manual"])?;
+        if let Some(n) = spec.streams {
+            if !(1..=16).contains(&n) {
+                return Err(AgentError::Invalid(format!("streams {n}: use 1 to 16")));
+            }
+            let postcopy = spec.mode.as_deref() == Some("postcopy")
+                || spec.on_diverge.as_deref() == Some("postcopy");
+            if n > 1 && postcopy {
+                return Err(AgentError::Invalid(
+                    "streams above 1 (multifd) with post-copy is not supported here: pick one"
+                        .into(),
+                ));
+            }
+        }
         if spec
             .max_downtime_ms
             .is_some_and(|d| !(1..=600_000).contains(&d))
@@ -451,7 +464,7 @@ impl Migrations {
             self.export_disks(m, &mut ctl, &spec.disks, &source).await?;
         }
         self.start_incoming(m, &mut ctl, &spec, &addr).await?;
-        let tunnel = self.open_tunnel(&spec.name, &addr).await?;
+        let tunnel = self.open_tunnel(&spec.name, &addr, channels(m)).await?;
         self.precopy(m, &spec.name, &mut ctl).await?;
         let (sent, received) = tokio::time::timeout(Duration::from_secs(30), tunnel)
             .await
@@ -495,6 +508,7 @@ impl Migrations {
         let request = IncomingRequest {
             spec: spec.clone(),
             postcopy: may_postcopy(m),
+            multifd: multifd(m),
         };
         let spec_json = serde_json::to_string(&request).map_err(|e| e.to_string())?;
         match disk::ask(&mut ctl.conn, Message::VmIncoming { spec: spec_json }).await {
@@ -575,35 +589,53 @@ impl Migrations {
         ))
     }
 
-    /// Binds the VM's migration socket and, once QEMU connects, carries its stream to the
-    /// destination agent.
+    /// Binds the VM's migration socket and carries each of the `channels` connections QEMU
+    /// opens (the main stream, then one per multifd channel) to the destination agent on a
+    /// connection of its own. The destination's connections are opened first, so that an
+    /// unreachable destination fails here. The task ends with the bytes sent and received.
     async fn open_tunnel(
         &self,
         vm: &str,
         addr: &str,
+        channels: usize,
     ) -> std::result::Result<tokio::task::JoinHandle<std::result::Result<(u64, u64), String>>, String>
     {
         let path = self.vms.migrate_socket(vm);
         let _ = std::fs::remove_file(&path);
         let listener = server::listen::bind_unix_private(&path)
             .map_err(|e| format!("binding {}: {e}", path.display()))?;
-        let mut conn = protocol::connect(addr, self.tls.as_ref(), &self.agent)
-            .await
-            .map_err(|e| format!("destination agent {addr}: {e}"))?;
-        conn.send(&Frame::new(Message::Tunnel { vm: vm.to_string() }))
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(tokio::spawn(async move {
-            let (stream, _) = tokio::time::timeout(TUNNEL_WAIT, listener.accept())
+        let mut conns = Vec::with_capacity(channels);
+        for _ in 0..channels {
+            let mut conn = protocol::connect(addr, self.tls.as_ref(), &self.agent)
                 .await
-                .map_err(|_| "QEMU did not connect its migration stream".to_string())?
+                .map_err(|e| format!("destination agent {addr}: {e}"))?;
+            conn.send(&Frame::new(Message::Tunnel { vm: vm.to_string() }))
+                .await
                 .map_err(|e| e.to_string())?;
+            conns.push(conn);
+        }
+        Ok(tokio::spawn(async move {
+            let mut pumps = Vec::with_capacity(conns.len());
+            for mut conn in conns {
+                let (stream, _) = tokio::time::timeout(TUNNEL_WAIT, listener.accept())
+                    .await
+                    .map_err(|_| "QEMU did not connect its migration stream".to_string())?
+                    .map_err(|e| e.to_string())?;
+                conn.set_timeout(None);
+                let (reader, writer) = conn.split();
+                pumps.push(tokio::spawn(server::vmpeer::pump(stream, reader, writer)));
+            }
             let _ = std::fs::remove_file(&path);
-            conn.set_timeout(None);
-            let (reader, writer) = conn.split();
-            server::vmpeer::pump(stream, reader, writer)
-                .await
-                .map_err(|e| e.to_string())
+            let (mut sent, mut received) = (0, 0);
+            for p in pumps {
+                let (s, r) = p
+                    .await
+                    .map_err(|e| format!("a tunnel task failed: {e}"))?
+                    .map_err(|e| e.to_string())?;
+                sent += s;
+                received += r;
+            }
+            Ok((sent, received))
         }))
     }
 
@@ -616,6 +648,7 @@ impl Migrations {
             {"capability": "pause-before-switchover", "state": true},
             {"capability": "auto-converge", "state": throttle},
             {"capability": "postcopy-ram", "state": may_postcopy(m)},
+            {"capability": "multifd", "state": multifd(m).is_some()},
         ]});
         q.json(qmp::MigrateSetCapabilities(caps)).await?;
         let limit = if m.spec.mode.as_deref() == Some("warm") {
@@ -624,6 +657,9 @@ impl Migrations {
             m.spec.max_downtime_ms.unwrap_or(300)
         };
         let mut params = serde_json::json!({ "downtime-limit": limit });
+        if let Some(n) = multifd(m) {
+            params["multifd-channels"] = n.into();
+        }
         let cap = m
             .spec
             .bandwidth
@@ -895,6 +931,18 @@ pub struct Incoming {
 struct IncomingRequest {
     spec: crate::model::VmSpec,
     postcopy: bool,
+    /// QEMU multifd channels (the stream's parallel connections), when more than one.
+    multifd: Option<u32>,
+}
+
+/// The multifd channels of migration `m`, if it asked for parallel streams.
+fn multifd(m: &Migration) -> Option<u32> {
+    m.spec.streams.filter(|n| *n > 1)
+}
+
+/// The connections QEMU opens for migration `m`: the main one, and one per multifd channel.
+fn channels(m: &Migration) -> usize {
+    1 + multifd(m).unwrap_or(0) as usize
 }
 
 /// Whether migration `m` may switch to post-copy (asked for, or the answer to divergence).
@@ -922,7 +970,7 @@ impl server::vmpeer::VmPeer for Incoming {
         Box::pin(async move {
             let req: IncomingRequest =
                 serde_json::from_str(&spec).map_err(|e| format!("VM spec: {e}"))?;
-            vms.create_incoming(req.spec, req.postcopy)
+            vms.create_incoming(req.spec, req.postcopy, req.multifd)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -52,6 +52,9 @@ struct Record {
     /// source may switch to post-copy).
     #[serde(default)]
     incoming_caps: Vec<String>,
+    /// Multifd channels an incoming QEMU expects (with the `multifd` capability).
+    #[serde(default)]
+    incoming_channels: Option<u32>,
 }
 
 /// What the agent knows of a VM right now.
@@ -261,6 +264,7 @@ impl Vms {
             incoming,
             moved_to: None,
             incoming_caps: Vec::new(),
+            incoming_channels: None,
         };
         self.state.put(KIND, &spec.name, &rec, true)?;
         self.set_live(
@@ -499,8 +503,8 @@ impl Vms {
         let sock = self.incoming_socket(name);
         let _ = std::fs::remove_file(&sock);
         let uri = format!("unix:{}", sock.display());
-        let caps: Vec<serde_json::Value> = self
-            .record(name)?
+        let rec = self.record(name)?;
+        let caps: Vec<serde_json::Value> = rec
             .incoming_caps
             .iter()
             .map(|c| serde_json::json!({"capability": c, "state": true}))
@@ -513,6 +517,13 @@ impl Vms {
                         let caps = serde_json::json!({ "capabilities": caps });
                         q.json(qmp::MigrateSetCapabilities(caps)).await
                     }
+                };
+                let set = match (set, rec.incoming_channels) {
+                    (Ok(_), Some(n)) => {
+                        let params = serde_json::json!({ "multifd-channels": n });
+                        q.json(qmp::MigrateSetParameters(params)).await
+                    }
+                    (set, _) => set,
                 };
                 match set {
                     Ok(_) => q
@@ -537,7 +548,12 @@ impl Vms {
 
     /// Creates and starts a VM that waits for a migration stream from a peer agent (same name
     /// and spec as at the source). An incoming VM of the same name that never ran is replaced.
-    pub async fn create_incoming(self: &Arc<Self>, mut spec: VmSpec, postcopy: bool) -> Result<()> {
+    pub async fn create_incoming(
+        self: &Arc<Self>,
+        mut spec: VmSpec,
+        postcopy: bool,
+        multifd: Option<u32>,
+    ) -> Result<()> {
         let _op = self.ops.lock().await;
         if let Some(rec) = self.state.get::<Record>(KIND, &spec.name)? {
             let alive = rec
@@ -558,9 +574,15 @@ impl Vms {
         }
         spec.start = true;
         self.record_new(&spec, true)?;
-        if postcopy {
+        if postcopy || multifd.is_some() {
             let mut rec = self.record(&spec.name)?;
-            rec.incoming_caps = vec!["postcopy-ram".into()];
+            if postcopy {
+                rec.incoming_caps.push("postcopy-ram".into());
+            }
+            if multifd.is_some() {
+                rec.incoming_caps.push("multifd".into());
+                rec.incoming_channels = multifd;
+            }
             self.state.put(KIND, &spec.name, &rec, true)?;
         }
         self.start_locked(&spec.name).await

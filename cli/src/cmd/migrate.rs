@@ -25,6 +25,9 @@ pub struct Args {
     /// destination after the first pass; missing pages come on demand).
     #[arg(long)]
     mode: Option<String>,
+    /// Parallel streams for the memory (QEMU multifd channels, 2 to 16).
+    #[arg(long)]
+    streams: Option<u32>,
     /// When pre-copy stops converging: `throttle` (default), `postcopy` or `abort`.
     #[arg(long)]
     on_diverge: Option<String>,
@@ -80,7 +83,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let spec = serde_json::json!({
         "vm": a.vm, "to": a.to, "disk": a.disk,
         "max_downtime_ms": a.max_downtime_ms, "bandwidth": a.bandwidth, "dry_run": a.dry_run,
-        "mode": a.mode, "on_diverge": a.on_diverge,
+        "mode": a.mode, "on_diverge": a.on_diverge, "streams": a.streams,
     });
     let (_, m) = client
         .call("POST", "/v1/migrations", Some(&spec), &[])
