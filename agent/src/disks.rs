@@ -305,6 +305,28 @@ impl Disks {
         Ok((device, g))
     }
 
+    /// Bytes of disk `name`'s chunks that hold data: those its last manifest says are not
+    /// zeros, and those written since (the manifest is refreshed only when a peer asks). What a
+    /// first seed of it moves, before compression.
+    pub fn data_bytes(&self, name: &str) -> Result<u64> {
+        let open = lock(&self.open);
+        let o = open
+            .get(name)
+            .ok_or_else(|| AgentError::not_found("disk", name, "it is not served here"))?;
+        let manifest = o.source.manifest.read().unwrap_or_else(|p| p.into_inner());
+        let mut data: std::collections::HashSet<u64> = manifest
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, protocol::ChunkEntry::Data(_)))
+            .map(|(i, _)| i as u64)
+            .collect();
+        if let Some(t) = &o.source.tracker {
+            data.extend(t.written_between(manifest.generation, u64::MAX));
+        }
+        Ok(data.len() as u64 * o.source.geometry.chunk_size as u64)
+    }
+
     /// Whether disk `name` exists.
     pub fn exists(&self, name: &str) -> bool {
         lock(&self.open).contains_key(name)

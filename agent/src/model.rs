@@ -310,6 +310,14 @@ pub struct MigrationSpec {
     /// prediction uses it as the link's bandwidth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<String>,
+    /// Start no earlier than this time (RFC 3339); the migration waits in `scheduled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// Finish by this time (RFC 3339): the disk jobs are paced to fill the window rather than
+    /// the link, and a prediction that cannot make it is said at `checking`
+    /// (`figures.deadline`, event `migration.deadline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
     /// Parallel streams for the memory (QEMU's multifd channels, 2 to 16; each its own agent
     /// connection across the link). Default 1: QEMU's single stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]

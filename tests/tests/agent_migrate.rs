@@ -271,18 +271,38 @@ fn a_cancelled_migration_leaves_the_vm_running_at_the_source() {
     };
     assert_eq!(dry("16Mbit"), "needs postcopy");
     assert_eq!(dry("1Gbit"), "converges");
+    // A deadline: 5 s cannot take the memory at 16 Mbit/s, an hour at 1 Gbit/s can.
+    let at = |secs: u64| {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
+            .to_string()
+    };
+    for (bw, secs, feasible) in [("16Mbit", 5, false), ("1Gbit", 3600, true)] {
+        let spec = serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "bandwidth": bw, "dry_run": true, "deadline": at(secs)});
+        let m =
+            s.a.api_ok("POST", "/v1/migrations", Some(&spec.to_string()), 201);
+        assert_eq!(m["figures"]["deadline"]["feasible"], feasible, "{m}");
+    }
     assert_eq!(
         s.b.api("GET", "/v1/vms/g1", None).0,
         404,
         "a dry run started something at b"
     );
-    // A slow stream keeps the migration in precopy long enough to cancel it there.
+    // Not before 3 s from now: it waits in `scheduled`. Then a slow stream keeps it in precopy
+    // long enough to cancel it there.
     let spec =
-        serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "bandwidth": "16Mbit"})
+        serde_json::json!({"vm": "g1", "to": s.wan.addr, "disk": "shared", "bandwidth": "16Mbit", "not_before": at(3)})
             .to_string();
     let m = s.a.api_ok("POST", "/v1/migrations", Some(&spec), 201);
     let id = m["id"].as_str().unwrap().to_string();
+    let posted = std::time::Instant::now();
+    wait_for(10, "scheduled", || {
+        migration(&s.a, &id)["phase"] == "scheduled"
+    });
     wait_for(60, "precopy", || migration(&s.a, &id)["phase"] == "precopy");
+    assert!(
+        posted.elapsed() >= Duration::from_secs(1),
+        "not_before was not waited for"
+    );
     std::thread::sleep(Duration::from_secs(2));
     s.a.api_ok("DELETE", &format!("/v1/migrations/{id}"), None, 200);
     wait_for(30, "the cancel", || {
@@ -637,7 +657,10 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         console(&serial_a).1 > 0
     });
 
-    let mig = serde_json::json!({"vm": "g1", "to": to_b.addr, "source_addr": to_a.addr});
+    // Due within 10 minutes: the disk jobs are paced to the window, not to the link.
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(600);
+    let deadline = humantime::format_rfc3339_seconds(deadline).to_string();
+    let mig = serde_json::json!({"vm": "g1", "to": to_b.addr, "source_addr": to_a.addr, "deadline": deadline});
     let m = a.api_ok("POST", "/v1/migrations", Some(&mig.to_string()), 201);
     let id = m["id"].as_str().unwrap().to_string();
     let mut phases = vec![];
@@ -665,6 +688,13 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         "{m}"
     );
     assert!(m["figures"]["switchover_chunks"].as_u64().is_some(), "{m}");
+    let pace = &m["figures"]["deadline"];
+    assert_eq!(pace["feasible"], true, "{m}");
+    assert!(pace["disk_pace_bytes_per_s"].as_u64().is_some(), "{m}");
+    assert!(
+        m["figures"]["prediction"]["disk_bytes"].as_u64().unwrap() > 0,
+        "{m}"
+    );
     let serial_b = sb.join("vms/g1/serial.log");
     wait_for(30, "ticks at b", || {
         ticks(&serial_b).is_some_and(|(f, l)| l > f + 100)

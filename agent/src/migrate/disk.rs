@@ -96,7 +96,7 @@ impl Migrations {
             let why = format!("disk {d:?}: the chunks the destination lacks");
             self.set_phase(m, "seeding", &why)
                 .map_err(|e| e.to_string())?;
-            let spec = serde_json::json!({"kind": "seed", "disk": d, "from": source});
+            let spec = serde_json::json!({"kind": "seed", "disk": d, "from": source, "bandwidth": self.disk_bandwidth(m)});
             let j = self.remote_job(m, ctl, spec, &[]).await?;
             m.figures["seed"][d] = j.figures;
             for round in 1..=MAX_ROUNDS {
@@ -124,7 +124,7 @@ impl Migrations {
         source: &str,
         label: &str,
     ) -> Result<u64, String> {
-        let spec = serde_json::json!({"kind": "sync", "disk": d, "from": source});
+        let spec = serde_json::json!({"kind": "sync", "disk": d, "from": source, "bandwidth": self.disk_bandwidth(m)});
         let j = self.remote_job(m, ctl, spec, &[]).await?;
         m.figures["sync_rounds"][d][label] = j.figures["rounds"][0].clone();
         Ok(j.figures["rounds"][0]["dirty_bytes"].as_u64().unwrap_or(0))
@@ -139,7 +139,7 @@ impl Migrations {
         source: &str,
     ) -> Result<(), String> {
         for d in disks {
-            let spec = serde_json::json!({"kind": "export", "disk": d, "from": source});
+            let spec = serde_json::json!({"kind": "export", "disk": d, "from": source, "bandwidth": self.disk_bandwidth(m)});
             let j = self
                 .remote_job(m, ctl, spec, &["transferring", "serving"])
                 .await?;

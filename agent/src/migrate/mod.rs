@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 mod back;
 mod disk;
 mod hold;
+mod pace;
 
 use disk::Ctl;
 
@@ -157,6 +158,14 @@ impl Migrations {
             &["throttle", "postcopy", "abort"],
         )?;
         pick("switchover", &spec.switchover, &["auto", "manual"])?;
+        for (what, v) in [
+            ("not_before", &spec.not_before),
+            ("deadline", &spec.deadline),
+        ] {
+            if let Some(v) = v {
+                pace::parse_time(what, v).map_err(AgentError::Invalid)?;
+            }
+        }
         if let Some(n) = spec.streams {
             if !(1..=16).contains(&n) {
                 return Err(AgentError::Invalid(format!("streams {n}: use 1 to 16")));
@@ -410,6 +419,7 @@ impl Migrations {
 
     /// The phases, in order.
     async fn drive(&self, m: &mut Migration) -> std::result::Result<(), String> {
+        self.wait_not_before(m).await?;
         let addr = self.resolve(&m.spec.to).map_err(|e| e.to_string())?;
         let spec = self.vms.show(&m.spec.vm).map_err(|e| e.to_string())?.spec;
         let returning = match m.spec.disk.as_deref() {
@@ -422,6 +432,7 @@ impl Migrations {
             .map_err(|e| format!("destination agent {addr}: {e}"))?;
         self.check_destination(m, &mut conn, &spec, returning.is_some())
             .await?;
+        self.plan_deadline(m)?;
         if m.spec.dry_run {
             let verdict = m.figures["prediction"]["verdict"]
                 .as_str()
@@ -552,7 +563,7 @@ impl Migrations {
         conn.send(&Frame::new(Message::VmCheck { spec: spec_json }))
             .await
             .map_err(|e| e.to_string())?;
-        let found = match conn.recv().await.map_err(|e| e.to_string())?.msg {
+        let found: serde_json::Value = match conn.recv().await.map_err(|e| e.to_string())?.msg {
             Message::VmCheckOk { report } => serde_json::from_str(&report).unwrap_or_default(),
             Message::Error { message, .. } => {
                 return Err(format!(
@@ -563,7 +574,14 @@ impl Migrations {
             other => return Err(format!("the destination answered {other:?} to VmCheck")),
         };
         let dirty_mib_s = self.dirty_rate(&spec.name).await?;
-        m.figures["prediction"] = predict(m, spec, rtt, dirty_mib_s, found);
+        let moving = if request.replicate && !back {
+            &spec.disks[..]
+        } else {
+            &[]
+        };
+        let store_id = found["store_id"].as_str().and_then(unhex);
+        let disk_bytes = self.disk_delta(moving, &found, store_id);
+        m.figures["prediction"] = predict(m, spec, rtt, dirty_mib_s, disk_bytes, found);
         self.state
             .put(KIND, &m.id, m, true)
             .map_err(|e| e.to_string())?;
@@ -980,7 +998,7 @@ impl server::vmpeer::VmPeer for Incoming {
         &self,
         spec: String,
     ) -> futures::future::BoxFuture<'static, std::result::Result<String, String>> {
-        let vms = self.vms.clone();
+        let (vms, disks) = (self.vms.clone(), self.disks.clone());
         let store_id = hex(&self.store_id);
         Box::pin(async move {
             let req: CheckRequest =
@@ -990,6 +1008,12 @@ impl server::vmpeer::VmPeer for Incoming {
                 .await
                 .map_err(|e| e.to_string())?;
             found["store_id"] = store_id.into();
+            for r in disks.replicas().map_err(|e| e.to_string())? {
+                if req.spec.disks.contains(&r.name) {
+                    found["replicas"][&r.name] =
+                        serde_json::json!({"seeded": r.seeded, "chunks_present": r.chunks_present});
+                }
+            }
             Ok(found.to_string())
         })
     }
@@ -1078,6 +1102,7 @@ fn predict(
     spec: &crate::model::VmSpec,
     rtt: f64,
     dirty_mib_s: f64,
+    disk_bytes: u64,
     destination: serde_json::Value,
 ) -> serde_json::Value {
     let cap = m
@@ -1109,12 +1134,16 @@ fn predict(
     };
     let sent: u64 = p.rounds.iter().map(|r| r.bytes).sum();
     let downtime_bytes = (p.downtime_ms / 1000.0 * bandwidth) as u64;
+    // The disk's delta moves before the memory, at the same rate (uncompressed: an upper bound).
+    let disk_ms = disk_bytes as f64 / bandwidth * 1000.0;
     serde_json::json!({
         "verdict": verdict,
         "d_over_r": p.d_over_r,
         "downtime_ms": p.downtime_ms,
-        "total_ms": p.total_ms,
-        "wan_bytes": sent + downtime_bytes,
+        "total_ms": p.total_ms + disk_ms,
+        "memory_ms": p.total_ms,
+        "disk_bytes": disk_bytes,
+        "wan_bytes": sent + downtime_bytes + disk_bytes,
         "rounds": p.rounds.len(),
         "stop_reason": p.stop_reason,
         "dirty_rate_mib_s": dirty_mib_s,

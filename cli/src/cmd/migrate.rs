@@ -25,6 +25,13 @@ pub struct Args {
     /// destination after the first pass; missing pages come on demand).
     #[arg(long)]
     mode: Option<String>,
+    /// Start no earlier than this time (RFC 3339).
+    #[arg(long)]
+    not_before: Option<String>,
+    /// Finish by this time (RFC 3339): disk jobs are paced to the window; a window too short
+    /// is said at checking.
+    #[arg(long)]
+    deadline: Option<String>,
     /// Parallel streams for the memory (QEMU multifd channels, 2 to 16).
     #[arg(long)]
     streams: Option<u32>,
@@ -84,6 +91,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "vm": a.vm, "to": a.to, "disk": a.disk,
         "max_downtime_ms": a.max_downtime_ms, "bandwidth": a.bandwidth, "dry_run": a.dry_run,
         "mode": a.mode, "on_diverge": a.on_diverge, "streams": a.streams,
+        "not_before": a.not_before, "deadline": a.deadline,
     });
     let (_, m) = client
         .call("POST", "/v1/migrations", Some(&spec), &[])
