@@ -9,6 +9,8 @@ use crate::model::Job;
 use protocol::{Conn, Frame, Message};
 use std::time::Duration;
 
+/// How often a lost destination is dialled again after the cut.
+const REDIAL: Duration = Duration::from_secs(1);
 /// How often the destination's jobs are asked how they are doing.
 const JOB_POLL: Duration = Duration::from_millis(300);
 /// Sync rounds at most before the memory moves.
@@ -26,6 +28,8 @@ pub struct Ctl {
     pub exports: Vec<(String, String)>,
     /// A way back: the disks going back, whose chunks written here are patched there.
     pub returning: Vec<super::back::Returning>,
+    /// The destination agent's address (to dial it again after the link failed).
+    pub addr: String,
 }
 
 /// Sends `msg` and returns the answer; an error answer is an `Err` with its words.
@@ -182,6 +186,40 @@ impl Migrations {
         Ok(())
     }
 
+    /// Past the cut the VM runs at the destination whatever the link does: a lost connection
+    /// is dialled again until it comes back (the destination's exports wait for it too, and
+    /// serve the chunks they hold meanwhile). Said on the event stream both ways.
+    async fn redial(&self, m: &mut Migration, ctl: &mut Ctl, error: &str) -> Result<(), String> {
+        tracing::warn!(migration = %m.id, %error, "lost the destination agent after the cut; dialling it again");
+        self.events.emit(
+            "migration.link",
+            &m.id,
+            serde_json::json!({"state": "lost", "error": error}),
+        );
+        let why = format!("the link to the destination is down ({error}); the VM runs there on the chunks it holds, and this agent dials again");
+        self.set_phase(m, "running_at_destination", &why)
+            .map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(REDIAL).await;
+            if let Ok(conn) = protocol::connect(&ctl.addr, self.tls.as_ref(), &self.agent).await {
+                ctl.conn = conn;
+                break;
+            }
+        }
+        let down = started.elapsed().as_millis() as u64;
+        self.events.emit(
+            "migration.link",
+            &m.id,
+            serde_json::json!({"state": "back", "down_ms": down}),
+        );
+        let was = m.figures["link_down_ms"].as_u64().unwrap_or(0);
+        m.figures["link_down_ms"] = (was + down).into();
+        let why = "the link is back: the destination fetches the chunks it lacks";
+        self.set_phase(m, "running_at_destination", why)
+            .map_err(|e| e.to_string())
+    }
+
     /// `running_at_destination`: until every export at the destination holds every chunk.
     pub(super) async fn await_exports(
         &self,
@@ -190,7 +228,13 @@ impl Migrations {
     ) -> Result<(), String> {
         for (d, id) in ctl.exports.clone() {
             loop {
-                let j = job_call(&mut ctl.conn, Message::JobQuery { id: id.clone() }).await?;
+                let j = match job_call(&mut ctl.conn, Message::JobQuery { id: id.clone() }).await {
+                    Ok(j) => j,
+                    Err(e) => {
+                        self.redial(m, ctl, &e).await?;
+                        continue;
+                    }
+                };
                 match j.phase.as_str() {
                     "serving" => {
                         m.figures["export"][&d] = j.figures;

@@ -309,6 +309,7 @@ impl Migrations {
             store_id: [0; 16],
             exports,
             returning: Vec::new(),
+            addr: addr.clone(),
         };
         self.await_exports(m, &mut ctl).await?;
         self.vms
@@ -452,6 +453,7 @@ impl Migrations {
             store_id,
             exports: Vec::new(),
             returning: Vec::new(),
+            addr: addr.clone(),
         };
         let manual = m.spec.switchover.as_deref() == Some("manual");
         let source = m
