@@ -780,7 +780,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     let id = m["id"].as_str().unwrap().to_string();
     let mut phases = vec![];
     wait_for(300, "the migration with its disk", || {
-        let m = migration(&a, &id);
+        let m = migration(a, &id);
         assert_ne!(
             m["phase"],
             "failed",
@@ -794,7 +794,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         }
         m["phase"] == "completed"
     });
-    let m = migration(&a, &id);
+    let m = migration(a, &id);
     eprintln!("phases seen: {phases:?}\nmigration: {m}");
     assert!(
         m["figures"]["seed"]["d1"]["chunks_total"]
@@ -835,7 +835,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     let m = b.api_ok("POST", "/v1/migrations", Some(&back.to_string()), 201);
     let id = m["id"].as_str().unwrap().to_string();
     wait_for(300, "the way back", || {
-        let m = migration(&b, &id);
+        let m = migration(b, &id);
         assert_ne!(
             m["phase"],
             "failed",
@@ -845,7 +845,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         );
         m["phase"] == "completed"
     });
-    let m = migration(&b, &id);
+    let m = migration(b, &id);
     eprintln!("the way back: {}", m["figures"]["return"]);
     let ret = &m["figures"]["return"];
     let (wire, written) = (
@@ -891,7 +891,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     let m = a.api_ok("POST", "/v1/migrations", Some(&again.to_string()), 201);
     let id = m["id"].as_str().unwrap().to_string();
     wait_for(120, "the second move ready", || {
-        let m = migration(&a, &id);
+        let m = migration(a, &id);
         assert_ne!(m["phase"], "failed", "{m}");
         m["phase"] == "ready"
     });
@@ -902,7 +902,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         200,
     );
     wait_for(300, "the second move to b", || {
-        let m = migration(&a, &id);
+        let m = migration(a, &id);
         assert_ne!(
             m["phase"],
             "failed",
@@ -912,7 +912,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
         );
         m["phase"] == "completed"
     });
-    let m = migration(&a, &id);
+    let m = migration(a, &id);
     eprintln!(
         "the second move: seed {} sync {}",
         m["figures"]["seed"]["d1"], m["figures"]["sync_rounds"]
@@ -928,7 +928,7 @@ fn a_vm_moves_with_its_disk_replicated_and_back_and_every_record_survives() {
     });
     helio_ok(&["vm", "stop", "g1", "--agent", &b.url]);
     // a's image, frozen at the second cut: every record written at a, at b, and at a again.
-    let records = agent::guest::check(&img).unwrap();
+    let records = agent::guest::check(img).unwrap();
     assert_eq!(
         (records.corrupt, records.misplaced, records.boots),
         (0, 0, 1),
