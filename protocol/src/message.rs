@@ -323,6 +323,24 @@ pub enum Message {
         /// Chunks applied.
         chunks: u64,
     },
+    /// Cancels a job started with `JobStart` (a migration cancelled or failed before its cut);
+    /// the reply is `JobState`.
+    JobCancel {
+        /// The job's id.
+        id: String,
+    },
+    /// A migration that ends before its QEMU stream began (cancelled or failed) asks the
+    /// destination to stop the incoming QEMU it started for `vm`; the reply is
+    /// `VmIncomingAborted`. A VM that runs there already is left alone.
+    VmIncomingAbort {
+        /// The VM.
+        vm: String,
+    },
+    /// Reply to `VmIncomingAbort`.
+    VmIncomingAborted {
+        /// Whether an incoming QEMU was stopped (false: there was none).
+        stopped: bool,
+    },
 }
 
 /// A header with its payload.

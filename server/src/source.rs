@@ -273,9 +273,13 @@ impl Source {
                 },
                 Message::Ping { id } => Frame::new(Message::Pong { id }),
                 Message::VmIncoming { spec } => crate::vmpeer::incoming(self.vm_peer(), spec).await,
+                Message::VmIncomingAbort { vm } => {
+                    crate::vmpeer::abort_incoming(self.vm_peer(), vm).await
+                }
                 Message::VmCheck { spec } => crate::vmpeer::check(self.vm_peer(), spec).await,
                 msg @ (Message::JobStart { .. }
                 | Message::JobQuery { .. }
+                | Message::JobCancel { .. }
                 | Message::ExportInvalidate { .. }) => {
                     crate::vmpeer::jobs(self.vm_peer(), msg).await
                 }

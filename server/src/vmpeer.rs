@@ -25,8 +25,15 @@ pub trait VmPeer: Send + Sync + 'static {
         &self,
         spec: String,
     ) -> futures::future::BoxFuture<'static, Result<String, String>>;
+    /// Stops the incoming QEMU of `vm` if it has not run yet; whether one was stopped.
+    fn abort_incoming(
+        &self,
+        vm: String,
+    ) -> futures::future::BoxFuture<'static, Result<bool, String>>;
     /// JSON of a job.
     fn job(&self, id: &str) -> Result<String, String>;
+    /// Cancels a job (idempotent); JSON of it.
+    fn cancel_job(&self, id: &str) -> Result<String, String>;
     /// Makes `chunks` of the export of `disk` absent; how many.
     fn invalidate(&self, disk: &str, chunks: &[u64]) -> Result<u64, String>;
     /// Applies one chunk of a way back to the image disk `disk` (`data` compressed, empty
@@ -66,6 +73,17 @@ pub async fn incoming(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
     }
 }
 
+/// Answers `VmIncomingAbort`.
+pub async fn abort_incoming(peer: Option<Arc<dyn VmPeer>>, vm: String) -> Frame {
+    let Some(p) = peer else {
+        return refused("this source runs no VMs (it is not an agent)".into());
+    };
+    match p.abort_incoming(vm).await {
+        Ok(stopped) => Frame::new(Message::VmIncomingAborted { stopped }),
+        Err(e) => refused(e),
+    }
+}
+
 /// Answers `VmCheck`.
 pub async fn check(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
     let Some(p) = peer else {
@@ -77,7 +95,7 @@ pub async fn check(peer: Option<Arc<dyn VmPeer>>, spec: String) -> Frame {
     }
 }
 
-/// Answers `JobStart`, `JobQuery` and `ExportInvalidate`.
+/// Answers `JobStart`, `JobQuery`, `JobCancel` and `ExportInvalidate`.
 pub async fn jobs(peer: Option<Arc<dyn VmPeer>>, msg: Message) -> Frame {
     let Some(p) = peer else {
         return refused("this source runs no jobs (it is not an agent)".into());
@@ -85,6 +103,7 @@ pub async fn jobs(peer: Option<Arc<dyn VmPeer>>, msg: Message) -> Frame {
     let answer = match msg {
         Message::JobStart { spec } => p.start_job(spec).await.map(|job| Message::JobState { job }),
         Message::JobQuery { id } => p.job(&id).map(|job| Message::JobState { job }),
+        Message::JobCancel { id } => p.cancel_job(&id).map(|job| Message::JobState { job }),
         Message::ExportInvalidate { disk, chunks } => p
             .invalidate(&disk, &chunks)
             .map(|count| Message::Invalidated { count }),

@@ -67,6 +67,10 @@ impl Migrations {
             },
         )
         .await?;
+        let mut ids: Vec<String> =
+            serde_json::from_value(m.figures["remote_jobs"].clone()).unwrap_or_default();
+        ids.push(job.id.clone());
+        m.figures["remote_jobs"] = ids.into();
         loop {
             let j = job_call(&mut ctl.conn, Message::JobQuery { id: job.id.clone() }).await?;
             m.progress.bytes_total = m.progress.bytes_total.max(j.progress.bytes_total);

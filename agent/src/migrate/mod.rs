@@ -52,6 +52,9 @@ pub struct Migrations {
     create: tokio::sync::Mutex<()>,
 }
 
+/// QEMU's default `max-bandwidth` (bytes/s).
+const QEMU_DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Poisoned only if a holder panicked; entries are inserted and removed whole.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -376,8 +379,11 @@ impl Migrations {
                     let _ = q.json(qmp::MigrateCancel(serde_json::json!({}))).await;
                     self.resume_if_warm(&m, &q).await;
                 }
+                if m.phase != "running_at_destination" {
+                    self.clean_destination(&mut m).await;
+                }
                 if cancel.is_cancelled() {
-                    let why = format!("cancelled on request in {}: QEMU's migration was cancelled and VM {vm:?} runs here, untouched; the destination's incoming QEMU exits when its stream ends", m.phase);
+                    let why = format!("cancelled on request in {}: QEMU's migration was cancelled and VM {vm:?} runs here, untouched; at the destination the incoming QEMU is stopped and this migration's jobs are cancelled; the replicas it seeded are kept for the next attempt", m.phase);
                     self.finish(&mut m, "cancelled", &why, None)
                 } else {
                     let why = if m.figures.get("postcopy_after_iterations").is_some()
@@ -388,6 +394,55 @@ impl Migrations {
                         format!("failed in {}; VM {vm:?} keeps running here", m.phase)
                     };
                     self.finish(&mut m, "failed", &why, Some(e))
+                }
+            }
+        }
+    }
+
+    /// Before the cut, a migration that ends leaves nothing of its own running at the
+    /// destination (its replicas stay): its jobs are cancelled there and an incoming QEMU
+    /// still waiting for its stream is stopped, on a connection of its own.
+    async fn clean_destination(&self, m: &mut Migration) {
+        let ids: Vec<String> =
+            serde_json::from_value(m.figures["remote_jobs"].clone()).unwrap_or_default();
+        let incoming = m.figures.get("destination_ready_ms").is_some();
+        if ids.is_empty() && !incoming {
+            return;
+        }
+        let dial = async {
+            let addr = self.resolve(&m.spec.to).map_err(|e| e.to_string())?;
+            protocol::connect(&addr, self.tls.as_ref(), &self.agent)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let mut conn = match dial.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(migration = %m.id, error = %e, "cannot reach the destination to cancel this migration's jobs there; they end on their own or by DELETE there");
+                return;
+            }
+        };
+        let mut cancelled = Vec::new();
+        for id in ids {
+            match disk::ask(&mut conn, Message::JobCancel { id: id.clone() }).await {
+                Ok(_) => cancelled.push(id),
+                Err(e) => {
+                    tracing::warn!(migration = %m.id, job = %id, error = %e, "cannot cancel a job at the destination")
+                }
+            }
+        }
+        m.figures["remote_jobs_cancelled"] = cancelled.into();
+        if incoming {
+            let vm = m.spec.vm.clone();
+            match disk::ask(&mut conn, Message::VmIncomingAbort { vm }).await {
+                Ok(Message::VmIncomingAborted { stopped }) => {
+                    m.figures["destination_incoming_stopped"] = stopped.into()
+                }
+                Ok(other) => {
+                    tracing::warn!(migration = %m.id, ?other, "unexpected answer to VmIncomingAbort")
+                }
+                Err(e) => {
+                    tracing::warn!(migration = %m.id, error = %e, "cannot stop the incoming QEMU at the destination")
                 }
             }
         }
@@ -685,9 +740,11 @@ impl Migrations {
             .bandwidth
             .as_deref()
             .and_then(|b| b.parse::<wan::Rate>().ok());
-        if let Some(rate) = cap {
-            params["max-bandwidth"] = rate.bytes_per_sec().into();
-        }
+        // QEMU keeps its parameters from one migration to the next: a migration without a cap
+        // sets QEMU's own default back (128 MiB/s), not the cap of an earlier attempt.
+        params["max-bandwidth"] = cap
+            .map_or(QEMU_DEFAULT_MAX_BANDWIDTH, |r| r.bytes_per_sec())
+            .into();
         q.json(qmp::MigrateSetParameters(params)).await.map(|_| ())
     }
 
@@ -1035,6 +1092,19 @@ impl server::vmpeer::VmPeer for Incoming {
 
     fn job(&self, id: &str) -> std::result::Result<String, String> {
         let job = self.jobs.show(id).map_err(|e| e.to_string())?;
+        serde_json::to_string(&job).map_err(|e| e.to_string())
+    }
+
+    fn abort_incoming(
+        &self,
+        vm: String,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<bool, String>> {
+        let vms = self.vms.clone();
+        Box::pin(async move { vms.abort_incoming(&vm).await.map_err(|e| e.to_string()) })
+    }
+
+    fn cancel_job(&self, id: &str) -> std::result::Result<String, String> {
+        let job = self.jobs.cancel(id).map_err(|e| e.to_string())?;
         serde_json::to_string(&job).map_err(|e| e.to_string())
     }
 

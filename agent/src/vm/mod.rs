@@ -637,6 +637,41 @@ impl Vms {
         self.show(name)
     }
 
+    /// Stops the QEMU of an incoming VM that has not run here (its migration ended before its
+    /// stream began, so nothing would end it); its supervisor then removes the VM. Whether
+    /// there was one to stop.
+    pub async fn abort_incoming(self: &Arc<Self>, name: &str) -> Result<bool> {
+        let _op = self.ops.lock().await;
+        let Ok(rec) = self.record(name) else {
+            return Ok(false);
+        };
+        if !rec.incoming {
+            return Ok(false);
+        }
+        let dir = self.vm_dir(name);
+        let Some(pid) = rec.pid.filter(|p| qemu::alive(*p, &dir)) else {
+            return Ok(false);
+        };
+        // Only a QEMU still waiting for its stream: one that runs (post-copy) or holds the
+        // whole guest (a paused, warm arrival) is the VM now, whatever the source thinks.
+        let status = match self.monitor(name).await {
+            Ok(m) => m.status().await.ok(),
+            Err(_) => None,
+        };
+        if status.as_deref() != Some("inmigrate") {
+            tracing::warn!(vm = %name, ?status, "asked to stop an incoming QEMU that is past waiting; left alone");
+            return Ok(false);
+        }
+        tracing::info!(vm = %name, pid, "stopping an incoming QEMU whose migration ended");
+        // The pid is this VM's QEMU (alive() checked its command line); it holds no guest
+        // state of its own yet, so nothing is lost.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        Ok(true)
+    }
+
     /// Deletes a stopped VM (its directory with the console log is kept).
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<()> {
         let _op = self.ops.lock().await;
