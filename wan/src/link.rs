@@ -46,7 +46,6 @@ pub struct LinkStats {
 
 struct Shared {
     spec: LinkSpec,
-    target: String,
     up: AtomicBool,
     /// True while the link is blackholed: connections stay up and nothing crosses.
     blackhole: watch::Sender<bool>,
@@ -98,7 +97,8 @@ impl Wire {
 pub struct Link {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    accept: AbortHandle,
+    /// One accept loop per route: the first (`start`) and any added with `add_route`.
+    accept: Mutex<Vec<AbortHandle>>,
 }
 
 impl Link {
@@ -107,7 +107,6 @@ impl Link {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            target: target.to_string(),
             up: AtomicBool::new(true),
             blackhole: watch::Sender::new(false),
             conns: Mutex::new(Vec::new()),
@@ -123,31 +122,26 @@ impl Link {
             wires: [Wire::new(&spec), Wire::new(&spec)],
             spec,
         });
-        let s = shared.clone();
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    // Out of descriptors or similar: back off rather than spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                if !s.up.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                s.connections.fetch_add(1, Ordering::Relaxed);
-                let task = tokio::spawn(forward(s.clone(), client));
-                let mut conns = s.conns.lock().unwrap_or_else(|p| p.into_inner());
-                conns.retain(|h| !h.is_finished());
-                conns.push(task.abort_handle());
-            }
-        })
-        .abort_handle();
+        let accept = accept_loop(shared.clone(), listener, target.into());
         Ok(Link {
             addr,
             shared,
-            accept,
+            accept: Mutex::new(vec![accept]),
         })
+    }
+
+    /// Listens on `listen` too and forwards its connections to `target` over the same link:
+    /// the new route shares its bandwidth, delay, counters and cuts (two services at one site,
+    /// e.g. a QEMU's NBD server and its migration port, behind one WAN). Returns its address.
+    pub async fn add_route(&self, listen: &str, target: &str) -> io::Result<SocketAddr> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let task = accept_loop(self.shared.clone(), listener, target.into());
+        self.accept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+        Ok(addr)
     }
 
     /// The address clients should dial.
@@ -191,9 +185,34 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.accept.abort();
+        for a in self.accept.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            a.abort();
+        }
         self.cut();
     }
+}
+
+/// Accepts connections on `listener` and forwards each to `target` through the link.
+fn accept_loop(s: Arc<Shared>, listener: TcpListener, target: Arc<str>) -> AbortHandle {
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                // Out of descriptors or similar: back off rather than spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if !s.up.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
+            s.connections.fetch_add(1, Ordering::Relaxed);
+            let task = tokio::spawn(forward(s.clone(), client, target.clone()));
+            let mut conns = s.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|h| !h.is_finished());
+            conns.push(task.abort_handle());
+        }
+    })
+    .abort_handle()
 }
 
 /// A well-mixed hash of a counter (SplitMix64), for corruption that looks random.
@@ -204,9 +223,9 @@ fn splitmix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-async fn forward(shared: Arc<Shared>, client: TcpStream) {
-    let Ok(target) = TcpStream::connect(&shared.target).await else {
-        tracing::debug!(target = %shared.target, "link: target unreachable, dropping client");
+async fn forward(shared: Arc<Shared>, client: TcpStream, to: Arc<str>) {
+    let Ok(target) = TcpStream::connect(&*to).await else {
+        tracing::debug!(target = %to, "link: target unreachable, dropping client");
         return;
     };
     let _ = client.set_nodelay(true);
@@ -361,6 +380,41 @@ mod tests {
         let secs = start.elapsed().as_secs_f64();
         assert!((0.45..2.0).contains(&secs), "took {secs}s");
         assert_eq!(link.stats().to_target, 2_000_000);
+    }
+
+    #[tokio::test]
+    async fn two_routes_share_one_link() {
+        let (one, two) = (echo_server().await, echo_server().await);
+        let spec = LinkSpec {
+            rtt: Duration::from_millis(2),
+            bandwidth: Some(Rate(4_000_000)),
+            corrupt_every: None,
+        };
+        let link = Link::start("127.0.0.1:0", &one.to_string(), spec)
+            .await
+            .unwrap();
+        let second = link
+            .add_route("127.0.0.1:0", &two.to_string())
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let echo_through = |addr: SocketAddr| async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            let sender = tokio::spawn(async move {
+                w.write_all(&vec![7u8; 1_000_000]).await.unwrap();
+            });
+            let mut got = vec![0u8; 1_000_000];
+            r.read_exact(&mut got).await.unwrap();
+            sender.await.unwrap();
+        };
+        tokio::join!(echo_through(link.local_addr()), echo_through(second));
+        // 1 MB on each route, each way, over one 4 MB/s link: 2 MB per direction, at least
+        // 0.5 s; two separate links would have taken half that.
+        let secs = start.elapsed().as_secs_f64();
+        assert!((0.45..2.0).contains(&secs), "took {secs}s");
+        assert_eq!(link.stats().to_target, 2_000_000);
+        assert_eq!(link.stats().connections, 2);
     }
 
     #[tokio::test]

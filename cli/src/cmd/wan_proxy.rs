@@ -18,6 +18,10 @@ pub struct Args {
     /// Bandwidth of each direction, e.g. 100Mbit; unlimited if absent.
     #[arg(long)]
     bandwidth: Option<Rate>,
+    /// Another route over the same link, LISTEN=TARGET (repeatable): its connections share the
+    /// link's bandwidth and delay, as two services at one site behind one WAN do.
+    #[arg(long = "route", value_name = "LISTEN=TARGET", value_parser = parse_route)]
+    routes: Vec<(String, String)>,
     /// Flip one byte per N bytes towards the client, on average (to test corruption handling).
     #[arg(long, hide = true)]
     corrupt_every: Option<u64>,
@@ -35,6 +39,13 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     };
     let link = Link::start(&a.listen, &a.to, spec).await?;
     println!("listening on {}", link.local_addr());
+    for (listen, to) in &a.routes {
+        let addr = link
+            .add_route(listen, to)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for the route to {to}: {e}"))?;
+        println!("listening on {addr} (to {to})");
+    }
     tracing::info!(
         to = %a.to, rtt = ?a.rtt,
         bandwidth = %a.bandwidth.map_or("unlimited".to_string(), |r| r.to_string()),
@@ -55,6 +66,15 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "link stopped"
     );
     Ok(0)
+}
+
+fn parse_route(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((l, t)) if !l.is_empty() && !t.is_empty() => Ok((l.to_string(), t.to_string())),
+        _ => Err(format!(
+            "route {s:?}: write LISTEN=TARGET, e.g. 127.0.0.1:0=127.0.0.1:10809"
+        )),
+    }
 }
 
 /// Blackholes `link` while `file` exists, checked every 50 ms; never returns.
