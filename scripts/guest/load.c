@@ -7,7 +7,8 @@
  *                               number, its block and a checksum, so a host can check afterwards,
  *                               block by block, that every acknowledged record survived. Prints
  *                               "disk acked SEQ" once a second: every record up to SEQ is on disk.
- *   load mem MIB PAGES_PER_S    dirties PAGES_PER_S pages a second over a MIB MiB buffer.
+ *   load mem MIB PAGES_PER_S    fills a MIB MiB buffer with random bytes, then dirties
+ *                               PAGES_PER_S pages a second over it.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -82,7 +83,14 @@ static int mem(long mib, long rate) {
   volatile unsigned char *buf = malloc(pages * 4096);
   if (!buf) { perror("malloc"); return 1; }
   uint64_t next = now_ns(), x = 1;
-  for (size_t i = 0; i < pages; i++) buf[i * 4096] = 1;
+  /* Random bytes, not a touched page: a working set of real data does not compress, and a
+   * migration that compresses its stream must not look better than it would be. */
+  volatile uint64_t *words = (volatile uint64_t *)buf;
+  uint64_t r = 0x9e3779b97f4a7c15ull;
+  for (size_t i = 0; i < pages * 512; i++) {
+    r ^= r << 13; r ^= r >> 7; r ^= r << 17;
+    words[i] = r;
+  }
   for (;;) {
     /* A batch every 10 ms keeps the rate smooth without a syscall per page. */
     for (long k = 0; k < rate / 100 + 1; k++) {
