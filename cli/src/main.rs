@@ -52,6 +52,8 @@ enum Command {
     Job(cmd::job::Command),
     /// Move a running VM to another agent (through --agent, the VM's agent).
     Migrate(cmd::migrate::Args),
+    /// Plan where each VM of a fleet runs hour by hour (follow the sun), and why.
+    Plan(cmd::plan::Args),
     /// Run the built-in demonstration end to end.
     Demo(cmd::demo::Args),
 }
@@ -101,6 +103,7 @@ fn main() {
             Command::Vm(c) => cmd::vm::run(c).await,
             Command::Job(c) => cmd::job::run(c).await,
             Command::Migrate(a) => cmd::migrate::run(a).await,
+            Command::Plan(a) => cmd::plan::run(a).await,
         }
     });
     // Background tasks (accept loops, link pipes) must not keep the process alive.

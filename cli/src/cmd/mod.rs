@@ -11,6 +11,7 @@ pub mod materialize;
 pub mod memory;
 pub mod migrate;
 pub mod pki;
+pub mod plan;
 pub mod remote;
 pub mod sample_image;
 pub mod seed;

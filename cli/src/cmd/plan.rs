@@ -1,0 +1,103 @@
+//! `helio plan`: where each VM of a fleet should run hour by hour, the moves that get it there
+//! (each seed and migration with its window and predictions), and why.
+
+use anyhow::Context;
+use std::path::PathBuf;
+
+/// Arguments of `helio plan`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The fleet: sites, links, user regions, VMs (TOML, or JSON).
+    #[arg(long)]
+    fleet: PathBuf,
+    /// The plan's first hour (RFC 3339, rounded down to the hour); default now.
+    #[arg(long)]
+    from: Option<String>,
+    /// Hours to plan.
+    #[arg(long, default_value_t = 24)]
+    hours: usize,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(&a.fleet)
+        .with_context(|| format!("cannot read the fleet file {}", a.fleet.display()))?;
+    let fleet = planner::Fleet::parse(&text)
+        .with_context(|| format!("fleet file {}", a.fleet.display()))?;
+    let from = match &a.from {
+        Some(t) => t.parse::<jiff::Timestamp>().with_context(|| {
+            format!("--from {t:?}: give an RFC 3339 time, e.g. 2026-12-03T00:00:00Z")
+        })?,
+        None => jiff::Timestamp::now(),
+    };
+    let started = std::time::Instant::now();
+    let plan = planner::plan(&fleet, from, a.hours)?;
+    tracing::info!(
+        vms = fleet.vms.len(),
+        sites = fleet.sites.len(),
+        hours = a.hours,
+        ms = started.elapsed().as_millis() as u64,
+        "planned"
+    );
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print_plan(&plan);
+    }
+    Ok(if plan.violations.is_empty() { 0 } else { 3 })
+}
+
+fn print_plan(p: &planner::Plan) {
+    let t = &p.totals;
+    println!(
+        "plan from {} for {} h: {} moves ({} VM moves), {:.1} GB over the WAN ({:.1} GB in business hours)",
+        p.from,
+        p.hours,
+        t.moves,
+        t.vm_moves,
+        t.wan_bytes / 1e9,
+        t.business_hours_bytes / 1e9
+    );
+    let saved = t.user_ms_h_static - t.user_ms_h_planned;
+    let pct = if t.user_ms_h_static > 0.0 {
+        100.0 * saved / t.user_ms_h_static
+    } else {
+        0.0
+    };
+    println!(
+        "users' latency: {:.0} user-ms·h without moves, {:.0} with the plan ({pct:.0}% less)",
+        t.user_ms_h_static, t.user_ms_h_planned
+    );
+    for m in &p.moves {
+        println!("\n- {}", m.why);
+        if let Some(s) = &m.seed {
+            println!(
+                "  seed {}: {} to {} (at most {:.0} Mbit/s)",
+                m.vms.join(", "),
+                s.not_before,
+                s.deadline,
+                s.bandwidth_bps / 1e6
+            );
+        }
+        println!(
+            "  migrate {} to {}: not before {}, deadline {} ({}, max downtime {:.0} ms)",
+            m.vms.join(", "),
+            m.to,
+            m.migration.not_before,
+            m.migration.deadline,
+            m.migration.mode,
+            m.migration.max_downtime_ms
+        );
+    }
+    if !p.left_out.is_empty() {
+        println!("\nleft out:");
+        for l in &p.left_out {
+            println!("- [{}] {}", l.reason, l.why);
+        }
+    }
+    for v in &p.violations {
+        println!("VIOLATION: {v}");
+    }
+}

@@ -1,0 +1,229 @@
+//! A route made concrete against the books: each move's seed laid into the link's free hours
+//! (outside business hours first, as late as possible so the copy is fresh), its disk counted
+//! at the destination from the seed's first hour, the move's own bytes in the hour before it
+//! arrives. A route that does not fit says which move and why; one that fits is booked.
+
+use crate::fleet::Capacity;
+use crate::ledger::{Ledger, Shortfall};
+use crate::predict::{predict_move, MovePrediction, Refusal};
+use crate::route::Route;
+use crate::world::{Unit, World, HOUR_S};
+
+/// A seed laid out in hours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedPlan {
+    /// Wire bytes.
+    pub bytes: f64,
+    /// (hour, bytes) it uses, ascending.
+    pub hours: Vec<(usize, f64)>,
+}
+
+/// One move of a placed route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovePlan {
+    /// The hour it arrives by (the migration runs in the hour before).
+    pub hour: usize,
+    /// From, to (sites).
+    pub from: usize,
+    /// To.
+    pub to: usize,
+    /// The link and its direction.
+    pub link: usize,
+    /// 0: a → b.
+    pub dir: usize,
+    /// The seed ahead of it (empty when nothing needs seeding).
+    pub seed: SeedPlan,
+    /// Disk written since the seed, shipped by the last rounds.
+    pub delta_bytes: f64,
+    /// The migration itself.
+    pub predicted: MovePrediction,
+}
+
+/// Why a move of a route does not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Misfit {
+    /// A site is full.
+    Capacity(Shortfall),
+    /// The link's budget cannot carry the seed or the move before it must arrive.
+    Budget {
+        /// The link.
+        link: usize,
+        /// Bytes that did not fit.
+        short_bytes: f64,
+        /// The seed's or the move's.
+        what: &'static str,
+    },
+    /// No mode keeps the downtime within the cap.
+    Downtime(Refusal),
+    /// No link joins the two sites.
+    NoLink,
+}
+
+/// Places `route` on a copy of the books: its moves, or the first that does not fit.
+pub fn place(
+    w: &World,
+    u: &Unit,
+    route: &Route,
+    books: &Ledger,
+) -> Result<(Vec<MovePlan>, Ledger), (usize, usize, Misfit)> {
+    let mut led = books.clone();
+    let mut compute = u.size;
+    compute.disk_gib = 0;
+    let disk = Capacity {
+        disk_gib: u.size.disk_gib,
+        ..Capacity::default()
+    };
+    let hours = w.horizon.hours;
+    let mut copies = vec![None::<usize>; w.fleet.sites.len()]; // hour each copy went stale
+    let mut holds = vec![false; w.fleet.sites.len()];
+    holds[u.site] = true;
+    for hh in 0..hours {
+        led.fits(u.site, hh, disk)
+            .map_err(|e| (hh, u.site, Misfit::Capacity(e)))?;
+        led.occupy(u.site, hh, disk, 1);
+    }
+    let mut moves = Vec::new();
+    let mut since = 0;
+    for (h, s, t) in route.moves() {
+        let fail = |m: Misfit| (h, t, m);
+        let mv = place_move(w, u, &mut led, (h, s, t), since, copies[t]).map_err(fail)?;
+        if !holds[t] {
+            let first = mv.seed.hours.first().map_or(h - 1, |x| x.0);
+            for hh in first..hours {
+                led.fits(t, hh, disk)
+                    .map_err(|e| fail(Misfit::Capacity(e)))?;
+                led.occupy(t, hh, disk, 1);
+            }
+            holds[t] = true;
+        }
+        led.fits(t, h - 1, compute)
+            .map_err(|e| fail(Misfit::Capacity(e)))?;
+        led.occupy(t, h - 1, compute, 1);
+        if !w.fleet.policy.keep_replicas {
+            for hh in h..hours {
+                led.occupy(s, hh, disk, -1);
+            }
+            holds[s] = false;
+        }
+        copies[s] = Some(h);
+        since = h;
+        moves.push(mv);
+    }
+    for (h, &s) in route.sites.iter().enumerate() {
+        led.fits(s, h, compute)
+            .map_err(|e| (h, s, Misfit::Capacity(e)))?;
+        led.occupy(s, h, compute, 1);
+    }
+    Ok((moves, led))
+}
+
+/// Seed and move of the arrival at `t` from `s` by hour `h`; books their bytes on `led`.
+/// `since`: the first hour the seed may use; `stale_since`: when the unit left `t` (its copy
+/// there is that old), if it was there before.
+fn place_move(
+    w: &World,
+    u: &Unit,
+    led: &mut Ledger,
+    (h, s, t): (usize, usize, usize),
+    since: usize,
+    stale_since: Option<usize>,
+) -> Result<MovePlan, Misfit> {
+    let l = w.link(s, t).ok_or(Misfit::NoLink)?;
+    let dir = usize::from(w.fleet.links[l].a != w.fleet.sites[s].name);
+    let write_rate = disk_write_rate(w, u);
+    let wire = w.fleet.policy.disk_wire_ratio;
+    let full = disk_bytes(u) * wire;
+    let need = match stale_since.filter(|_| w.fleet.policy.keep_replicas) {
+        // Coming back to a kept copy: only what was written since it left.
+        Some(left) => (write_rate * (h - left) as f64 * HOUR_S * wire).min(full),
+        None => full,
+    };
+    let seed = lay_seed(w, led, l, dir, since, h - 1, need)?;
+    let last_seed_hour = seed.hours.last().map_or(h - 1, |x| x.0);
+    let delta =
+        (write_rate * ((h - 1 - last_seed_hour) as f64 + 1.0) * HOUR_S * wire).min(disk_bytes(u));
+    let free = led.link_free(l, dir, h - 1);
+    let p = predict_move(w, u, l, free / HOUR_S, delta).map_err(|r| {
+        // The budget's fault when the whole link would have carried it.
+        let full = crate::rate(&w.fleet.links[l].bandwidth).unwrap_or(0) as f64;
+        if predict_move(w, u, l, full, delta).is_ok() {
+            Misfit::Budget {
+                link: l,
+                short_bytes: 0.0,
+                what: "move within its downtime cap",
+            }
+        } else {
+            Misfit::Downtime(r)
+        }
+    })?;
+    if p.duration_s > HOUR_S || p.wan_bytes > free {
+        return Err(Misfit::Budget {
+            link: l,
+            short_bytes: (p.wan_bytes - free).max(0.0),
+            what: "move",
+        });
+    }
+    led.book(l, dir, h - 1, p.wan_bytes);
+    Ok(MovePlan {
+        hour: h,
+        from: s,
+        to: t,
+        link: l,
+        dir,
+        seed,
+        delta_bytes: delta,
+        predicted: p,
+    })
+}
+
+/// Bytes of the unit's disks.
+pub fn disk_bytes(u: &Unit) -> f64 {
+    u.size.disk_gib as f64 * (1u64 << 30) as f64
+}
+
+/// Disk bytes/s the unit's VMs write.
+pub fn disk_write_rate(w: &World, u: &Unit) -> f64 {
+    u.members
+        .iter()
+        .map(|m| w.fleet.vms[*m].disk_write_mib_s * 1048576.0)
+        .sum()
+}
+
+/// Lays `need` bytes into hours `[from, until]` of link `l`: hours outside business hours
+/// first, latest first within each kind (the copy is then fresh when the move comes).
+fn lay_seed(
+    w: &World,
+    led: &mut Ledger,
+    l: usize,
+    dir: usize,
+    from: usize,
+    until: usize,
+    need: f64,
+) -> Result<SeedPlan, Misfit> {
+    let mut order: Vec<usize> = (from..=until).collect();
+    order.sort_by_key(|h| (w.business[l][*h], std::cmp::Reverse(*h)));
+    let mut left = need;
+    let mut hours = Vec::new();
+    for h in order {
+        if left <= 0.0 {
+            break;
+        }
+        let take = led.link_free(l, dir, h).min(left);
+        if take > 0.0 {
+            hours.push((h, take));
+            left -= take;
+        }
+    }
+    if left > 0.5 {
+        return Err(Misfit::Budget {
+            link: l,
+            short_bytes: left,
+            what: "seed",
+        });
+    }
+    for (h, b) in &hours {
+        led.book(l, dir, *h, *b);
+    }
+    hours.sort_by_key(|x| x.0);
+    Ok(SeedPlan { bytes: need, hours })
+}

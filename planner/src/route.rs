@@ -1,0 +1,226 @@
+//! One unit's best route through the plan's hours: a dynamic program over (hour, site, moves
+//! used today) that adds the users' latency of every hour and the cost of every move, within
+//! the rules the books can answer hour by hour (residency, links, compute capacity, the move's
+//! own hour on the link, downtime caps, the daily move limit). Seeds and disk are checked on
+//! the route it returns (`place`), which bans what did not fit and asks again.
+
+use crate::ledger::Ledger;
+use crate::predict::{predict_move, MovePrediction};
+use crate::world::{Unit, World, HOUR_S};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How many sites besides its own a unit considers (the best by latency over the plan).
+const CANDIDATES: usize = 4;
+
+/// A route: the site in each hour, and what it costs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// `sites[h]`: where the unit runs during hour h.
+    pub sites: Vec<usize>,
+    /// Latency plus move costs, user-ms·h.
+    pub cost: f64,
+}
+
+impl Route {
+    /// Staying where it is.
+    pub fn stay(w: &World, u: &Unit) -> Route {
+        Route {
+            sites: vec![u.site; w.horizon.hours],
+            cost: (0..w.horizon.hours).map(|h| u.cost[h][u.site]).sum(),
+        }
+    }
+
+    /// The hours at which it arrives somewhere new, with from and to.
+    pub fn moves(&self) -> Vec<(usize, usize, usize)> {
+        (1..self.sites.len())
+            .filter(|h| self.sites[*h] != self.sites[h - 1])
+            .map(|h| (h, self.sites[h - 1], self.sites[h]))
+            .collect()
+    }
+}
+
+/// Sites `u` considers: its own and the best few it may run at.
+pub fn candidates(u: &Unit) -> Vec<usize> {
+    let total = |s: usize| -> f64 { u.cost.iter().map(|c| c[s]).sum() };
+    let mut by_latency: Vec<usize> = u.allowed.clone();
+    by_latency.sort_by(|a, b| total(*a).total_cmp(&total(*b)).then(a.cmp(b)));
+    let mut out: Vec<usize> = by_latency.into_iter().take(CANDIDATES).collect();
+    if !out.contains(&u.site) {
+        out.push(u.site);
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The route search for one unit against the books (`None`: as if the fleet were empty and
+/// links idle, which gives the route the unit would take if nothing stood in its way).
+pub struct Search<'a, 'f> {
+    pub w: &'a World<'f>,
+    pub u: &'a Unit,
+    pub ledger: Option<&'a Ledger>,
+    /// (arrival hour, site) pairs refused by `place`.
+    pub banned: &'a BTreeSet<(usize, usize)>,
+    cache: BTreeMap<(usize, usize, u64), Option<MovePrediction>>,
+}
+
+impl<'a, 'f> Search<'a, 'f> {
+    pub fn new(
+        w: &'a World<'f>,
+        u: &'a Unit,
+        ledger: Option<&'a Ledger>,
+        banned: &'a BTreeSet<(usize, usize)>,
+    ) -> Self {
+        Search {
+            w,
+            u,
+            ledger,
+            banned,
+            cache: BTreeMap::new(),
+        }
+    }
+
+    /// The cheapest route.
+    pub fn best(&mut self) -> Route {
+        let (w, u) = (self.w, self.u);
+        let sites = candidates(u);
+        let limit = u.max_moves_per_day as usize;
+        let states = sites.len() * (limit + 1);
+        let idx = |s: usize, m: usize| s * (limit + 1) + m;
+        let mut cost = vec![f64::INFINITY; states];
+        let mut parent = vec![vec![usize::MAX; states]; w.horizon.hours];
+        let Some(home) = sites.iter().position(|s| *s == u.site) else {
+            return Route::stay(w, u); // candidates() always holds the unit's site
+        };
+        cost[idx(home, 0)] = u.cost[0][u.site];
+        for (h, parent_h) in parent.iter_mut().enumerate().skip(1) {
+            cost = self.step(h, &sites, limit, &cost, parent_h);
+        }
+        self.trace(&sites, limit, &cost, &parent)
+    }
+
+    /// One hour of the program: from the costs at hour h-1 to those at h (stay, or move to
+    /// another candidate when today's moves allow), recording each state's parent.
+    fn step(
+        &mut self,
+        h: usize,
+        sites: &[usize],
+        limit: usize,
+        cost: &[f64],
+        parent: &mut [usize],
+    ) -> Vec<f64> {
+        let idx = |s: usize, m: usize| s * (limit + 1) + m;
+        let mut next = vec![f64::INFINITY; cost.len()];
+        let new_day = h % 24 == 0;
+        for (si, &s) in sites.iter().enumerate() {
+            for m in 0..=limit {
+                let c = cost[idx(si, m)];
+                if !c.is_finite() {
+                    continue;
+                }
+                let m0 = if new_day { 0 } else { m };
+                for (ti, &t) in sites.iter().enumerate() {
+                    let step = if t == s {
+                        self.stay_cost(h, t)
+                    } else if m0 < limit {
+                        match (self.move_cost(h, s, t), self.stay_cost(h, t)) {
+                            (Some(p), Some(c)) => Some(p + c),
+                            _ => None,
+                        }
+                    } else {
+                        None
+                    };
+                    let Some(step) = step else { continue };
+                    let j = idx(ti, if t == s { m0 } else { m0 + 1 });
+                    if c + step < next[j] {
+                        next[j] = c + step;
+                        parent[j] = idx(si, m);
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    fn trace(&self, sites: &[usize], limit: usize, cost: &[f64], parent: &[Vec<usize>]) -> Route {
+        let Some((mut j, total)) = cost
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, c)| c.is_finite())
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+        else {
+            return Route::stay(self.w, self.u);
+        };
+        let hours = self.w.horizon.hours;
+        let mut out = vec![0; hours];
+        for h in (0..hours).rev() {
+            out[h] = sites[j / (limit + 1)];
+            if h > 0 {
+                j = parent[h][j];
+            }
+        }
+        Route {
+            sites: out,
+            cost: total,
+        }
+    }
+
+    /// Latency of hour `h` at `t`, or `None` when the unit does not fit there then.
+    fn stay_cost(&self, h: usize, t: usize) -> Option<f64> {
+        if let Some(l) = self.ledger {
+            let mut compute = self.u.size;
+            compute.disk_gib = 0; // disk is checked on the placed route
+            l.fits(t, h, compute).ok()?;
+        }
+        Some(self.u.cost[h][t])
+    }
+
+    /// The cost of arriving at `t` from `s` at the start of hour `h` (the move runs in hour
+    /// h-1), or `None` when it cannot be made then.
+    fn move_cost(&mut self, h: usize, s: usize, t: usize) -> Option<f64> {
+        if self.banned.contains(&(h, t)) {
+            return None;
+        }
+        let l = self.w.link(s, t)?;
+        let dir = usize::from(self.w.fleet.links[l].a != self.w.fleet.sites[s].name);
+        let free = match self.ledger {
+            Some(led) => {
+                let mut compute = self.u.size;
+                compute.disk_gib = 0;
+                led.fits(t, h - 1, compute).ok()?;
+                led.link_free(l, dir, h - 1)
+            }
+            None => self.w.budget[l][h - 1] * HOUR_S,
+        };
+        let p = self.predicted(l, dir, free)?;
+        let policy = &self.w.fleet.policy;
+        let seed = seed_bytes(self.w, self.u, t);
+        let gb = (seed + p.wan_bytes) / 1e9;
+        Some(
+            policy.move_cost
+                + policy.cost_per_gb * gb
+                + policy.downtime_weight * self.u.active[h - 1] * p.downtime_ms / 1000.0,
+        )
+    }
+
+    /// The move's prediction at what the hour has free (cached by bandwidth).
+    fn predicted(&mut self, l: usize, dir: usize, free_bytes: f64) -> Option<MovePrediction> {
+        let key = (l, dir, free_bytes as u64);
+        if let Some(p) = self.cache.get(&key) {
+            return p.clone();
+        }
+        let p = predict_move(self.w, self.u, l, free_bytes / HOUR_S, 0.0)
+            .ok()
+            .filter(|p| p.duration_s <= HOUR_S && p.wan_bytes <= free_bytes);
+        self.cache.insert(key, p.clone());
+        p
+    }
+}
+
+/// Wire bytes of seeding `u`'s disks to `t` from nothing (the unit's own site holds them).
+pub fn seed_bytes(w: &World, u: &Unit, t: usize) -> f64 {
+    if t == u.site {
+        return 0.0;
+    }
+    u.size.disk_gib as f64 * (1u64 << 30) as f64 * w.fleet.policy.disk_wire_ratio
+}
