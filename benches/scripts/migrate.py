@@ -36,7 +36,7 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from agent import AgentProc, call, wait_done
+from agent import AgentProc, UnixHTTP, call, wait_done
 from harness import HELIO, ROOT, build, fresh, helio, log, print_table
 
 RTT, BW, DOWNTIME_MS = "50ms", "200Mbit", 300
@@ -144,6 +144,21 @@ def copy_image(img, dst):
 # ---- heliotrope -------------------------------------------------------------------------------
 
 
+class Fresh:
+    """An agent's API, a new connection per request: the agent closes idle keep-alive
+    connections (its header timeout), and a trial idles for minutes between calls."""
+
+    def __init__(self, agent):
+        self.sock = agent.sock
+
+    def request(self, *a, **kw):
+        self.conn = UnixHTTP(self.sock)
+        return self.conn.request(*a, **kw)
+
+    def getresponse(self):
+        return self.conn.getresponse()
+
+
 def pki(d):
     ca = d / "pki" / "ca"
     if not (d / "pki" / "b").exists():
@@ -178,7 +193,7 @@ def helio_trial(d, img, kernel, initrd):
     p = pki(d)
     a = AgentProc(t, "a", ["--tls", p / "a"])
     b = AgentProc(t, "b", ["--tls", p / "b"])
-    ca, cb = a.conn(), b.conn()
+    ca, cb = Fresh(a), Fresh(b)
     disk = t / "d1.raw"
     copy_image(img, disk)
     call(ca, "POST", "/v1/disks", {"name": "d1", "path": str(disk)})
@@ -269,10 +284,10 @@ class Qemu:
         self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
         self.qmp.connect()
 
-    def cmd(self, name, **args):
-        r = self.qmp.cmd_raw(name, args or None)
+    def cmd(self, command, **args):
+        r = self.qmp.cmd_raw(command, args or None)
         if "error" in r:
-            raise RuntimeError(f"QMP {name} {args}: {r['error']}")
+            raise RuntimeError(f"QMP {command} {args}: {r['error']}")
         return r["return"]
 
     def stop(self):

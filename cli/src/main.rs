@@ -54,6 +54,8 @@ enum Command {
     Migrate(cmd::migrate::Args),
     /// Plan where each VM of a fleet runs hour by hour (follow the sun), and why.
     Plan(cmd::plan::Args),
+    /// Replay a fleet for days under the planner and its baselines (static, naive, oracle).
+    Simulate(cmd::simulate::Args),
     /// Run the built-in demonstration end to end.
     Demo(cmd::demo::Args),
 }
@@ -104,6 +106,7 @@ fn main() {
             Command::Job(c) => cmd::job::run(c).await,
             Command::Migrate(a) => cmd::migrate::run(a).await,
             Command::Plan(a) => cmd::plan::run(a).await,
+            Command::Simulate(a) => cmd::simulate::run(a).await,
         }
     });
     // Background tasks (accept loops, link pipes) must not keep the process alive.

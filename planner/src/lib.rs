@@ -15,6 +15,7 @@ pub mod place;
 pub mod plan;
 pub mod predict;
 pub mod route;
+pub mod sim;
 pub mod world;
 
 pub use fleet::Fleet;

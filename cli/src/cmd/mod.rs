@@ -15,6 +15,7 @@ pub mod plan;
 pub mod remote;
 pub mod sample_image;
 pub mod seed;
+pub mod simulate;
 pub mod source;
 pub mod status;
 pub mod sync;
