@@ -11,8 +11,9 @@ use std::time::Duration;
 
 /// How often a lost destination is dialled again after the cut.
 const REDIAL: Duration = Duration::from_secs(1);
-/// How often the destination's jobs are asked how they are doing.
-const JOB_POLL: Duration = Duration::from_millis(300);
+/// How often a job at the destination is asked about (one round trip each): every phase that
+/// waits for one ends on average half of this late.
+const JOB_POLL: Duration = Duration::from_millis(50);
 /// Sync rounds at most before the memory moves.
 pub(super) const MAX_ROUNDS: usize = 5;
 /// A round that shipped no more than this is small enough to move on.

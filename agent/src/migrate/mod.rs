@@ -29,8 +29,10 @@ mod pace;
 use disk::Ctl;
 
 const KIND: &str = "migration";
-/// How often QEMU's migration status is read.
-const POLL: Duration = Duration::from_millis(100);
+/// How often QEMU's migration status is read: at `pre-switchover` the guest is paused until
+/// the agent notices, so half of this is added to the downtime on average (100 ms cost about
+/// 50 ms of it in the migration benchmark); a query over the local QMP socket takes ~0.2 ms.
+const POLL: Duration = Duration::from_millis(10);
 /// Time for the destination's QEMU to connect its stream after `migrate`.
 const TUNNEL_WAIT: Duration = Duration::from_secs(30);
 

@@ -21,17 +21,26 @@ pub struct Args {
     json: bool,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<i32> {
-    let text = std::fs::read_to_string(&a.fleet)
-        .with_context(|| format!("cannot read the fleet file {}", a.fleet.display()))?;
-    let fleet = planner::Fleet::parse(&text)
-        .with_context(|| format!("fleet file {}", a.fleet.display()))?;
-    let from = match &a.from {
+/// The fleet file, read and checked.
+pub fn load_fleet(path: &std::path::Path) -> anyhow::Result<planner::Fleet> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the fleet file {}", path.display()))?;
+    planner::Fleet::parse(&text).with_context(|| format!("fleet file {}", path.display()))
+}
+
+/// `--from`: an RFC 3339 time, or now.
+pub fn start_time(from: Option<&str>) -> anyhow::Result<jiff::Timestamp> {
+    match from {
         Some(t) => t.parse::<jiff::Timestamp>().with_context(|| {
             format!("--from {t:?}: give an RFC 3339 time, e.g. 2026-12-03T00:00:00Z")
-        })?,
-        None => jiff::Timestamp::now(),
-    };
+        }),
+        None => Ok(jiff::Timestamp::now()),
+    }
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    let fleet = load_fleet(&a.fleet)?;
+    let from = start_time(a.from.as_deref())?;
     let started = std::time::Instant::now();
     let plan = planner::plan(&fleet, from, a.hours)?;
     tracing::info!(

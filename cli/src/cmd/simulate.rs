@@ -32,16 +32,8 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    let text = std::fs::read_to_string(&a.fleet)
-        .with_context(|| format!("cannot read the fleet file {}", a.fleet.display()))?;
-    let fleet = planner::Fleet::parse(&text)
-        .with_context(|| format!("fleet file {}", a.fleet.display()))?;
-    let from = match &a.from {
-        Some(t) => t
-            .parse::<jiff::Timestamp>()
-            .with_context(|| format!("--from {t:?}: give an RFC 3339 time"))?,
-        None => jiff::Timestamp::now(),
-    };
+    let fleet = super::plan::load_fleet(&a.fleet)?;
+    let from = super::plan::start_time(a.from.as_deref())?;
     let strategies: Vec<Strategy> = a
         .strategy
         .split(',')
