@@ -341,6 +341,9 @@ pub enum Message {
         /// Whether an incoming QEMU was stopped (false: there was none).
         stopped: bool,
     },
+    /// Tunnel bytes compressed with zstd (a `TunnelData` whose payload shrank); at most
+    /// `TUNNEL_CHUNK` bytes once decompressed. Never empty: the end is an empty `TunnelData`.
+    TunnelZstd,
 }
 
 /// A header with its payload.

@@ -536,12 +536,13 @@ impl Migrations {
         self.start_incoming(m, &mut ctl, &spec, &addr).await?;
         let tunnel = self.open_tunnel(&spec.name, &addr, channels(m)).await?;
         self.precopy(m, &spec.name, &mut ctl).await?;
-        let (sent, received) = tokio::time::timeout(Duration::from_secs(30), tunnel)
+        let t = tokio::time::timeout(Duration::from_secs(30), tunnel)
             .await
             .map_err(|_| "the stream did not end after QEMU completed".to_string())?
             .map_err(|e| format!("the tunnel task failed: {e}"))??;
-        m.figures["tunnel_bytes_sent"] = sent.into();
-        m.figures["tunnel_bytes_received"] = received.into();
+        m.figures["tunnel_bytes_sent"] = t.sent.into();
+        m.figures["tunnel_wire_bytes_sent"] = t.sent_wire.into();
+        m.figures["tunnel_bytes_received"] = t.received.into();
         m.progress.bytes_done = m.progress.bytes_total.max(m.progress.bytes_done);
         if !ctl.exports.is_empty() {
             let why = "the VM runs at the destination; chunks it lacks come on demand and in the background";
@@ -675,8 +676,10 @@ impl Migrations {
         vm: &str,
         addr: &str,
         channels: usize,
-    ) -> std::result::Result<tokio::task::JoinHandle<std::result::Result<(u64, u64), String>>, String>
-    {
+    ) -> std::result::Result<
+        tokio::task::JoinHandle<std::result::Result<server::vmpeer::TunnelStats, String>>,
+        String,
+    > {
         let path = self.vms.migrate_socket(vm);
         let _ = std::fs::remove_file(&path);
         let listener = server::listen::bind_unix_private(&path)
@@ -703,16 +706,17 @@ impl Migrations {
                 pumps.push(tokio::spawn(server::vmpeer::pump(stream, reader, writer)));
             }
             let _ = std::fs::remove_file(&path);
-            let (mut sent, mut received) = (0, 0);
+            let mut all = server::vmpeer::TunnelStats::default();
             for p in pumps {
-                let (s, r) = p
+                let s = p
                     .await
                     .map_err(|e| format!("a tunnel task failed: {e}"))?
                     .map_err(|e| e.to_string())?;
-                sent += s;
-                received += r;
+                all.sent += s.sent;
+                all.sent_wire += s.sent_wire;
+                all.received += s.received;
             }
-            Ok((sent, received))
+            Ok(all)
         }))
     }
 
