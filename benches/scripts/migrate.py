@@ -265,6 +265,7 @@ def move(conn, spec, serials):
     ram = f.get("ram") or {}
     return {"time_s": running["t"] - start, "qemu_downtime_ms": f.get("downtime_ms"), "tick_gap_ms": gap,
             "memory_qemu_bytes": ram.get("transferred"), "memory_tunnel_bytes": f.get("tunnel_bytes_sent"),
+            "memory_wire_bytes": f.get("tunnel_wire_bytes_sent"),
             "return": f.get("return"), "seed": f.get("seed"), "migration": m,
             "guest_writes_per_s": running["rate"]}
 
@@ -409,9 +410,9 @@ def rows_of(hs, qs):
         ("guest writes", "the guest's O_DSYNC 4 KiB records/s while its disk moved (asked: 512/s)",
          spread(col(hs, "guest_writes_per_s"), lambda v: f"{v:.0f}/s"), spread(col(qs, "guest_writes_per_s"), lambda v: f"{v:.0f}/s"),
          "the write-blocking mirror holds each write for a round trip"),
-        ("memory", "memory stream bytes (QEMU's ram.transferred; helio: and through its tunnel)",
-         spread(col(hs, "memory_qemu_bytes"), mb) + f", tunnel {spread(col(hs, 'memory_tunnel_bytes'), mb)}",
-         spread(col(qs, "memory_qemu_bytes"), mb), "uncompressed on both"),
+        ("memory", "memory stream bytes (QEMU's ram.transferred; helio: on the wire, zstd in its tunnel)",
+         spread(col(hs, "memory_qemu_bytes"), mb) + f", on the wire {spread(col(hs, 'memory_wire_bytes'), mb)}",
+         spread(col(qs, "memory_qemu_bytes"), mb), "QEMU's plain stream is not compressed"),
     ]
     backs = [h["back"] for h in hs]
     ret = [b["return"] or {} for b in backs]
