@@ -37,16 +37,15 @@ fn tunnel_bytes(frame: Frame, peer: &str) -> Result<bytes::Bytes, ConnError> {
     };
     match frame.msg {
         Message::TunnelData => Ok(frame.payload),
-        Message::TunnelZstd if !frame.payload.is_empty() => zstd::bulk::decompress(
-            &frame.payload,
-            TUNNEL_CHUNK,
-        )
-        .map(bytes::Bytes::from)
-        .map_err(|e| {
-            bad(format!(
+        Message::TunnelZstd if !frame.payload.is_empty() => {
+            zstd::bulk::decompress(&frame.payload, TUNNEL_CHUNK)
+                .map(bytes::Bytes::from)
+                .map_err(|e| {
+                    bad(format!(
                 "a compressed tunnel frame does not decompress within {TUNNEL_CHUNK} bytes: {e}"
             ))
-        }),
+                })
+        }
         Message::Error { message, .. } => {
             Err(bad(format!("the peer refused the tunnel: {message}")))
         }
