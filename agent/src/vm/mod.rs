@@ -537,10 +537,7 @@ impl Vms {
         };
         if let Err(e) = listened {
             // Not a VM that can run: it has no state until a stream arrives.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = qemu::kill(pid);
             return Err(e);
         }
         Ok(())
@@ -566,10 +563,7 @@ impl Vms {
                 )));
             }
             if let Some(pid) = rec.pid.filter(|_| alive) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = qemu::kill(pid);
             }
         }
         spec.start = true;
@@ -627,10 +621,7 @@ impl Vms {
             }
             if qemu::alive(pid, &dir) {
                 // The pid is this VM's QEMU (alive() checked its command line).
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = qemu::kill(pid);
             }
         }
         self.set_live(name, "stopped", None);
@@ -665,10 +656,7 @@ impl Vms {
         tracing::info!(vm = %name, pid, "stopping an incoming QEMU whose migration ended");
         // The pid is this VM's QEMU (alive() checked its command line); it holds no guest
         // state of its own yet, so nothing is lost.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = qemu::kill(pid);
         Ok(true)
     }
 

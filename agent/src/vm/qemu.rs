@@ -194,6 +194,16 @@ pub async fn spawn(args: &[String], dir: &VmDir, wait: std::time::Duration) -> R
     Ok(pid)
 }
 
+/// Kills QEMU `pid` at once (SIGKILL); the caller has checked with `alive` that it is this
+/// VM's. A QEMU already gone is no error.
+pub fn kill(pid: u32) -> std::io::Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Whether `pid` is a live QEMU of this VM (its command line names the VM's QMP socket, so a
 /// reused pid is not mistaken for it).
 pub fn alive(pid: u32, dir: &VmDir) -> bool {
