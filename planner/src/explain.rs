@@ -165,10 +165,8 @@ pub fn planned_move(w: &World, u: &Unit, route: &Route, m: &MovePlan) -> Planned
     let lead = (p.duration_s * 1.5).clamp(300.0, HOUR_S) as i64;
     let arrive = hz.at(m.hour);
     let not_before = jiff::Timestamp::from_second(arrive.as_second() - lead).unwrap_or(arrive);
-    let cost_user = w.fleet.policy.move_cost
-        + w.fleet.policy.cost_per_gb * (m.seed.bytes + p.wan_bytes) / 1e9
-        + w.fleet.policy.downtime_weight * u.active[m.hour - 1] * p.downtime_ms / 1000.0;
     let wan = m.seed.bytes + p.wan_bytes;
+    let cost_user = crate::route::move_price(w, u, m.hour - 1, wan, p.downtime_ms);
     let why = move_words(w, u, m, &gain, wan, seed_business + move_business);
     PlannedMove {
         unit: u.name.clone(),
@@ -288,7 +286,6 @@ pub fn left_out(
 ) -> Vec<LeftOut> {
     let mut out = Vec::new();
     let name = |s: usize| w.fleet.sites[s].name.clone();
-    let stay_cost = |s: usize| -> f64 { (0..w.horizon.hours).map(|h| u.cost[h][s]).sum() };
     let planned: f64 = (0..w.horizon.hours)
         .map(|h| u.cost[h][route.sites[h]])
         .sum();
@@ -338,10 +335,10 @@ pub fn left_out(
         ));
     }
     // The best site of all, if residency keeps the unit out of it.
-    let best_any = (0..w.fleet.sites.len())
-        .min_by(|a, b| stay_cost(*a).total_cmp(&stay_cost(*b)).then(a.cmp(b)));
+    let best_any =
+        (0..w.fleet.sites.len()).min_by(|a, b| u.total(*a).total_cmp(&u.total(*b)).then(a.cmp(b)));
     if let Some(b) = best_any.filter(|b| !u.allowed.contains(b)) {
-        let gain = planned - stay_cost(b);
+        let gain = planned - u.total(b);
         if gain > w.fleet.policy.move_cost {
             out.push(item(b, 0, "residency", gain, format!(
                 "{} would serve its users best from {} ({gain:.0} user-ms·h less), but its allowed_sites exclude it",
@@ -360,14 +357,13 @@ pub fn left_out(
 /// The best allowed site other than home, when moving there was not worth its cost or could
 /// not be done at all (probed against the books as they were before the unit settled).
 fn not_worth(w: &World, u: &Unit, books: &Ledger, planned: f64) -> Option<LeftOut> {
-    let stay_cost = |s: usize| -> f64 { (0..w.horizon.hours).map(|h| u.cost[h][s]).sum() };
     let best = u
         .allowed
         .iter()
         .copied()
         .filter(|s| *s != u.site)
-        .min_by(|a, b| stay_cost(*a).total_cmp(&stay_cost(*b)).then(a.cmp(b)))?;
-    let gain = planned - stay_cost(best);
+        .min_by(|a, b| u.total(*a).total_cmp(&u.total(*b)).then(a.cmp(b)))?;
+    let gain = planned - u.total(best);
     if gain <= 0.0 {
         return None;
     }
@@ -387,7 +383,7 @@ fn not_worth(w: &World, u: &Unit, books: &Ledger, planned: f64) -> Option<LeftOu
 /// The first rule that keeps `u` from `t`, else the cost that outweighs `gain`.
 fn why_not(w: &World, u: &Unit, books: &Ledger, t: usize, gain: f64) -> (&'static str, String) {
     let home = &w.fleet.sites[u.site].name;
-    let Some(l) = w.link(u.site, t) else {
+    let Some((l, dir)) = w.link_dir(u.site, t) else {
         return (
             "no_link",
             format!("no link joins {home} and {}", w.fleet.sites[t].name),
@@ -400,11 +396,10 @@ fn why_not(w: &World, u: &Unit, books: &Ledger, t: usize, gain: f64) -> (&'stati
     if let Some(e) = wanted.iter().find_map(|h| books.fits(t, *h, u.size).err()) {
         return misfit_words(w, &Misfit::Capacity(e));
     }
-    let dir = usize::from(w.fleet.links[l].a != *home);
     let free: f64 = (0..w.horizon.hours)
         .map(|h| books.link_free(l, dir, h))
         .sum();
-    let seed = crate::place::disk_bytes(u) * w.fleet.policy.disk_wire_ratio;
+    let seed = crate::place::seed_size(w, u);
     let peak = (0..w.horizon.hours)
         .map(|h| books.link_free(l, dir, h))
         .fold(0.0, f64::max);
@@ -429,7 +424,7 @@ fn why_not(w: &World, u: &Unit, books: &Ledger, t: usize, gain: f64) -> (&'stati
         Ok(_) => {}
     }
     let limit = u.max_moves_per_day;
-    let cost = w.fleet.policy.move_cost + w.fleet.policy.cost_per_gb * seed / 1e9;
+    let cost = crate::route::move_price(w, u, 0, seed, 0.0);
     let words = format!(
         "being there for the {} hours its users are closer would save at most {gain:.0} user-ms·h; moving costs about {cost:.0} (fixed {:.0}, plus {:.0} per GB) and at most {limit} moves a day are allowed: no route paid",
         wanted.len(),
@@ -455,7 +450,7 @@ fn probe(
     ideal: &Route,
     (h, s, t): (usize, usize, usize),
 ) -> (&'static str, String) {
-    let Some(l) = w.link(s, t) else {
+    let Some((l, dir)) = w.link_dir(s, t) else {
         return ("no_link", "no link joins the two sites".into());
     };
     let stay: Vec<usize> = (h - 1..ideal.sites.len())
@@ -464,7 +459,6 @@ fn probe(
     if let Some(e) = stay.iter().find_map(|x| books.fits(t, *x, u.size).err()) {
         return misfit_words(w, &Misfit::Capacity(e));
     }
-    let dir = usize::from(w.fleet.links[l].a != w.fleet.sites[s].name);
     let free = books.link_free(l, dir, h - 1);
     match predict_move(w, u, l, free / HOUR_S, 0.0) {
         Err(r) => return budget_or_downtime(w, u, l, r),
@@ -482,7 +476,7 @@ fn probe(
         Ok(_) => {}
     }
     let before: f64 = (0..h).map(|x| books.link_free(l, dir, x)).sum();
-    let seed = crate::place::disk_bytes(u) * w.fleet.policy.disk_wire_ratio;
+    let seed = crate::place::seed_size(w, u);
     if t != u.site && seed > before {
         let short = seed - before;
         return misfit_words(
@@ -506,8 +500,7 @@ fn probe(
 /// A move refused at the budget's bandwidth: the budget's fault when the whole link would
 /// carry it, the downtime cap's otherwise.
 fn budget_or_downtime(w: &World, u: &Unit, l: usize, r: Refusal) -> (&'static str, String) {
-    let full = crate::rate(&w.fleet.links[l].bandwidth).unwrap_or(0) as f64;
-    if predict_move(w, u, l, full, 0.0).is_ok() {
+    if predict_move(w, u, l, w.bandwidth[l], 0.0).is_ok() {
         let link = &w.fleet.links[l];
         return (
             "budget",

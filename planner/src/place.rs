@@ -132,11 +132,10 @@ fn place_move(
     since: usize,
     stale_since: Option<usize>,
 ) -> Result<MovePlan, Misfit> {
-    let l = w.link(s, t).ok_or(Misfit::NoLink)?;
-    let dir = usize::from(w.fleet.links[l].a != w.fleet.sites[s].name);
+    let (l, dir) = w.link_dir(s, t).ok_or(Misfit::NoLink)?;
     let write_rate = disk_write_rate(w, u);
     let wire = w.fleet.policy.disk_wire_ratio;
-    let full = disk_bytes(u) * wire;
+    let full = seed_size(w, u);
     let need = match stale_since.filter(|_| w.fleet.policy.keep_replicas) {
         // Coming back to a kept copy: only what was written since it left.
         Some(left) => (write_rate * (h - left) as f64 * HOUR_S * wire).min(full),
@@ -149,8 +148,7 @@ fn place_move(
     let free = led.link_free(l, dir, h - 1);
     let p = predict_move(w, u, l, free / HOUR_S, delta).map_err(|r| {
         // The budget's fault when the whole link would have carried it.
-        let full = crate::rate(&w.fleet.links[l].bandwidth).unwrap_or(0) as f64;
-        if predict_move(w, u, l, full, delta).is_ok() {
+        if predict_move(w, u, l, w.bandwidth[l], delta).is_ok() {
             Misfit::Budget {
                 link: l,
                 short_bytes: 0.0,
@@ -184,6 +182,11 @@ fn place_move(
 /// Bytes of the unit's disks.
 pub fn disk_bytes(u: &Unit) -> f64 {
     u.size.disk_gib as f64 * (1u64 << 30) as f64
+}
+
+/// Wire bytes of seeding the unit's disks whole.
+pub fn seed_size(w: &World, u: &Unit) -> f64 {
+    disk_bytes(u) * w.fleet.policy.disk_wire_ratio
 }
 
 /// Disk bytes/s the unit's VMs write.

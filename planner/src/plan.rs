@@ -120,18 +120,7 @@ fn book_static(w: &World, led: &mut Ledger) -> Result<(), PlanError> {
 /// Units by what they could gain (user-ms·h at their best allowed sites against staying),
 /// most first; ties by name, so the plan is the same for the same fleet.
 fn order(w: &World) -> Vec<usize> {
-    let gain = |u: &Unit| -> f64 {
-        (0..w.horizon.hours)
-            .map(|h| {
-                let best = u
-                    .allowed
-                    .iter()
-                    .map(|s| u.cost[h][*s])
-                    .fold(f64::INFINITY, f64::min);
-                u.cost[h][u.site] - best
-            })
-            .sum()
-    };
+    let gain = |u: &Unit| -> f64 { u.total(u.site) - ideal_floor(w, u) };
     let mut idx: Vec<(f64, usize)> = w
         .units
         .iter()

@@ -26,7 +26,7 @@ impl Route {
     pub fn stay(w: &World, u: &Unit) -> Route {
         Route {
             sites: vec![u.site; w.horizon.hours],
-            cost: (0..w.horizon.hours).map(|h| u.cost[h][u.site]).sum(),
+            cost: u.total(u.site),
         }
     }
 
@@ -41,9 +41,8 @@ impl Route {
 
 /// Sites `u` considers: its own and the best few it may run at.
 pub fn candidates(u: &Unit) -> Vec<usize> {
-    let total = |s: usize| -> f64 { u.cost.iter().map(|c| c[s]).sum() };
     let mut by_latency: Vec<usize> = u.allowed.clone();
-    by_latency.sort_by(|a, b| total(*a).total_cmp(&total(*b)).then(a.cmp(b)));
+    by_latency.sort_by(|a, b| u.total(*a).total_cmp(&u.total(*b)).then(a.cmp(b)));
     let mut out: Vec<usize> = by_latency.into_iter().take(CANDIDATES).collect();
     if !out.contains(&u.site) {
         out.push(u.site);
@@ -181,8 +180,7 @@ impl<'a, 'f> Search<'a, 'f> {
         if self.banned.contains(&(h, t)) {
             return None;
         }
-        let l = self.w.link(s, t)?;
-        let dir = usize::from(self.w.fleet.links[l].a != self.w.fleet.sites[s].name);
+        let (l, dir) = self.w.link_dir(s, t)?;
         let free = match self.ledger {
             Some(led) => {
                 let mut compute = self.u.size;
@@ -193,14 +191,14 @@ impl<'a, 'f> Search<'a, 'f> {
             None => self.w.budget[l][h - 1] * HOUR_S,
         };
         let p = self.predicted(l, dir, free)?;
-        let policy = &self.w.fleet.policy;
         let seed = seed_bytes(self.w, self.u, t);
-        let gb = (seed + p.wan_bytes) / 1e9;
-        Some(
-            policy.move_cost
-                + policy.cost_per_gb * gb
-                + policy.downtime_weight * self.u.active[h - 1] * p.downtime_ms / 1000.0,
-        )
+        Some(move_price(
+            self.w,
+            self.u,
+            h - 1,
+            seed + p.wan_bytes,
+            p.downtime_ms,
+        ))
     }
 
     /// The move's prediction at what the hour has free (cached by bandwidth).
@@ -222,5 +220,14 @@ pub fn seed_bytes(w: &World, u: &Unit, t: usize) -> f64 {
     if t == u.site {
         return 0.0;
     }
-    u.size.disk_gib as f64 * (1u64 << 30) as f64 * w.fleet.policy.disk_wire_ratio
+    crate::place::seed_size(w, u)
+}
+
+/// The objective's price of a move made in hour `h` that sends `wire_bytes` and pauses the
+/// unit `downtime_ms`, user-ms·h.
+pub fn move_price(w: &World, u: &Unit, h: usize, wire_bytes: f64, downtime_ms: f64) -> f64 {
+    let policy = &w.fleet.policy;
+    policy.move_cost
+        + policy.cost_per_gb * wire_bytes / 1e9
+        + policy.downtime_weight * u.active[h] * downtime_ms / 1000.0
 }

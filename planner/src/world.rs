@@ -35,6 +35,13 @@ pub struct Unit {
     pub active: Vec<f64>,
 }
 
+impl Unit {
+    /// Its users' latency over the whole plan if it stayed at `s`, user-ms·h.
+    pub fn total(&self, s: usize) -> f64 {
+        self.cost.iter().map(|c| c[s]).sum()
+    }
+}
+
 /// The fleet's tables.
 pub struct World<'f> {
     /// The fleet.
@@ -45,6 +52,8 @@ pub struct World<'f> {
     pub units: Vec<Unit>,
     /// Link index by (site, site), both orders.
     pub link_of: BTreeMap<(usize, usize), usize>,
+    /// Each link's bandwidth, bytes/s (each direction).
+    pub bandwidth: Vec<f64>,
     /// What migrations may use on each link in each hour, bytes/s: `budget[l][h]`.
     pub budget: Vec<Vec<f64>>,
     /// Whether hour `h` is a business hour at either end of link `l`: `business[l][h]`.
@@ -57,6 +66,7 @@ impl<'f> World<'f> {
         let active = region_activity(fleet, &horizon)?;
         let units = units(fleet, &horizon, &active)?;
         let mut link_of = BTreeMap::new();
+        let mut bandwidth = Vec::new();
         let mut budget = Vec::new();
         let mut business = Vec::new();
         for (i, l) in fleet.links.iter().enumerate() {
@@ -68,7 +78,9 @@ impl<'f> World<'f> {
                     l.a, l.b
                 )));
             }
-            budget.push(link_budget(fleet, i, &horizon)?);
+            let full = crate::rate(&l.bandwidth).map_err(PlanError::Fleet)? as f64;
+            bandwidth.push(full);
+            budget.push(link_budget(fleet, i, full, &horizon)?);
             business.push(link_business(fleet, i, &horizon)?);
         }
         Ok(World {
@@ -76,6 +88,7 @@ impl<'f> World<'f> {
             horizon,
             units,
             link_of,
+            bandwidth,
             budget,
             business,
         })
@@ -84,6 +97,15 @@ impl<'f> World<'f> {
     /// The link between two sites, if any.
     pub fn link(&self, a: usize, b: usize) -> Option<usize> {
         self.link_of.get(&(a, b)).copied()
+    }
+
+    /// The link from `from` to `to` and the direction of that way on it (0: a → b).
+    pub fn link_dir(&self, from: usize, to: usize) -> Option<(usize, usize)> {
+        let l = self.link(from, to)?;
+        Some((
+            l,
+            usize::from(self.fleet.links[l].a != self.fleet.sites[from].name),
+        ))
     }
 
     /// The RTT of link `l`, seconds.
@@ -239,9 +261,8 @@ fn latency_table(
 
 /// Bytes/s migrations may use on link `l` in each hour: a window's bandwidth inside it, the
 /// whole link outside.
-fn link_budget(fleet: &Fleet, l: usize, hz: &Horizon) -> Result<Vec<f64>, PlanError> {
+fn link_budget(fleet: &Fleet, l: usize, full: f64, hz: &Horizon) -> Result<Vec<f64>, PlanError> {
     let link = &fleet.links[l];
-    let full = crate::rate(&link.bandwidth).map_err(PlanError::Fleet)? as f64;
     let tz = link_zone(fleet, l)?;
     let mut out = Vec::with_capacity(hz.hours);
     for h in 0..hz.hours {

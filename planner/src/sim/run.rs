@@ -6,7 +6,7 @@ use super::report::{LinkUse, SimMove, SimReport, SiteUse};
 use super::Strategy;
 use crate::clock::Horizon;
 use crate::fleet::{Capacity, Fleet};
-use crate::place::disk_bytes;
+use crate::place::seed_size;
 use crate::predict::predict_move;
 use crate::world::{World, HOUR_S};
 use crate::PlanError;
@@ -61,7 +61,6 @@ struct Sim<'w, 'f> {
     holds: Vec<Vec<bool>>,
     moves: Vec<Move>,
     transfers: Vec<Transfer>,
-    bandwidth: Vec<f64>,
     carried: Vec<[Vec<f64>; 2]>,
     latency: Vec<f64>,
     users: Vec<f64>,
@@ -74,12 +73,6 @@ impl<'w, 'f> Sim<'w, 'f> {
     fn new(w: &'w World<'f>, strategy: Strategy, seed: u64) -> Self {
         let hours = w.horizon.hours;
         let sites = w.fleet.sites.len();
-        let bandwidth = w
-            .fleet
-            .links
-            .iter()
-            .map(|l| crate::rate(&l.bandwidth).unwrap_or(0) as f64)
-            .collect();
         Sim {
             w,
             strategy,
@@ -94,7 +87,6 @@ impl<'w, 'f> Sim<'w, 'f> {
                 .collect(),
             moves: Vec::new(),
             transfers: Vec::new(),
-            bandwidth,
             carried: w
                 .fleet
                 .links
@@ -175,14 +167,6 @@ impl<'w, 'f> Sim<'w, 'f> {
         Some(self.moves.len() - 1)
     }
 
-    fn link_dir(&self, from: usize, to: usize) -> Option<(usize, usize)> {
-        let l = self.w.link(from, to)?;
-        Some((
-            l,
-            usize::from(self.w.fleet.links[l].a != self.w.fleet.sites[from].name),
-        ))
-    }
-
     /// Naive: at 08:00 local of each region holding at least a quarter of a unit's users, the
     /// unit goes to that region's closest site, copying its disk and memory then, at whatever
     /// the link gives (budgets are not its concern).
@@ -204,17 +188,17 @@ impl<'w, 'f> Sim<'w, 'f> {
     fn naive_move(&mut self, i: usize, to: usize, h: usize) {
         let w = self.w;
         let u = &w.units[i];
-        let Some((l, dir)) = self.link_dir(self.site[i], to) else {
+        let Some((l, dir)) = self.w.link_dir(self.site[i], to) else {
             return;
         };
-        let full = self.bandwidth[l];
+        let full = w.bandwidth[l];
         let (bytes, downtime) = match predict_move(w, u, l, full, 0.0) {
             Ok(p) => (p.wan_bytes, p.downtime_ms),
             // Naive moves anyway: the guest pauses while its memory crosses.
             Err(_) => (memory_bytes(w, i), memory_bytes(w, i) / full * 1000.0),
         };
         let n = self.noise() * self.dirty_factor(i, h);
-        let disk = disk_bytes(u) * w.fleet.policy.disk_wire_ratio;
+        let disk = seed_size(w, u);
         let Some(mv) = self.start_move(i, to, h, None) else {
             return;
         };
@@ -296,7 +280,7 @@ impl Sim<'_, '_> {
         else {
             return;
         };
-        let Some((l, dir)) = self.link_dir(from, to) else {
+        let Some((l, dir)) = self.w.link_dir(from, to) else {
             return;
         };
         let arrive = day + pm.hour;
@@ -352,7 +336,7 @@ impl Sim<'_, '_> {
         }
         for step in 0..STEPS {
             let moves = &self.moves;
-            let (carried, done) = run_minute(&mut self.transfers, &self.bandwidth, h, |t| {
+            let (carried, done) = run_minute(&mut self.transfers, &w.bandwidth, h, |t| {
                 t.seed || moves[t.mv].seeds_left == 0
             });
             for (t, b) in carried {
@@ -371,13 +355,16 @@ impl Sim<'_, '_> {
                 self.transfer_done(t, h, (step + 1) as f64 / STEPS as f64);
             }
         }
+        // Finished transfers are done with (nothing refers to them by index past the minute):
+        // the next hour's minutes walk only what is still moving.
+        self.transfers.retain(|t| t.remaining > 0.0);
         self.book_sites(h);
     }
 
     fn transfer_done(&mut self, t: usize, h: usize, frac: f64) {
-        let tr = self.transfers[t].clone();
-        let mv = &mut self.moves[tr.mv];
-        if tr.seed {
+        let (seed, mv) = (self.transfers[t].seed, self.transfers[t].mv);
+        let mv = &mut self.moves[mv];
+        if seed {
             mv.seeds_left = mv.seeds_left.saturating_sub(1);
             return;
         }
