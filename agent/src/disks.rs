@@ -9,7 +9,7 @@ use crate::model::{Disk, DiskSpec, Replica};
 use crate::observed::Observed;
 use crate::state::State;
 use blockstore::{Catalog, Image};
-use protocol::Geometry;
+use protocol::{Geometry, PatchedChunk};
 use server::nbd::handshake::Export;
 use server::nbd::listener::SharedExports;
 use server::source::{Manifest, SourceDisk};
@@ -234,46 +234,53 @@ impl Disks {
         Ok(tracker.written_between(since, u64::MAX))
     }
 
-    /// A migration's way back: writes chunk `index` of image disk `name` (zstd `data`, or
-    /// zeros) through its tracked export, so the disk's own tracking sees it. The caller
-    /// checked that no VM runs on the disk.
-    pub async fn patch(&self, name: &str, index: u64, zero: bool, data: &[u8]) -> Result<()> {
+    /// A migration's way back: writes `chunks` of image disk `name` through its tracked
+    /// export, so the disk's own tracking sees them. `data` is zstd (one frame or several) of the chunks
+    /// that are not zeros, in order; everything about it is checked before it sizes anything.
+    /// The caller checked that no VM runs on the disk.
+    pub async fn patch(&self, name: &str, chunks: &[PatchedChunk], data: &[u8]) -> Result<()> {
         use server::nbd::Device;
         let (device, g) = self.device(name)?;
-        if index >= g.chunk_count() {
+        let raw = patch_size(name, g, chunks)?;
+        // Bounded by the checked total: a peer cannot make this allocate more.
+        let bytes = if raw == 0 {
+            Vec::new()
+        } else {
+            zstd::bulk::decompress(data, raw as usize).map_err(|e| {
+                AgentError::Invalid(format!(
+                    "the chunks patched into disk {name:?} do not decompress: {e}"
+                ))
+            })?
+        };
+        if bytes.len() as u64 != raw {
             return Err(AgentError::Invalid(format!(
-                "chunk {index} is beyond disk {name:?} ({} chunks)",
-                g.chunk_count()
+                "the chunks patched into disk {name:?} hold {} bytes, not the {raw} listed",
+                bytes.len()
             )));
         }
-        let (offset, len) = (g.offset(index), g.len(index));
-        let io = |e: server::nbd::DeviceError| {
-            AgentError::Internal(format!("patching chunk {index} of disk {name:?}: {e}"))
-        };
-        if zero {
-            let have = device.read(offset, len as u32).await.map_err(io)?;
-            if have.iter().any(|&b| b != 0) {
+        let mut at = 0;
+        for c in chunks {
+            let (offset, len) = (g.offset(c.index), g.len(c.index));
+            let io = |e: server::nbd::DeviceError| {
+                AgentError::Internal(format!("patching chunk {} of disk {name:?}: {e}", c.index))
+            };
+            if c.zero {
+                let have = device.read(offset, len as u32).await.map_err(io)?;
+                if have.iter().any(|&b| b != 0) {
+                    device
+                        .write_zeroes(offset, len as u32, false, false)
+                        .await
+                        .map_err(io)?;
+                }
+            } else {
                 device
-                    .write_zeroes(offset, len as u32, false, false)
+                    .write(offset, bytes[at..at + len].to_vec(), false)
                     .await
                     .map_err(io)?;
+                at += len;
             }
-        } else {
-            // Bounded by the chunk's length: a peer cannot make this allocate more.
-            let bytes = zstd::bulk::decompress(data, len).map_err(|e| {
-                AgentError::Invalid(format!(
-                    "chunk {index} of disk {name:?} does not decompress: {e}"
-                ))
-            })?;
-            if bytes.len() != len {
-                return Err(AgentError::Invalid(format!(
-                    "chunk {index} of disk {name:?} holds {} bytes, not {len}",
-                    bytes.len()
-                )));
-            }
-            device.write(offset, bytes, false).await.map_err(io)?;
         }
-        *lock(&self.patched).entry(name.to_string()).or_default() += 1;
+        *lock(&self.patched).entry(name.to_string()).or_default() += chunks.len() as u64;
         Ok(())
     }
 
@@ -381,5 +388,73 @@ impl Disks {
             });
         }
         Ok(out)
+    }
+}
+
+/// The bytes a patch of `chunks` of disk `name` decompresses to, once every index is checked
+/// against the disk and the batch against the protocol's caps.
+fn patch_size(name: &str, g: Geometry, chunks: &[PatchedChunk]) -> Result<u64> {
+    if chunks.len() > protocol::MAX_PATCH_CHUNKS {
+        return Err(AgentError::Invalid(format!(
+            "a patch of disk {name:?} lists {} chunks; at most {} go in one",
+            chunks.len(),
+            protocol::MAX_PATCH_CHUNKS
+        )));
+    }
+    let mut raw = 0u64;
+    for c in chunks {
+        if c.index >= g.chunk_count() {
+            return Err(AgentError::Invalid(format!(
+                "chunk {} is beyond disk {name:?} ({} chunks)",
+                c.index,
+                g.chunk_count()
+            )));
+        }
+        if !c.zero {
+            raw += g.len(c.index) as u64;
+        }
+    }
+    if raw > protocol::MAX_PATCH_RAW {
+        return Err(AgentError::Invalid(format!(
+            "a patch of disk {name:?} holds {raw} bytes; at most {} go in one",
+            protocol::MAX_PATCH_RAW
+        )));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(index: u64, zero: bool) -> PatchedChunk {
+        PatchedChunk { index, zero }
+    }
+
+    #[test]
+    fn concatenated_zstd_frames_decompress_to_their_chunks_in_order() {
+        let (a, b) = (vec![1u8; 65536], vec![2u8; 4096]);
+        let mut data = zstd::bulk::compress(&a, 3).expect("compress");
+        data.extend(zstd::bulk::compress(&b, 3).expect("compress"));
+        let both = zstd::bulk::decompress(&data, a.len() + b.len()).expect("decompress");
+        assert_eq!(both, [a, b].concat());
+    }
+
+    #[test]
+    fn a_patch_is_sized_from_the_disk_and_refused_past_its_end_or_the_caps() {
+        // 10 chunks of 64 KiB, the last one 4 KiB.
+        let g = Geometry::new(9 * 65536 + 4096, 65536).expect("a valid geometry");
+        let ok = [chunk(0, false), chunk(3, true), chunk(9, false)];
+        assert_eq!(patch_size("d", g, &ok).expect("in range"), 65536 + 4096);
+        let past = patch_size("d", g, &[chunk(10, false)]).expect_err("past the end");
+        assert!(past.to_string().contains("beyond"), "{past}");
+        let many = vec![chunk(0, true); protocol::MAX_PATCH_CHUNKS + 1];
+        assert!(
+            patch_size("d", g, &many).is_err(),
+            "more chunks than a batch may list"
+        );
+        let big = Geometry::new(1 << 30, 1 << 20).expect("a valid geometry");
+        let heavy: Vec<_> = (0..17).map(|i| chunk(i, false)).collect();
+        assert!(patch_size("d", big, &heavy).is_err(), "17 MiB in one batch");
     }
 }

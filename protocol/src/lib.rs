@@ -17,7 +17,10 @@ pub mod tls;
 
 pub use chunk::{ChunkEntry, ChunkHash, Geometry};
 pub use conn::{connect, Conn, ConnError, FrameReader, FrameWriter};
-pub use message::{DiskInfo, Encoding, ErrorKind, Frame, Message, DIRTY_UNKNOWN};
+pub use message::{
+    DiskInfo, Encoding, ErrorKind, Frame, Message, PatchedChunk, DIRTY_UNKNOWN, MAX_PATCH_CHUNKS,
+    MAX_PATCH_RAW,
+};
 
 /// Checks a disk, VM or job name: 1 to 128 letters, digits, `.`, `_` or `-` (names become file
 /// and socket names, NBD export names and database keys). The error says what is allowed.

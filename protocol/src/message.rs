@@ -344,7 +344,33 @@ pub enum Message {
     /// Tunnel bytes compressed with zstd (a `TunnelData` whose payload shrank); at most
     /// `TUNNEL_CHUNK` bytes once decompressed. Never empty: the end is an empty `TunnelData`.
     TunnelZstd,
+    /// A migration's way back, many chunks in one frame: chunks the VM wrote at the sending
+    /// agent, for the image disk of the same name here. Payload: zstd, one frame or several
+    /// concatenated, that decompresses to every chunk that is not `zero`, in the order listed,
+    /// each at its full length (small chunks do not each pay a message). At most [`MAX_PATCH_CHUNKS`]
+    /// chunks and [`MAX_PATCH_RAW`] bytes once decompressed. No reply unless it fails
+    /// (`PatchCommit` answers).
+    DiskPatchBatch {
+        /// The disk.
+        disk: String,
+        /// The chunks, in payload order.
+        chunks: Vec<PatchedChunk>,
+    },
 }
+
+/// One chunk of a [`Message::DiskPatchBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchedChunk {
+    /// The chunk's index.
+    pub index: u64,
+    /// The chunk is all zeros (it has no bytes in the payload).
+    pub zero: bool,
+}
+
+/// The most chunks one `DiskPatchBatch` may list (its header stays far below 64 KiB).
+pub const MAX_PATCH_CHUNKS: usize = 1024;
+/// The most bytes one `DiskPatchBatch` may hold once decompressed.
+pub const MAX_PATCH_RAW: u64 = 16 << 20;
 
 /// A header with its payload.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -283,7 +283,9 @@ impl Source {
                 | Message::ExportInvalidate { .. }) => {
                     crate::vmpeer::jobs(self.vm_peer(), msg).await
                 }
-                msg @ (Message::DiskPatch { .. } | Message::PatchCommit { .. }) => {
+                msg @ (Message::DiskPatch { .. }
+                | Message::DiskPatchBatch { .. }
+                | Message::PatchCommit { .. }) => {
                     match crate::vmpeer::patch(self.vm_peer(), msg, frame.payload.clone()).await {
                         Some(answer) => answer,
                         None => continue,

@@ -87,13 +87,12 @@ pub trait VmPeer: Send + Sync + 'static {
     fn cancel_job(&self, id: &str) -> Result<String, String>;
     /// Makes `chunks` of the export of `disk` absent; how many.
     fn invalidate(&self, disk: &str, chunks: &[u64]) -> Result<u64, String>;
-    /// Applies one chunk of a way back to the image disk `disk` (`data` compressed, empty
-    /// when `zero`).
+    /// Applies chunks of a way back to the image disk `disk`: `data` is zstd (one frame or several) of the
+    /// chunks that are not zeros, in order (unchecked: the implementation validates it).
     fn patch(
         &self,
         disk: String,
-        index: u64,
-        zero: bool,
+        chunks: Vec<protocol::PatchedChunk>,
         data: bytes::Bytes,
     ) -> futures::future::BoxFuture<'static, Result<(), String>>;
     /// Makes the chunks patched into `disk` durable; how many since the last commit.
@@ -166,7 +165,7 @@ pub async fn jobs(peer: Option<Arc<dyn VmPeer>>, msg: Message) -> Frame {
     }
 }
 
-/// Answers `DiskPatch` (nothing unless it fails) and `PatchCommit`.
+/// Answers `DiskPatch` and `DiskPatchBatch` (nothing unless they fail) and `PatchCommit`.
 pub async fn patch(
     peer: Option<Arc<dyn VmPeer>>,
     msg: Message,
@@ -178,8 +177,13 @@ pub async fn patch(
         ));
     };
     match msg {
+        // A single chunk is a batch of one: its payload is that chunk's own zstd frame.
         Message::DiskPatch { disk, index, zero } => {
-            p.patch(disk, index, zero, payload).await.err().map(refused)
+            let one = vec![protocol::PatchedChunk { index, zero }];
+            p.patch(disk, one, payload).await.err().map(refused)
+        }
+        Message::DiskPatchBatch { disk, chunks } => {
+            p.patch(disk, chunks, payload).await.err().map(refused)
         }
         Message::PatchCommit { disk } => Some(match p.patch_commit(disk).await {
             Ok(chunks) => Frame::new(Message::PatchCommitted { chunks }),

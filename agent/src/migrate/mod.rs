@@ -1123,15 +1123,14 @@ impl server::vmpeer::VmPeer for Incoming {
     fn patch(
         &self,
         disk: String,
-        index: u64,
-        zero: bool,
+        chunks: Vec<protocol::PatchedChunk>,
         data: bytes::Bytes,
     ) -> futures::future::BoxFuture<'static, std::result::Result<(), String>> {
         let (vms, disks) = (self.vms.clone(), self.disks.clone());
         Box::pin(async move {
             vms.check_patchable(&disk).map_err(|e| e.to_string())?;
             disks
-                .patch(&disk, index, zero, &data)
+                .patch(&disk, &chunks, &data)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -403,6 +403,8 @@ impl Vms {
         if let Some(m) = monitors.get(name).filter(|m| m.usable()) {
             return Ok(m.clone());
         }
+        // A broken connection is closed first: QEMU's monitor serves one client at a time.
+        monitors.remove(name);
         let m = Arc::new(
             qmp::Qmp::connect(&self.vm_dir(name).qmp())
                 .await

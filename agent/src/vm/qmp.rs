@@ -4,13 +4,17 @@
 use qapi::futures::{QapiService, QmpStreamTokio};
 use std::path::Path;
 use std::time::Duration;
-use tokio::io::WriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 
 /// Time for one QMP exchange (connect + negotiate, or one command).
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Service = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+type Negotiation = qapi::futures::QmpStreamNegotiation<
+    QmpStreamTokio<ReadHalf<UnixStream>>,
+    QmpStreamTokio<WriteHalf<UnixStream>>,
+>;
 
 /// A negotiated QMP connection.
 pub struct Qmp {
@@ -24,6 +28,16 @@ pub struct Qmp {
     broken: std::sync::atomic::AtomicBool,
 }
 
+/// Marks the connection broken when dropped: armed while a command is in flight and forgotten
+/// once its answer (or its timeout) is in hand.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for Qmp {
     fn drop(&mut self) {
         self.reader.abort();
@@ -34,13 +48,31 @@ fn timed_out(what: &str) -> String {
     format!("QMP {what} got no answer within {QMP_TIMEOUT:?}: the monitor is stuck or QEMU is gone")
 }
 
+/// Opens the monitor's socket. QEMU's monitor takes one client at a time and its listen
+/// backlog is tiny: while an earlier connection is being closed (one dropped after a timeout)
+/// a connect fails with `EAGAIN`; try again until [`QMP_TIMEOUT`] (the caller's deadline).
+async fn open(socket: &Path) -> Result<Negotiation, String> {
+    loop {
+        match QmpStreamTokio::open_uds(socket).await {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => {
+                return Err(format!(
+                    "connecting to QMP socket {}: {e}",
+                    socket.display()
+                ))
+            }
+        }
+    }
+}
+
 impl Qmp {
     /// Connects to the monitor at `socket` and negotiates capabilities.
     pub async fn connect(socket: &Path) -> Result<Qmp, String> {
         let connect = async {
-            let negotiation = QmpStreamTokio::open_uds(socket)
-                .await
-                .map_err(|e| format!("connecting to QMP socket {}: {e}", socket.display()))?;
+            let negotiation = open(socket).await?;
             negotiation
                 .negotiate()
                 .await
@@ -77,7 +109,13 @@ impl Qmp {
         if self.broken.load(Ordering::SeqCst) {
             return Err(format!("QMP {name}: the monitor connection is broken (an earlier command timed out); reconnect"));
         }
-        match tokio::time::timeout(deadline, self.service.execute(cmd)).await {
+        // Until the answer arrives the connection counts as broken: a caller that drops this
+        // future (a cancelled migration's `select!`) leaves the command pending inside `qapi`,
+        // and the next command, given the same id, would make `qapi` panic.
+        let in_flight = InFlight(&self.broken);
+        let answer = tokio::time::timeout(deadline, self.service.execute(cmd)).await;
+        std::mem::forget(in_flight);
+        match answer {
             Err(_) => {
                 self.broken.store(true, Ordering::SeqCst);
                 Err(format!("QMP {name} got no answer within {deadline:?}: the monitor is stuck or QEMU is gone"))
@@ -156,5 +194,51 @@ impl Qmp {
         cmd: C,
     ) -> Result<serde_json::Value, String> {
         self.run(C::NAME, cmd).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A monitor that negotiates, then reads commands and never answers them.
+    async fn silent_monitor(socket: &Path) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind the test QMP socket");
+        tokio::spawn(async move {
+            let Ok((conn, _)) = listener.accept().await else {
+                return;
+            };
+            let (r, mut w) = tokio::io::split(conn);
+            let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}"#;
+            let _ = w.write_all(format!("{greeting}\n").as_bytes()).await;
+            let mut lines = BufReader::new(r).lines();
+            let _ = lines.next_line().await; // qmp_capabilities
+            let _ = w.write_all(b"{\"return\": {}}\n").await;
+            while let Ok(Some(_)) = lines.next_line().await {}
+        })
+    }
+
+    #[tokio::test]
+    async fn a_command_dropped_in_flight_breaks_the_connection_instead_of_panicking_the_next() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let socket = dir.path().join("qmp.sock");
+        let server = silent_monitor(&socket).await;
+        let qmp = Qmp::connect(&socket)
+            .await
+            .expect("negotiate with the test monitor");
+        // The caller gives up (as a cancelled migration's `select!` does) before any answer.
+        let dropped = tokio::time::timeout(Duration::from_millis(100), qmp.status()).await;
+        assert!(dropped.is_err(), "the silent monitor answered");
+        assert!(
+            !qmp.usable(),
+            "a connection with a command left pending must not be reused"
+        );
+        let next = qmp
+            .status()
+            .await
+            .expect_err("a broken connection must refuse commands");
+        assert!(next.contains("broken"), "{next}");
+        server.abort();
     }
 }
