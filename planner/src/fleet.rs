@@ -177,6 +177,11 @@ pub struct Vm {
     /// Migration modes it allows: `live` (pre-copy), `postcopy`, `warm`.
     #[serde(default = "default_modes")]
     pub modes: Vec<String>,
+    /// Copies of its disks kept at other sites (what an earlier move left behind, the base of
+    /// a way back), each with how many hours ago it was last in step with the VM: a move
+    /// there seeds only what was written since.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<String, f64>,
 }
 
 fn one() -> u64 {
@@ -378,6 +383,18 @@ fn check_vm(v: &Vm, sites: &BTreeSet<String>, regions: &BTreeSet<String>) -> Res
         .find(|s| !sites.contains(*s))
     {
         return Err(bad(format!("{name}: allowed_sites names no site {s:?}")));
+    }
+    for (s, age) in &v.replicas {
+        if !sites.contains(s) || *s == v.site {
+            return Err(bad(format!(
+                "{name}: replicas name {s:?}, which is not another declared site"
+            )));
+        }
+        if !age.is_finite() || *age < 0.0 {
+            return Err(bad(format!(
+                "{name}: the replica at {s:?} must be ≥ 0 hours old"
+            )));
+        }
     }
     if let Some(m) = v
         .modes

@@ -78,13 +78,20 @@ pub fn place(
         ..Capacity::default()
     };
     let hours = w.horizon.hours;
-    let mut copies = vec![None::<usize>; w.fleet.sites.len()]; // hour each copy went stale
+    // The hour each copy went stale (before the plan for the replicas it starts with).
+    let mut copies = vec![None::<f64>; w.fleet.sites.len()];
     let mut holds = vec![false; w.fleet.sites.len()];
     holds[u.site] = true;
-    for hh in 0..hours {
-        led.fits(u.site, hh, disk)
-            .map_err(|e| (hh, u.site, Misfit::Capacity(e)))?;
-        led.occupy(u.site, hh, disk, 1);
+    for &(s, age) in &u.replicas {
+        copies[s] = Some(-age);
+        holds[s] = true;
+    }
+    for s in (0..holds.len()).filter(|s| holds[*s]) {
+        for hh in 0..hours {
+            led.fits(s, hh, disk)
+                .map_err(|e| (hh, s, Misfit::Capacity(e)))?;
+            led.occupy(s, hh, disk, 1);
+        }
     }
     let mut moves = Vec::new();
     let mut since = 0;
@@ -109,7 +116,7 @@ pub fn place(
             }
             holds[s] = false;
         }
-        copies[s] = Some(h);
+        copies[s] = Some(h as f64);
         since = h;
         moves.push(mv);
     }
@@ -130,7 +137,7 @@ fn place_move(
     led: &mut Ledger,
     (h, s, t): (usize, usize, usize),
     since: usize,
-    stale_since: Option<usize>,
+    stale_since: Option<f64>,
 ) -> Result<MovePlan, Misfit> {
     let (l, dir) = w.link_dir(s, t).ok_or(Misfit::NoLink)?;
     let write_rate = disk_write_rate(w, u);
@@ -138,7 +145,7 @@ fn place_move(
     let full = seed_size(w, u);
     let need = match stale_since.filter(|_| w.fleet.policy.keep_replicas) {
         // Coming back to a kept copy: only what was written since it left.
-        Some(left) => (write_rate * (h - left) as f64 * HOUR_S * wire).min(full),
+        Some(left) => (write_rate * (h as f64 - left) * HOUR_S * wire).min(full),
         None => full,
     };
     let seed = lay_seed(w, led, l, dir, since, h - 1, need)?;

@@ -79,9 +79,7 @@ pub fn plan(fleet: &Fleet, from: Timestamp, hours: usize) -> Result<Plan, PlanEr
     let mut left_out = Vec::new();
     for ui in order(&w) {
         let u = &w.units[ui];
-        for h in 0..hours {
-            led.occupy(u.site, h, u.size, -1);
-        }
+        occupy_static(&w, u, &mut led, -1);
         let before = led.clone();
         let (route, moves, misfits) = settle(&w, u, &mut led);
         left_out.extend(explain::left_out(&w, u, &route, &misfits, &before));
@@ -110,11 +108,36 @@ fn book_static(w: &World, led: &mut Ledger) -> Result<(), PlanError> {
                 here.join(", ")
             )));
         }
-        for h in 0..w.horizon.hours {
-            led.occupy(u.site, h, u.size, 1);
+        for &(s, _) in &u.replicas {
+            let disk = crate::fleet::Capacity {
+                disk_gib: u.size.disk_gib,
+                ..Default::default()
+            };
+            if let Err(e) = led.fits(s, 0, disk) {
+                return Err(PlanError::Unsatisfiable(format!(
+                    "capacity: site {:?} has {} GiB of disk free, too little for the replica of {:?} declared there ({} GiB)",
+                    w.fleet.sites[s].name, e.free, u.name, u.size.disk_gib
+                )));
+            }
         }
+        occupy_static(w, u, led, 1);
     }
     Ok(())
+}
+
+/// Books (`sign` 1) or releases (-1) a unit as it stands for every hour: where it runs, and
+/// the disks of its replicas.
+fn occupy_static(w: &World, u: &Unit, led: &mut Ledger, sign: i8) {
+    let disk = crate::fleet::Capacity {
+        disk_gib: u.size.disk_gib,
+        ..Default::default()
+    };
+    for h in 0..w.horizon.hours {
+        led.occupy(u.site, h, u.size, sign);
+        for &(s, _) in &u.replicas {
+            led.occupy(s, h, disk, sign);
+        }
+    }
 }
 
 /// Units by what they could gain (user-ms·h at their best allowed sites against staying),

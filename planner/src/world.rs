@@ -33,6 +33,9 @@ pub struct Unit {
     pub cost: Vec<Vec<f64>>,
     /// Users active in each hour.
     pub active: Vec<f64>,
+    /// Sites other than `site` holding a copy of every member's disks, with the copy's age in
+    /// hours at the plan's start (the oldest member's), by site.
+    pub replicas: Vec<(usize, f64)>,
 }
 
 impl Unit {
@@ -212,7 +215,9 @@ fn unit(
         .map(String::from)
         .collect();
     let (cost, active_users) = latency_table(fleet, hz, active, &members);
+    let replicas = replicas(fleet, site, &members);
     Ok(Unit {
+        replicas,
         name,
         site,
         allowed,
@@ -226,6 +231,22 @@ fn unit(
         active: active_users,
         members,
     })
+}
+
+/// The sites where every member keeps a replica (a partial copy of a group is not a base),
+/// with the oldest member's age.
+fn replicas(fleet: &Fleet, site: usize, members: &[usize]) -> Vec<(usize, f64)> {
+    (0..fleet.sites.len())
+        .filter(|s| *s != site)
+        .filter_map(|s| {
+            let name = &fleet.sites[s].name;
+            members
+                .iter()
+                .map(|m| fleet.vms[*m].replicas.get(name).copied())
+                .try_fold(0.0, |oldest: f64, age| age.map(|a| oldest.max(a)))
+                .map(|age| (s, age))
+        })
+        .collect()
 }
 
 /// `cost[h][s]`: users active in hour h times their RTT to site s, summed over the members;

@@ -292,3 +292,43 @@ fn malformed_fleets_name_what_is_wrong() {
         }
     }
 }
+
+#[test]
+fn a_replica_kept_at_the_destination_makes_the_move_seed_only_what_was_written_since() {
+    // A 2 TB disk over a link whose whole day carries less than it: without a copy in Tokyo
+    // the VM stays home; with one an hour old, only that hour's writes cross.
+    let big = |extra: &str| {
+        vm("db", extra)
+            .replace("disk_gib = 20", "disk_gib = 2000")
+            .replace(
+                "site = \"paris\"",
+                "site = \"paris\"\nmax_moves_per_day = 1",
+            )
+    };
+    let slow = "budget = [ { from = \"00:00\", to = \"00:00\", bandwidth = \"100Mbit\" } ]";
+    let none = run(&fleet(&big(""), 64, slow));
+    assert!(moves_of(&none, "db").is_empty(), "{:#?}", none.moves);
+    let kept = run(&fleet(&big("replicas = { tokyo = 1 }"), 64, slow));
+    let m = moves_of(&kept, "db");
+    assert_eq!(m.len(), 1, "{:#?}", kept.moves);
+    let seeded = m[0].seed.as_ref().map_or(0.0, |s| s.wan_bytes);
+    assert!(
+        seeded < 1e9,
+        "the move seeds {seeded} bytes over a kept replica"
+    );
+}
+
+#[test]
+fn a_replica_at_an_undeclared_or_its_own_site_is_refused() {
+    for bad in [
+        "replicas = { mars = 1 }",
+        "replicas = { paris = 1 }",
+        "replicas = { tokyo = -1 }",
+    ] {
+        let text = fleet(&vm("web", bad), 64, "");
+        let e = Fleet::parse(&text)
+            .and_then(|f| f.check().map(|_| f))
+            .expect_err(bad);
+        assert!(e.to_string().contains("replica"), "{bad}: {e}");
+    }
+}

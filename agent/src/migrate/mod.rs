@@ -29,6 +29,9 @@ mod pace;
 use disk::Ctl;
 
 const KIND: &str = "migration";
+/// The task carrying a migration's stream: what it carried, once QEMU closed the stream.
+type Tunnel = tokio::task::JoinHandle<std::result::Result<server::vmpeer::TunnelStats, String>>;
+
 /// How often QEMU's migration status is read: at `pre-switchover` the guest is paused until
 /// the agent notices, so half of this is added to the downtime on average (100 ms cost about
 /// 50 ms of it in the migration benchmark); a query over the local QMP socket takes ~0.2 ms.
@@ -315,6 +318,7 @@ impl Migrations {
             exports,
             returning: Vec::new(),
             addr: addr.clone(),
+            inject: None,
         };
         self.await_exports(m, &mut ctl).await?;
         self.vms
@@ -511,6 +515,7 @@ impl Migrations {
             exports: Vec::new(),
             returning: Vec::new(),
             addr: addr.clone(),
+            inject: None,
         };
         let manual = m.spec.switchover.as_deref() == Some("manual");
         let source = m
@@ -534,8 +539,10 @@ impl Migrations {
             self.export_disks(m, &mut ctl, &spec.disks, &source).await?;
         }
         self.start_incoming(m, &mut ctl, &spec, &addr).await?;
-        let tunnel = self.open_tunnel(&spec.name, &addr, channels(m)).await?;
+        let (tunnel, inject) = self.open_tunnel(&spec.name, &addr, channels(m)).await?;
+        ctl.inject = Some(inject);
         self.precopy(m, &spec.name, &mut ctl).await?;
+        ctl.inject = None;
         let t = tokio::time::timeout(Duration::from_secs(30), tunnel)
             .await
             .map_err(|_| "the stream did not end after QEMU completed".to_string())?
@@ -653,7 +660,10 @@ impl Migrations {
     /// The VM's dirty rate in MiB/s, measured by QEMU over one second (page sampling).
     async fn dirty_rate(&self, vm: &str) -> std::result::Result<f64, String> {
         let q = self.vms.monitor(vm).await.map_err(|e| e.to_string())?;
-        let args = serde_json::json!({"calc-time": 1, "mode": "page-sampling"});
+        // QEMU's most samples (4096 pages per GiB, against 512 by default): a small guest
+        // dirtying a small buffer was sampled too thinly and measured at 0 now and then.
+        let args =
+            serde_json::json!({"calc-time": 1, "mode": "page-sampling", "sample-pages": 4096});
         q.json(qmp::CalcDirtyRate(args)).await?;
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -670,16 +680,15 @@ impl Migrations {
     /// Binds the VM's migration socket and carries each of the `channels` connections QEMU
     /// opens (the main stream, then one per multifd channel) to the destination agent on a
     /// connection of its own. The destination's connections are opened first, so that an
-    /// unreachable destination fails here. The task ends with the bytes sent and received.
+    /// unreachable destination fails here. The task ends with the bytes sent and received;
+    /// frames sent to the channel returned go on the main stream between two of its reads.
     async fn open_tunnel(
         &self,
         vm: &str,
         addr: &str,
         channels: usize,
-    ) -> std::result::Result<
-        tokio::task::JoinHandle<std::result::Result<server::vmpeer::TunnelStats, String>>,
-        String,
-    > {
+    ) -> std::result::Result<(Tunnel, tokio::sync::mpsc::Sender<server::vmpeer::Inject>), String>
+    {
         let path = self.vms.migrate_socket(vm);
         let _ = std::fs::remove_file(&path);
         let listener = server::listen::bind_unix_private(&path)
@@ -694,7 +703,9 @@ impl Migrations {
                 .map_err(|e| e.to_string())?;
             conns.push(conn);
         }
-        Ok(tokio::spawn(async move {
+        let (inject, injected) = tokio::sync::mpsc::channel(4);
+        let mut injected = Some(injected);
+        let task = tokio::spawn(async move {
             let mut pumps = Vec::with_capacity(conns.len());
             for mut conn in conns {
                 let (stream, _) = tokio::time::timeout(TUNNEL_WAIT, listener.accept())
@@ -703,7 +714,11 @@ impl Migrations {
                     .map_err(|e| e.to_string())?;
                 conn.set_timeout(None);
                 let (reader, writer) = conn.split();
-                pumps.push(tokio::spawn(server::vmpeer::pump(stream, reader, writer)));
+                // QEMU opens its main stream first: the one the device state ends.
+                let inject = injected.take();
+                pumps.push(tokio::spawn(server::vmpeer::pump(
+                    stream, reader, writer, inject,
+                )));
             }
             let _ = std::fs::remove_file(&path);
             let mut all = server::vmpeer::TunnelStats::default();
@@ -717,7 +732,8 @@ impl Migrations {
                 all.received += s.received;
             }
             Ok(all)
-        }))
+        });
+        Ok((task, inject))
     }
 
     /// Capabilities and parameters from the spec: the pause before the switchover always;

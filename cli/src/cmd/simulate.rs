@@ -23,7 +23,8 @@ pub struct Args {
     /// Seed of the noise on moves' times and bytes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Write report.json (every strategy's full report) here.
+    /// Write report.json (every strategy's full report) and report.html (plots and tables,
+    /// one self-contained page) here.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Print the reports as JSON.
@@ -51,6 +52,10 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         let path = dir.join("report.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&reports)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+        let page = planner::sim::html(&reports).map_err(anyhow::Error::msg)?;
+        let path = dir.join("report.html");
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     if a.json {

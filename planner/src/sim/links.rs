@@ -1,6 +1,8 @@
 //! Transfers sharing links: each link direction carries its physical bandwidth, split evenly
 //! among the transfers active on it (a transfer may be capped lower, e.g. a planned seed at the
-//! rate its budget allows; what it leaves goes to the others), minute by minute.
+//! rate its budget allows; what it leaves goes to the others), minute by minute. Transfers an
+//! agent runs for a plan keep, together, within the link's budget of the hour (the jobs carry
+//! it as their bandwidth cap); the others (naive's copies) take what the link has.
 
 /// One transfer: a seed or a move's stream.
 #[derive(Debug, Clone)]
@@ -21,6 +23,8 @@ pub struct Transfer {
     pub mv: usize,
     /// Whether it is a seed (a move's stream waits for its seed).
     pub seed: bool,
+    /// Whether it keeps within the link's budget (a planned job) or not (naive).
+    pub budgeted: bool,
 }
 
 /// Minutes per simulated hour.
@@ -32,6 +36,7 @@ pub const STEPS: usize = 60;
 pub fn run_minute(
     transfers: &mut [Transfer],
     bandwidth: &[f64],
+    budget: &[Vec<f64>],
     h: usize,
     ready: impl Fn(&Transfer) -> bool,
 ) -> (Vec<(usize, f64)>, Vec<usize>) {
@@ -46,8 +51,21 @@ pub fn run_minute(
         }
     }
     for ((l, _), active) in buckets {
-        let shares = water_fill(transfers, &active, bandwidth[l] * secs, secs);
-        for (i, bytes) in active.iter().zip(shares) {
+        let (kept, free): (Vec<usize>, Vec<usize>) =
+            active.iter().partition(|i| transfers[**i].budgeted);
+        let allowed = budget
+            .get(l)
+            .and_then(|b| b.get(h))
+            .map_or(bandwidth[l], |b| b.min(bandwidth[l]));
+        let mut shares = water_fill(transfers, &kept, allowed * secs, secs);
+        let used: f64 = shares.iter().sum();
+        shares.extend(water_fill(
+            transfers,
+            &free,
+            (bandwidth[l] * secs - used).max(0.0),
+            secs,
+        ));
+        for (i, bytes) in kept.iter().chain(&free).zip(shares) {
             let t = &mut transfers[*i];
             let b = bytes.min(t.remaining);
             t.remaining -= b;
@@ -107,6 +125,7 @@ mod tests {
             cap_bps: cap,
             mv: 0,
             seed: false,
+            budgeted: false,
         }
     }
 
@@ -114,7 +133,7 @@ mod tests {
     fn a_capped_transfer_leaves_its_share_to_the_others() {
         // 1 MB/s for a minute: 60 MB; one capped at 10 kB/s (0.6 MB), the other takes the rest.
         let mut ts = vec![t(1e9, Some(1e4)), t(1e9, None)];
-        let (carried, done) = run_minute(&mut ts, &[1e6], 0, |_| true);
+        let (carried, done) = run_minute(&mut ts, &[1e6], &[], 0, |_| true);
         assert!(done.is_empty());
         assert!((1e9 - ts[0].remaining - 0.6e6).abs() < 1.0);
         let total: f64 = carried.iter().map(|x| x.1).sum();
@@ -124,7 +143,22 @@ mod tests {
     #[test]
     fn the_link_never_carries_more_than_its_bandwidth() {
         let mut ts: Vec<Transfer> = (0..7).map(|_| t(1e12, None)).collect();
-        let (carried, _) = run_minute(&mut ts, &[2.5e7], 0, |_| true);
+        let (carried, _) = run_minute(&mut ts, &[2.5e7], &[], 0, |_| true);
         assert!(carried.iter().map(|x| x.1).sum::<f64>() <= 2.5e7 * 60.0 + 1.0);
+    }
+
+    #[test]
+    fn planned_transfers_keep_within_the_budget_and_the_others_take_the_rest() {
+        // 10 MB/s of link, 2 MB/s of budget: two planned transfers share 120 MB a minute, the
+        // unbudgeted one takes the other 480 MB.
+        let planned = Transfer {
+            budgeted: true,
+            ..t(1e12, None)
+        };
+        let mut ts = vec![planned.clone(), planned, t(1e12, None)];
+        let (carried, _) = run_minute(&mut ts, &[1e7], &[vec![2e6]], 0, |_| true);
+        let by = |i: usize| carried.iter().find(|c| c.0 == i).map_or(0.0, |c| c.1);
+        assert!((by(0) + by(1) - 120e6).abs() < 1.0, "{carried:?}");
+        assert!((by(2) - 480e6).abs() < 1.0, "{carried:?}");
     }
 }

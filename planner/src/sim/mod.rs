@@ -10,10 +10,12 @@
 //! disk and memory then, as copy-storage-all does), `oracle` (every hour at the best allowed
 //! site, moved instantly and free: a lower bound on latency).
 
+mod html;
 mod links;
 mod report;
 mod run;
 
+pub use html::html;
 pub use report::{LinkUse, SimMove, SimReport, SiteUse};
 pub use run::simulate;
 

@@ -59,6 +59,9 @@ struct Sim<'w, 'f> {
     /// Later moves of today's plan, per unit, started when the one before lands.
     pending: Vec<std::collections::VecDeque<(usize, crate::explain::PlannedMove)>>,
     holds: Vec<Vec<bool>>,
+    /// When each unit left each site (its copy there stopped following it), hours; before the
+    /// run for the replicas the fleet declares.
+    left_at: Vec<Vec<Option<f64>>>,
     moves: Vec<Move>,
     transfers: Vec<Transfer>,
     carried: Vec<[Vec<f64>; 2]>,
@@ -83,7 +86,20 @@ impl<'w, 'f> Sim<'w, 'f> {
             holds: w
                 .units
                 .iter()
-                .map(|u| (0..sites).map(|s| s == u.site).collect())
+                .map(|u| {
+                    (0..sites)
+                        .map(|s| s == u.site || u.replicas.iter().any(|r| r.0 == s))
+                        .collect()
+                })
+                .collect(),
+            left_at: w
+                .units
+                .iter()
+                .map(|u| {
+                    (0..sites)
+                        .map(|s| u.replicas.iter().find(|r| r.0 == s).map(|r| -r.1))
+                        .collect()
+                })
                 .collect(),
             moves: Vec::new(),
             transfers: Vec::new(),
@@ -212,6 +228,7 @@ impl<'w, 'f> Sim<'w, 'f> {
             cap_bps: None,
             mv,
             seed: false,
+            budgeted: false,
         });
     }
 }
@@ -255,8 +272,17 @@ impl Sim<'_, '_> {
         let w = self.w;
         let mut now = w.fleet.clone();
         for (i, u) in w.units.iter().enumerate() {
+            // The copies its earlier moves left behind, as old as the time since it left.
+            let replicas: std::collections::BTreeMap<String, f64> = (0..w.fleet.sites.len())
+                .filter(|s| *s != self.site[i] && self.holds[i][*s])
+                .filter_map(|s| {
+                    let left = self.left_at[i][s]?;
+                    Some((w.fleet.sites[s].name.clone(), (h as f64 - left).max(0.0)))
+                })
+                .collect();
             for m in &u.members {
                 now.vms[*m].site = w.fleet.sites[self.site[i]].name.clone();
+                now.vms[*m].replicas = replicas.clone();
             }
         }
         let hours = (w.horizon.hours - h).min(24);
@@ -309,6 +335,7 @@ impl Sim<'_, '_> {
                     cap_bps: cap,
                     mv,
                     seed: true,
+                    budgeted: true,
                 });
                 self.moves[mv].seeds_left += 1;
             }
@@ -324,6 +351,7 @@ impl Sim<'_, '_> {
             cap_bps: None,
             mv,
             seed: false,
+            budgeted: true,
         });
     }
 
@@ -336,9 +364,10 @@ impl Sim<'_, '_> {
         }
         for step in 0..STEPS {
             let moves = &self.moves;
-            let (carried, done) = run_minute(&mut self.transfers, &w.bandwidth, h, |t| {
-                t.seed || moves[t.mv].seeds_left == 0
-            });
+            let (carried, done) =
+                run_minute(&mut self.transfers, &w.bandwidth, &w.budget, h, |t| {
+                    t.seed || moves[t.mv].seeds_left == 0
+                });
             for (t, b) in carried {
                 let tr = &self.transfers[t];
                 self.carried[tr.link][tr.dir][h] += b;
@@ -375,6 +404,7 @@ impl Sim<'_, '_> {
             (self.w.units[u].cost[h][to] - self.w.units[u].cost[h][from]) * (1.0 - frac);
         self.site[u] = to;
         self.moving[u] = None;
+        self.left_at[u][from] = Some(h as f64 + frac);
         if !self.w.fleet.policy.keep_replicas {
             self.holds[u][from] = false;
         }
