@@ -85,3 +85,32 @@ fn a_seed_replays_the_same_run() {
         strip(run(Strategy::Planner, 8))
     );
 }
+
+#[test]
+fn the_html_report_plots_every_strategy_link_and_site_and_lists_the_moves() {
+    let reports: Vec<SimReport> = [Strategy::Planner, Strategy::Static, Strategy::Oracle]
+        .into_iter()
+        .map(|s| run(s, 1))
+        .collect();
+    let page = helio_planner::sim::html(&reports).unwrap();
+    // One plot of latency, one per link, one per site.
+    let plots = 1 + reports[0].links.len() + reports[0].sites.len();
+    assert_eq!(page.matches("<svg").count(), plots);
+    for name in [
+        "planner",
+        "static",
+        "oracle",
+        "frankfurt–virginia",
+        "singapore",
+        "budget",
+    ] {
+        assert!(page.contains(name), "the page does not name {name:?}");
+    }
+    // Every move of the planner is a row of its table.
+    assert_eq!(
+        page.matches("<tr><td>").count(),
+        reports.len() + reports[0].moves.len(),
+        "a summary row per strategy and a row per move"
+    );
+    assert!(!page.contains("<script"), "the page runs nothing");
+}

@@ -356,17 +356,6 @@ pub enum Message {
         /// The chunks, in payload order.
         chunks: Vec<PatchedChunk>,
     },
-    /// On a tunnel, from the source agent, at the switchover (the VM paused, before the rest
-    /// of the stream): chunks of `disk` written at the source since the destination's last
-    /// sync round. Payload: their indexes, little-endian u64s. The destination makes them
-    /// absent in its export before it passes on any byte that follows, so the VM, which cannot
-    /// start before the stream's last bytes, never reads a stale chunk, and the cut costs no
-    /// round trip. No reply: a failure closes the tunnel and the migration fails with the VM
-    /// still at the source.
-    TunnelInvalidate {
-        /// The disk.
-        disk: String,
-    },
 }
 
 /// One chunk of a [`Message::DiskPatchBatch`].

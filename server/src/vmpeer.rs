@@ -53,66 +53,6 @@ fn tunnel_bytes(frame: Frame, peer: &str) -> Result<bytes::Bytes, ConnError> {
     }
 }
 
-/// Chunk indexes per `TunnelInvalidate` frame (2 MiB of payload, well inside a frame).
-const INVALIDATE_PER_FRAME: usize = 256 * 1024;
-
-/// The `TunnelInvalidate` frames of `chunks` of `disk` (none for no chunks).
-pub fn invalidate_frames(disk: &str, chunks: &[u64]) -> Vec<Frame> {
-    chunks
-        .chunks(INVALIDATE_PER_FRAME)
-        .map(|part| {
-            let payload: Vec<u8> = part.iter().flat_map(|c| c.to_le_bytes()).collect();
-            let msg = Message::TunnelInvalidate {
-                disk: disk.to_string(),
-            };
-            Frame::with_payload(msg, payload.into())
-        })
-        .collect()
-}
-
-/// The chunk indexes of a `TunnelInvalidate` payload, or why it is not a list of them.
-fn invalidated_chunks(payload: &[u8], peer: &str) -> Result<Vec<u64>, ConnError> {
-    if !payload.len().is_multiple_of(8) {
-        return Err(ConnError::Malformed {
-            peer: peer.to_string(),
-            detail: format!(
-                "TunnelInvalidate carries {} bytes, not a whole number of chunk indexes",
-                payload.len()
-            ),
-        });
-    }
-    Ok(payload
-        .chunks_exact(8)
-        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-        .collect())
-}
-
-/// Applies a `TunnelInvalidate` from the tunnel's peer.
-fn tunnel_invalidate(
-    peer: &Option<Arc<dyn VmPeer>>,
-    disk: &str,
-    payload: &[u8],
-    from: &str,
-) -> Result<(), ConnError> {
-    let chunks = invalidated_chunks(payload, from)?;
-    let failed = |detail: String| ConnError::Malformed {
-        peer: from.to_string(),
-        detail,
-    };
-    let p = peer
-        .as_ref()
-        .ok_or_else(|| failed("this source has no exports to invalidate".into()))?;
-    p.invalidate(disk, &chunks).map(|_| ()).map_err(|e| {
-        failed(format!(
-            "invalidating {} chunks of disk {disk:?} at the cut: {e}",
-            chunks.len()
-        ))
-    })
-}
-
-/// A frame to send on a tunnel between two reads of the stream, and where to say it went.
-pub type Inject = (Frame, tokio::sync::oneshot::Sender<Result<(), String>>);
-
 /// What a tunnel carried: bytes from the local QEMU, what they took on the wire, bytes to it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TunnelStats {
@@ -261,7 +201,7 @@ pub async fn tunnel(
     reader: &mut FrameReader,
     tx: &mpsc::Sender<Frame>,
 ) -> Result<(), ConnError> {
-    let target = match peer.as_ref().map(|p| p.tunnel_target(vm)) {
+    let target = match peer.map(|p| p.tunnel_target(vm)) {
         Some(Ok(t)) => t,
         Some(Err(e)) => return refuse(tx, e).await,
         None => return refuse(tx, "this source runs no VMs".into()).await,
@@ -293,13 +233,6 @@ pub async fn tunnel(
             Err(ConnError::Closed { .. }) => break Ok(()),
             Err(e) => break Err(e),
         };
-        if let Message::TunnelInvalidate { disk } = &frame.msg {
-            // Before any byte that follows reaches QEMU: see the message.
-            match tunnel_invalidate(&peer, disk, &frame.payload, reader.peer()) {
-                Ok(()) => continue,
-                Err(e) => break Err(e),
-            }
-        }
         let data = match tunnel_bytes(frame, reader.peer()) {
             Ok(d) => d,
             Err(e) => break Err(e),
@@ -326,36 +259,13 @@ pub async fn pump(
     stream: UnixStream,
     mut reader: FrameReader,
     mut writer: FrameWriter,
-    mut inject: Option<mpsc::Receiver<Inject>>,
 ) -> Result<TunnelStats, ConnError> {
     let (mut rd, mut wr) = stream.into_split();
     let up = async move {
         let mut buf = vec![0u8; TUNNEL_CHUNK];
         let (mut sent, mut wire) = (0u64, 0u64);
         loop {
-            // A frame handed in goes before any byte QEMU writes after the hand-over returns.
-            let next = match inject.as_mut() {
-                Some(rx) => tokio::select! {
-                    biased;
-                    i = rx.recv() => Err(i),
-                    n = rd.read(&mut buf) => Ok(n),
-                },
-                None => Ok(rd.read(&mut buf).await),
-            };
-            let n = match next {
-                Ok(n) => n.unwrap_or(0),
-                Err(None) => {
-                    inject = None;
-                    continue;
-                }
-                Err(Some((frame, said))) => {
-                    wire += frame.payload.len() as u64;
-                    let r = writer.send(&frame).await;
-                    let _ = said.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                    r?;
-                    continue;
-                }
-            };
+            let n = rd.read(&mut buf).await.unwrap_or(0);
             let frame = tunnel_frame(&buf[..n]);
             wire += frame.payload.len() as u64;
             writer.send(&frame).await?;
@@ -397,22 +307,6 @@ pub async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_cut_goes_down_the_tunnel_in_frames_and_a_ragged_list_is_refused() {
-        let chunks: Vec<u64> = (0..(INVALIDATE_PER_FRAME as u64 + 3))
-            .map(|i| i * 7)
-            .collect();
-        let frames = invalidate_frames("d1", &chunks);
-        assert_eq!(frames.len(), 2);
-        let back: Vec<u64> = frames
-            .iter()
-            .flat_map(|f| invalidated_chunks(&f.payload, "peer").unwrap())
-            .collect();
-        assert_eq!(back, chunks);
-        assert!(invalidate_frames("d1", &[]).is_empty());
-        assert!(invalidated_chunks(&[1, 2, 3], "peer").is_err());
-    }
 
     #[test]
     fn tunnel_frames_shrink_what_compresses_and_refuse_what_grows_too_far() {

@@ -31,8 +31,6 @@ pub struct Ctl {
     pub returning: Vec<super::back::Returning>,
     /// The destination agent's address (to dial it again after the link failed).
     pub addr: String,
-    /// While the migration stream flows: hands frames to its tunnel (the cut's invalidations).
-    pub inject: Option<tokio::sync::mpsc::Sender<server::vmpeer::Inject>>,
 }
 
 /// Sends `msg` and returns the answer; an error answer is an `Err` with its words.
@@ -171,21 +169,6 @@ impl Migrations {
                 .dirty_since(&d, &ctl.store_id)
                 .map_err(|e| e.to_string())?;
             total += chunks.len();
-            if let Some(inject) = &ctl.inject {
-                for frame in server::vmpeer::invalidate_frames(&d, &chunks) {
-                    let (said, sent) = tokio::sync::oneshot::channel();
-                    inject
-                        .send((frame, said))
-                        .await
-                        .map_err(|_| "the migration stream's tunnel is gone".to_string())?;
-                    sent.await
-                        .map_err(|_| "the migration stream's tunnel is gone".to_string())?
-                        .map_err(|e| {
-                            format!("sending the cut of disk {d:?} down the tunnel: {e}")
-                        })?;
-                }
-                continue;
-            }
             match ask(
                 &mut ctl.conn,
                 Message::ExportInvalidate {

@@ -318,7 +318,6 @@ impl Migrations {
             exports,
             returning: Vec::new(),
             addr: addr.clone(),
-            inject: None,
         };
         self.await_exports(m, &mut ctl).await?;
         self.vms
@@ -515,7 +514,6 @@ impl Migrations {
             exports: Vec::new(),
             returning: Vec::new(),
             addr: addr.clone(),
-            inject: None,
         };
         let manual = m.spec.switchover.as_deref() == Some("manual");
         let source = m
@@ -539,10 +537,8 @@ impl Migrations {
             self.export_disks(m, &mut ctl, &spec.disks, &source).await?;
         }
         self.start_incoming(m, &mut ctl, &spec, &addr).await?;
-        let (tunnel, inject) = self.open_tunnel(&spec.name, &addr, channels(m)).await?;
-        ctl.inject = Some(inject);
+        let tunnel = self.open_tunnel(&spec.name, &addr, channels(m)).await?;
         self.precopy(m, &spec.name, &mut ctl).await?;
-        ctl.inject = None;
         let t = tokio::time::timeout(Duration::from_secs(30), tunnel)
             .await
             .map_err(|_| "the stream did not end after QEMU completed".to_string())?
@@ -648,6 +644,15 @@ impl Migrations {
         };
         let store_id = found["store_id"].as_str().and_then(unhex);
         let disk_bytes = self.disk_delta(moving, &found, store_id);
+        if let Some(free) = found["store_free_bytes"].as_u64() {
+            // Chunks are stored compressed: the raw delta is the most they can take.
+            if disk_bytes > free {
+                return Err(format!(
+                    "the destination's store has {free} bytes free; the disks of VM {:?} may need {disk_bytes} there (the chunks it lacks): free space there, or pre-seed the disks when it has room",
+                    spec.name
+                ));
+            }
+        }
         m.figures["prediction"] = predict(m, spec, rtt, dirty_mib_s, disk_bytes, found);
         self.state
             .put(KIND, &m.id, m, true)
@@ -680,15 +685,13 @@ impl Migrations {
     /// Binds the VM's migration socket and carries each of the `channels` connections QEMU
     /// opens (the main stream, then one per multifd channel) to the destination agent on a
     /// connection of its own. The destination's connections are opened first, so that an
-    /// unreachable destination fails here. The task ends with the bytes sent and received;
-    /// frames sent to the channel returned go on the main stream between two of its reads.
+    /// unreachable destination fails here. The task ends with the bytes sent and received.
     async fn open_tunnel(
         &self,
         vm: &str,
         addr: &str,
         channels: usize,
-    ) -> std::result::Result<(Tunnel, tokio::sync::mpsc::Sender<server::vmpeer::Inject>), String>
-    {
+    ) -> std::result::Result<Tunnel, String> {
         let path = self.vms.migrate_socket(vm);
         let _ = std::fs::remove_file(&path);
         let listener = server::listen::bind_unix_private(&path)
@@ -703,8 +706,6 @@ impl Migrations {
                 .map_err(|e| e.to_string())?;
             conns.push(conn);
         }
-        let (inject, injected) = tokio::sync::mpsc::channel(4);
-        let mut injected = Some(injected);
         let task = tokio::spawn(async move {
             let mut pumps = Vec::with_capacity(conns.len());
             for mut conn in conns {
@@ -714,11 +715,7 @@ impl Migrations {
                     .map_err(|e| e.to_string())?;
                 conn.set_timeout(None);
                 let (reader, writer) = conn.split();
-                // QEMU opens its main stream first: the one the device state ends.
-                let inject = injected.take();
-                pumps.push(tokio::spawn(server::vmpeer::pump(
-                    stream, reader, writer, inject,
-                )));
+                pumps.push(tokio::spawn(server::vmpeer::pump(stream, reader, writer)));
             }
             let _ = std::fs::remove_file(&path);
             let mut all = server::vmpeer::TunnelStats::default();
@@ -733,7 +730,7 @@ impl Migrations {
             }
             Ok(all)
         });
-        Ok((task, inject))
+        Ok(task)
     }
 
     /// Capabilities and parameters from the spec: the pause before the switchover always;
@@ -1089,6 +1086,11 @@ impl server::vmpeer::VmPeer for Incoming {
                 .await
                 .map_err(|e| e.to_string())?;
             found["store_id"] = store_id.into();
+            // What the replicas may still take here (the source holds it against their size).
+            let dir = disks.store().dir().to_path_buf();
+            found["store_free_bytes"] = free_bytes(&dir)
+                .map_err(|e| format!("the free space of store {}: {e}", dir.display()))?
+                .into();
             for r in disks.replicas().map_err(|e| e.to_string())? {
                 if req.spec.disks.contains(&r.name) {
                     found["replicas"][&r.name] =
@@ -1166,6 +1168,12 @@ impl server::vmpeer::VmPeer for Incoming {
         }
         Ok(self.vms.incoming_socket(vm))
     }
+}
+
+/// Bytes an unprivileged writer may still put on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::result::Result<u64, String> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(|e| e.to_string())?;
+    Ok((s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
 }
 
 /// Lower-case hex of a store id.
