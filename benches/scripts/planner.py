@@ -15,10 +15,27 @@ Usage: benches/scripts/planner.py [--trials 3] [--only quality,scale]
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 
-from harness import HELIO, ROOT, build, log, timed
+import time
+
+from harness import HELIO, ROOT, build, log
+
+
+def timed(args):
+    """Runs a command, reading its output as it comes (plans are megabytes of JSON); returns
+    (wall seconds, child CPU seconds, stdout)."""
+    before = os.times()
+    start = time.perf_counter()
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = os.times()
+    if p.returncode != 0:
+        raise RuntimeError(f"{args} failed: {p.stderr[-2000:]}")
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return wall, cpu, p.stdout
 
 FROM = "2026-12-03T00:00:00Z"
 

@@ -20,14 +20,18 @@ pub struct Shortfall {
     pub free: u64,
 }
 
-/// Use per site and hour, and bytes per link direction and hour.
+/// Use per site and hour, and bytes per link direction and hour. The planner copies the books
+/// for every route it tries: what changes lives in two flat vectors, what does not is shared.
 #[derive(Debug, Clone)]
 pub struct Ledger {
-    cap: Vec<Capacity>,
-    used: Vec<Vec<Capacity>>,
-    /// `link_used[l][dir][h]`: bytes booked; dir 0 is a → b.
-    link_used: Vec<[Vec<f64>; 2]>,
-    link_cap: Vec<Vec<f64>>,
+    hours: usize,
+    cap: std::sync::Arc<Vec<Capacity>>,
+    /// `used[site * hours + h]`.
+    used: Vec<Capacity>,
+    /// `link_used[(l * 2 + dir) * hours + h]`: bytes booked; dir 0 is a → b.
+    link_used: Vec<f64>,
+    /// `link_cap[l * hours + h]`: bytes the budget allows.
+    link_cap: std::sync::Arc<Vec<f64>>,
 }
 
 impl Ledger {
@@ -35,24 +39,22 @@ impl Ledger {
     pub fn new(w: &World) -> Ledger {
         let hours = w.horizon.hours;
         Ledger {
-            cap: w.fleet.sites.iter().map(|s| s.capacity).collect(),
-            used: vec![vec![Capacity::default(); hours]; w.fleet.sites.len()],
-            link_used: w
-                .budget
-                .iter()
-                .map(|_| [vec![0.0; hours], vec![0.0; hours]])
-                .collect(),
-            link_cap: w
-                .budget
-                .iter()
-                .map(|b| b.iter().map(|bps| bps * HOUR_S).collect())
-                .collect(),
+            hours,
+            cap: std::sync::Arc::new(w.fleet.sites.iter().map(|s| s.capacity).collect()),
+            used: vec![Capacity::default(); hours * w.fleet.sites.len()],
+            link_used: vec![0.0; w.budget.len() * 2 * hours],
+            link_cap: std::sync::Arc::new(
+                w.budget
+                    .iter()
+                    .flat_map(|b| b.iter().map(|bps| bps * HOUR_S))
+                    .collect(),
+            ),
         }
     }
 
     /// Whether `size` more fits at `site` in `hour` (disk counted only when `disk`).
     pub fn fits(&self, site: usize, hour: usize, size: Capacity) -> Result<(), Shortfall> {
-        let (c, u) = (self.cap[site], self.used[site][hour]);
+        let (c, u) = (self.cap[site], self.used[site * self.hours + hour]);
         for (resource, need, have, cap) in [
             ("vcpus", size.vcpus, u.vcpus, c.vcpus),
             ("memory_mib", size.memory_mib, u.memory_mib, c.memory_mib),
@@ -73,7 +75,7 @@ impl Ledger {
 
     /// Books `size` at `site` in `hour` (`sign` -1 releases it).
     pub fn occupy(&mut self, site: usize, hour: usize, size: Capacity, sign: i8) {
-        let u = &mut self.used[site][hour];
+        let u = &mut self.used[site * self.hours + hour];
         if sign >= 0 {
             u.vcpus += size.vcpus;
             u.memory_mib += size.memory_mib;
@@ -87,27 +89,27 @@ impl Ledger {
 
     /// Bytes still free on link `l` in direction `dir` in `hour`.
     pub fn link_free(&self, l: usize, dir: usize, hour: usize) -> f64 {
-        (self.link_cap[l][hour] - self.link_used[l][dir][hour]).max(0.0)
+        (self.link_cap(l, hour) - self.link_used(l, dir, hour)).max(0.0)
     }
 
     /// Books `bytes` on link `l`, direction `dir`, in `hour`.
     pub fn book(&mut self, l: usize, dir: usize, hour: usize, bytes: f64) {
-        self.link_used[l][dir][hour] += bytes;
+        self.link_used[(l * 2 + dir) * self.hours + hour] += bytes;
     }
 
     /// Bytes booked on link `l`, direction `dir`, in `hour`.
     pub fn link_used(&self, l: usize, dir: usize, hour: usize) -> f64 {
-        self.link_used[l][dir][hour]
+        self.link_used[(l * 2 + dir) * self.hours + hour]
     }
 
     /// Bytes link `l` may carry in `hour` (each direction).
     pub fn link_cap(&self, l: usize, hour: usize) -> f64 {
-        self.link_cap[l][hour]
+        self.link_cap[l * self.hours + hour]
     }
 
     /// Use at `site` in `hour`.
     pub fn used(&self, site: usize, hour: usize) -> Capacity {
-        self.used[site][hour]
+        self.used[site * self.hours + hour]
     }
 
     /// Capacity of `site`.

@@ -80,9 +80,10 @@ pub fn plan(fleet: &Fleet, from: Timestamp, hours: usize) -> Result<Plan, PlanEr
     for ui in order(&w) {
         let u = &w.units[ui];
         occupy_static(&w, u, &mut led, -1);
-        let before = led.clone();
-        let (route, moves, misfits) = settle(&w, u, &mut led);
-        left_out.extend(explain::left_out(&w, u, &route, &misfits, &before));
+        let (route, moves, misfits, books) = settle(&w, u, &led);
+        // The books as they were before the unit settled explain what it left out.
+        left_out.extend(explain::left_out(&w, u, &route, &misfits, &led));
+        led = books;
         settled.push((ui, route, moves));
     }
     Ok(report(&w, &led, settled, left_out))
@@ -157,12 +158,13 @@ fn order(w: &World) -> Vec<usize> {
     idx.into_iter().map(|(_, i)| i).collect()
 }
 
-/// The unit's cheapest route that fits, booked; the misfits met on the way.
+/// The unit's cheapest route that fits, the misfits met on the way, and the books with the
+/// route booked.
 fn settle(
     w: &World,
     u: &Unit,
-    led: &mut Ledger,
-) -> (Route, Vec<MovePlan>, Vec<(usize, usize, Misfit)>) {
+    led: &Ledger,
+) -> (Route, Vec<MovePlan>, Vec<(usize, usize, Misfit)>, Ledger) {
     let mut banned = BTreeSet::new();
     let mut misfits = Vec::new();
     let stay = Route::stay(w, u);
@@ -177,22 +179,22 @@ fn settle(
             break;
         }
         match place(w, u, &route, led) {
-            Ok((moves, books)) => {
-                *led = books;
-                return (route, moves, misfits);
-            }
+            Ok((moves, books)) => return (route, moves, misfits, books),
             Err((h, t, m)) => {
                 banned.insert((h, t));
                 misfits.push((h, t, m));
             }
         }
     }
-    match place(w, u, &stay, led) {
-        Ok((_, books)) => *led = books,
+    let books = match place(w, u, &stay, led) {
+        Ok((_, books)) => books,
         // Cannot happen: the unit's own static booking was just released.
-        Err(e) => tracing::error!(unit = %u.name, misfit = ?e, "a unit cannot stay where it is"),
-    }
-    (stay, Vec::new(), misfits)
+        Err(e) => {
+            tracing::error!(unit = %u.name, misfit = ?e, "a unit cannot stay where it is");
+            led.clone()
+        }
+    };
+    (stay, Vec::new(), misfits, books)
 }
 
 /// The unit's latency if it could be at its best allowed site every hour for free.

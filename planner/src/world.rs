@@ -55,6 +55,9 @@ pub struct World<'f> {
     pub units: Vec<Unit>,
     /// Link index by (site, site), both orders.
     pub link_of: BTreeMap<(usize, usize), usize>,
+    /// `ways[from * sites + to]`: the link and direction from one site to another (the
+    /// planner asks this in its innermost loops).
+    ways: Vec<Option<(usize, usize)>>,
     /// Each link's bandwidth, bytes/s (each direction).
     pub bandwidth: Vec<f64>,
     /// What migrations may use on each link in each hour, bytes/s: `budget[l][h]`.
@@ -69,6 +72,8 @@ impl<'f> World<'f> {
         let active = region_activity(fleet, &horizon)?;
         let units = units(fleet, &horizon, &active)?;
         let mut link_of = BTreeMap::new();
+        let n = fleet.sites.len();
+        let mut ways = vec![None; n * n];
         let mut bandwidth = Vec::new();
         let mut budget = Vec::new();
         let mut business = Vec::new();
@@ -81,6 +86,8 @@ impl<'f> World<'f> {
                     l.a, l.b
                 )));
             }
+            ways[a * n + b] = Some((i, 0));
+            ways[b * n + a] = Some((i, 1));
             let full = crate::rate(&l.bandwidth).map_err(PlanError::Fleet)? as f64;
             bandwidth.push(full);
             budget.push(link_budget(fleet, i, full, &horizon)?);
@@ -91,6 +98,7 @@ impl<'f> World<'f> {
             horizon,
             units,
             link_of,
+            ways,
             bandwidth,
             budget,
             business,
@@ -99,16 +107,16 @@ impl<'f> World<'f> {
 
     /// The link between two sites, if any.
     pub fn link(&self, a: usize, b: usize) -> Option<usize> {
-        self.link_of.get(&(a, b)).copied()
+        self.link_dir(a, b).map(|(l, _)| l)
     }
 
     /// The link from `from` to `to` and the direction of that way on it (0: a → b).
     pub fn link_dir(&self, from: usize, to: usize) -> Option<(usize, usize)> {
-        let l = self.link(from, to)?;
-        Some((
-            l,
-            usize::from(self.fleet.links[l].a != self.fleet.sites[from].name),
-        ))
+        let n = self.fleet.sites.len();
+        if from >= n || to >= n {
+            return None;
+        }
+        self.ways[from * n + to]
     }
 
     /// The RTT of link `l`, seconds.
@@ -142,9 +150,15 @@ fn region_activity(fleet: &Fleet, hz: &Horizon) -> Result<Vec<Vec<f64>>, PlanErr
 fn units(fleet: &Fleet, hz: &Horizon, active: &[Vec<f64>]) -> Result<Vec<Unit>, PlanError> {
     let mut by_name: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut order = Vec::new();
+    let alone: std::collections::HashSet<&str> = fleet
+        .vms
+        .iter()
+        .filter(|v| v.group.is_none())
+        .map(|v| v.name.as_str())
+        .collect();
     for (i, v) in fleet.vms.iter().enumerate() {
         let key = v.group.clone().unwrap_or_else(|| v.name.clone());
-        if v.group.is_some() && fleet.vms.iter().any(|o| o.group.is_none() && o.name == key) {
+        if v.group.is_some() && alone.contains(key.as_str()) {
             return Err(PlanError::Fleet(format!(
                 "group {key:?} has the name of a VM outside it: rename one"
             )));
