@@ -20,7 +20,7 @@ const COLOURS: [RGBColor; 6] = [
     RGBColor(90, 90, 90),
 ];
 
-/// A line of a plot: its name, its points per hour, and whether it is a limit (dashed grey).
+/// A line of a plot: its name, its points per hour, and whether it is a limit (a thin grey line).
 struct Line<'a> {
     name: String,
     ys: &'a [f64],
@@ -116,21 +116,7 @@ fn links(page: &mut String, reports: &[SimReport]) -> Result<(), String> {
                     .map(|x| (r.strategy.clone(), gb(&x.used_bytes)))
             })
             .collect();
-        let mut lines: Vec<Line> = used
-            .iter()
-            .map(|(name, ys)| Line {
-                name: name.clone(),
-                ys,
-                limit: false,
-            })
-            .collect();
-        lines.push(Line {
-            name: "budget".into(),
-            ys: &budget,
-            limit: true,
-        });
-        let _ = writeln!(page, "<h3>{}</h3>", esc(&l.link));
-        *page += &plot("GB", &lines)?;
+        *page += &against(&l.link, "GB", &used, ("budget", &budget))?;
     }
     Ok(())
 }
@@ -157,23 +143,36 @@ fn sites(page: &mut String, reports: &[SimReport]) -> Result<(), String> {
                 Some((r.strategy.clone(), v))
             })
             .collect();
-        let mut lines: Vec<Line> = used
-            .iter()
-            .map(|(name, ys)| Line {
-                name: name.clone(),
-                ys,
-                limit: false,
-            })
-            .collect();
-        lines.push(Line {
-            name: "capacity".into(),
-            ys: &cap,
-            limit: true,
-        });
-        let _ = writeln!(page, "<h3>{}</h3>", esc(&s.site));
-        *page += &plot("vCPUs", &lines)?;
+        *page += &against(&s.site, "vCPUs", &used, ("capacity", &cap))?;
     }
     Ok(())
+}
+
+/// A titled plot of each strategy's use against a limit (a thin grey line).
+fn against(
+    title: &str,
+    y_desc: &str,
+    used: &[(String, Vec<f64>)],
+    (limit_name, limit): (&str, &[f64]),
+) -> Result<String, String> {
+    let mut lines: Vec<Line> = used
+        .iter()
+        .map(|(name, ys)| Line {
+            name: name.clone(),
+            ys,
+            limit: false,
+        })
+        .collect();
+    lines.push(Line {
+        name: limit_name.into(),
+        ys: limit,
+        limit: true,
+    });
+    Ok(format!(
+        "<h3>{}</h3>\n{}",
+        esc(title),
+        plot(y_desc, &lines)?
+    ))
 }
 
 /// The moves of one strategy as they happened: a timeline table with downtime and bytes.
