@@ -158,13 +158,12 @@ fn order(w: &World) -> Vec<usize> {
     idx.into_iter().map(|(_, i)| i).collect()
 }
 
+/// Routes refused on the way: (hour, site, why).
+type Misfits = Vec<(usize, usize, Misfit)>;
+
 /// The unit's cheapest route that fits, the misfits met on the way, and the books with the
 /// route booked.
-fn settle(
-    w: &World,
-    u: &Unit,
-    led: &Ledger,
-) -> (Route, Vec<MovePlan>, Vec<(usize, usize, Misfit)>, Ledger) {
+fn settle(w: &World, u: &Unit, led: &Ledger) -> (Route, Vec<MovePlan>, Misfits, Ledger) {
     let mut banned = BTreeSet::new();
     let mut misfits = Vec::new();
     let stay = Route::stay(w, u);
