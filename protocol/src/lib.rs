@@ -18,8 +18,8 @@ pub mod tls;
 pub use chunk::{ChunkEntry, ChunkHash, Geometry};
 pub use conn::{connect, Conn, ConnError, FrameReader, FrameWriter};
 pub use message::{
-    DiskInfo, Encoding, ErrorKind, Frame, Message, PatchedChunk, DIRTY_UNKNOWN, MAX_PATCH_CHUNKS,
-    MAX_PATCH_RAW,
+    decode_cut, encode_cut, CutDisk, DiskInfo, Encoding, ErrorKind, Frame, Message, PatchedChunk,
+    DIRTY_UNKNOWN, MAX_PATCH_CHUNKS, MAX_PATCH_RAW,
 };
 
 /// Checks a disk, VM or job name: 1 to 128 letters, digits, `.`, `_` or `-` (names become file

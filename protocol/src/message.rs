@@ -356,6 +356,83 @@ pub enum Message {
         /// The chunks, in payload order.
         chunks: Vec<PatchedChunk>,
     },
+    /// A migration's switchover, sent just before the source lets its paused QEMU finish
+    /// (`migrate-continue`) and answered while that final stream crosses: the chunks each
+    /// disk's export here must make absent (written at the source since the last round), after
+    /// which the incoming VM, whose QEMU waits with `-S`, runs as soon as its state is loaded.
+    /// A VM that took its switchover already ignores a repeat (sent again after a lost
+    /// connection) and says so. Payload: the chunk indexes, u64 little-endian, the disks'
+    /// lists one after another in `disks` order (see [`encode_cut`]).
+    VmSwitchover {
+        /// The VM.
+        vm: String,
+        /// Each disk and how many of its chunks the payload lists.
+        disks: Vec<CutDisk>,
+    },
+    /// Reply to `VmSwitchover`: the cut was applied and the VM runs (or will, the moment its
+    /// stream is loaded).
+    VmSwitched {
+        /// Chunks made absent.
+        invalidated: u64,
+        /// The VM had taken this switchover before; nothing was done again.
+        repeat: bool,
+    },
+}
+
+/// One disk of a [`Message::VmSwitchover`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutDisk {
+    /// The disk.
+    pub disk: String,
+    /// How many chunk indexes of the payload are this disk's.
+    pub chunks: u64,
+}
+
+/// The header list and payload of a [`Message::VmSwitchover`] cutting `lists` (disk, chunks).
+pub fn encode_cut(lists: &[(String, Vec<u64>)]) -> (Vec<CutDisk>, Bytes) {
+    let total: usize = lists.iter().map(|(_, c)| c.len()).sum();
+    let mut payload = BytesMut::with_capacity(total * 8);
+    let mut disks = Vec::with_capacity(lists.len());
+    for (disk, chunks) in lists {
+        for c in chunks {
+            payload.put_u64_le(*c);
+        }
+        disks.push(CutDisk {
+            disk: disk.clone(),
+            chunks: chunks.len() as u64,
+        });
+    }
+    (disks, payload.freeze())
+}
+
+/// The (disk, chunks) lists of a [`Message::VmSwitchover`], or why its payload does not match
+/// its header (the counts must add up to exactly the payload's length; nothing is allocated
+/// before that is checked).
+pub fn decode_cut(disks: &[CutDisk], payload: &[u8]) -> Result<Vec<(String, Vec<u64>)>, String> {
+    let listed = disks
+        .iter()
+        .try_fold(0u64, |sum, d| sum.checked_add(d.chunks))
+        .and_then(|n| n.checked_mul(8));
+    if listed != Some(payload.len() as u64) {
+        return Err(format!(
+            "a switchover's header lists {} chunk indexes, its payload holds {} bytes (8 per index)",
+            disks.iter().fold(0u64, |s, d| s.saturating_add(d.chunks)),
+            payload.len()
+        ));
+    }
+    let mut words = payload
+        .chunks_exact(8)
+        // chunks_exact(8) yields 8-byte slices only.
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+    Ok(disks
+        .iter()
+        .map(|d| {
+            (
+                d.disk.clone(),
+                words.by_ref().take(d.chunks as usize).collect(),
+            )
+        })
+        .collect())
 }
 
 /// One chunk of a [`Message::DiskPatchBatch`].
@@ -479,6 +556,42 @@ mod tests {
         });
         let body = f.encode().unwrap();
         assert_eq!(body[2], 18);
+    }
+
+    #[test]
+    fn a_switchover_cut_round_trips_through_its_frame() {
+        let lists = vec![
+            ("a".to_string(), vec![0, 7, u64::MAX]),
+            ("empty".to_string(), vec![]),
+            ("b".to_string(), vec![3]),
+        ];
+        let (disks, payload) = encode_cut(&lists);
+        let f = Frame::with_payload(
+            Message::VmSwitchover {
+                vm: "vm".into(),
+                disks,
+            },
+            payload,
+        );
+        let back = Frame::decode(f.encode().unwrap()).unwrap();
+        let Message::VmSwitchover { disks, .. } = &back.msg else {
+            panic!("decoded {:?}", back.msg);
+        };
+        assert_eq!(decode_cut(disks, &back.payload).unwrap(), lists);
+    }
+
+    #[test]
+    fn a_switchover_whose_counts_do_not_match_its_payload_is_refused() {
+        let one = |chunks| CutDisk {
+            disk: "d".into(),
+            chunks,
+        };
+        let err = decode_cut(&[one(2)], &[0u8; 8]).unwrap_err();
+        assert!(err.contains("lists 2 chunk indexes"), "{err}");
+        assert!(decode_cut(&[one(1)], &[0u8; 12]).is_err());
+        // Counts that overflow when added are refused before anything is sized by them.
+        assert!(decode_cut(&[one(u64::MAX), one(2)], &[0u8; 8]).is_err());
+        assert!(decode_cut(&[one(u64::MAX / 4)], &[]).is_err());
     }
 
     #[test]

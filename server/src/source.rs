@@ -277,6 +277,9 @@ impl Source {
                     crate::vmpeer::abort_incoming(self.vm_peer(), vm).await
                 }
                 Message::VmCheck { spec } => crate::vmpeer::check(self.vm_peer(), spec).await,
+                Message::VmSwitchover { vm, disks } => {
+                    crate::vmpeer::switchover(self.vm_peer(), vm, disks, &frame.payload).await
+                }
                 msg @ (Message::JobStart { .. }
                 | Message::JobQuery { .. }
                 | Message::JobCancel { .. }

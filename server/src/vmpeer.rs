@@ -102,6 +102,14 @@ pub trait VmPeer: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<u64, String>>;
     /// The unix socket a tunnel for `vm` connects to (its QEMU's incoming socket).
     fn tunnel_target(&self, vm: &str) -> Result<PathBuf, String>;
+    /// A migration's switchover for the incoming `vm`: makes each disk's `chunks` absent,
+    /// then lets the VM run once its stream is loaded. (chunks made absent, whether the VM had
+    /// taken this switchover already, in which case nothing is done again).
+    fn switchover(
+        &self,
+        vm: String,
+        cut: Vec<(String, Vec<u64>)>,
+    ) -> futures::future::BoxFuture<'static, Result<(u64, bool), String>>;
 }
 
 fn refused(message: String) -> Frame {
@@ -161,6 +169,29 @@ pub async fn jobs(peer: Option<Arc<dyn VmPeer>>, msg: Message) -> Frame {
     };
     match answer {
         Ok(m) => Frame::new(m),
+        Err(e) => refused(e),
+    }
+}
+
+/// Answers `VmSwitchover` (whose payload lists the cut's chunks).
+pub async fn switchover(
+    peer: Option<Arc<dyn VmPeer>>,
+    vm: String,
+    disks: Vec<protocol::CutDisk>,
+    payload: &[u8],
+) -> Frame {
+    let Some(p) = peer else {
+        return refused("this source runs no VMs (it is not an agent)".into());
+    };
+    let cut = match protocol::decode_cut(&disks, payload) {
+        Ok(cut) => cut,
+        Err(e) => return refused(e),
+    };
+    match p.switchover(vm, cut).await {
+        Ok((invalidated, repeat)) => Frame::new(Message::VmSwitched {
+            invalidated,
+            repeat,
+        }),
         Err(e) => refused(e),
     }
 }

@@ -33,6 +33,28 @@ pub struct Ctl {
     pub addr: String,
 }
 
+/// How long the destination has to answer a switchover once QEMU completed before the
+/// connection is taken for lost (it applies the cut and tells its QEMU to run: milliseconds).
+const SWITCHOVER_ANSWER: Duration = Duration::from_secs(30);
+
+/// Sends the switchover of `vm` cutting `cut` to the destination, without waiting for its
+/// answer ([`Migrations::await_switched`] reads it).
+pub async fn send_switchover(
+    ctl: &mut Ctl,
+    vm: &str,
+    cut: &[(String, Vec<u64>)],
+) -> Result<(), String> {
+    let (disks, payload) = protocol::encode_cut(cut);
+    let msg = Message::VmSwitchover {
+        vm: vm.to_string(),
+        disks,
+    };
+    ctl.conn
+        .send(&Frame::with_payload(msg, payload))
+        .await
+        .map_err(|e| format!("sending the switchover: {e}"))
+}
+
 /// Sends `msg` and returns the answer; an error answer is an `Err` with its words.
 pub async fn ask(conn: &mut Conn, msg: Message) -> Result<Message, String> {
     conn.send(&Frame::new(msg))
@@ -158,37 +180,64 @@ impl Migrations {
         Ok(())
     }
 
-    /// At the cut (the source VM paused, its disks flushed): the chunks written since each
-    /// replica's last round, made absent in the destination's exports.
-    pub(super) async fn cut_disks(&self, m: &mut Migration, ctl: &mut Ctl) -> Result<(), String> {
+    /// The cut: for each disk exported at the destination, the chunks written here since its
+    /// last round (its export fetches them again on demand).
+    pub(super) fn cut_lists(
+        &self,
+        m: &mut Migration,
+        ctl: &Ctl,
+    ) -> Result<Vec<(String, Vec<u64>)>, String> {
         let t = std::time::Instant::now();
-        let mut total = 0;
-        for (d, _) in ctl.exports.clone() {
+        let mut lists = Vec::new();
+        for (d, _) in &ctl.exports {
             let chunks = self
                 .disks
-                .dirty_since(&d, &ctl.store_id)
+                .dirty_since(d, &ctl.store_id)
                 .map_err(|e| e.to_string())?;
-            total += chunks.len();
-            match ask(
-                &mut ctl.conn,
-                Message::ExportInvalidate {
-                    disk: d.clone(),
-                    chunks,
-                },
-            )
-            .await?
-            {
-                Message::Invalidated { .. } => {}
-                other => {
-                    return Err(format!(
-                        "the destination answered {other:?} to ExportInvalidate"
-                    ))
-                }
-            }
+            lists.push((d.clone(), chunks));
         }
+        let total: usize = lists.iter().map(|(_, c)| c.len()).sum();
         m.figures["switchover_chunks"] = total.into();
         m.figures["switchover_disk_ms"] = (t.elapsed().as_millis() as u64).into();
-        Ok(())
+        Ok(lists)
+    }
+
+    /// Waits for the destination's answer to the switchover sent at the cut (`VmSwitchover`,
+    /// sent before QEMU was let go and not waited for then), once QEMU has completed. A lost
+    /// connection is dialled again and the switchover sent again (the destination takes it
+    /// once). An error answer means the destination did not take it: its VM never ran.
+    pub(super) async fn await_switched(
+        &self,
+        m: &mut Migration,
+        ctl: &mut Ctl,
+        cut: &[(String, Vec<u64>)],
+    ) -> Result<(), String> {
+        loop {
+            let answer = tokio::time::timeout(SWITCHOVER_ANSWER, ctl.conn.recv()).await;
+            let error = match answer {
+                Ok(Ok(f)) => match f.msg {
+                    Message::VmSwitched {
+                        invalidated,
+                        repeat,
+                    } => {
+                        m.figures["switchover_invalidated"] = invalidated.into();
+                        m.figures["switchover_resent"] = repeat.into();
+                        return Ok(());
+                    }
+                    Message::Error { message, .. } => {
+                        m.figures["switchover_refused"] = true.into();
+                        return Err(format!(
+                            "the destination did not take the switchover: {message}"
+                        ));
+                    }
+                    other => format!("the destination answered {other:?} to VmSwitchover"),
+                },
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer to the switchover within {SWITCHOVER_ANSWER:?}"),
+            };
+            self.redial(m, ctl, &error).await?;
+            send_switchover(ctl, &m.spec.vm, cut).await.ok();
+        }
     }
 
     /// Past the cut the VM runs at the destination whatever the link does: a lost connection

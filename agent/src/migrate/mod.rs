@@ -383,6 +383,7 @@ impl Migrations {
                 if let Ok(q) = self.vms.monitor(&vm).await {
                     let _ = q.json(qmp::MigrateCancel(serde_json::json!({}))).await;
                     self.resume_if_warm(&m, &q).await;
+                    self.resume_if_refused(&m, &q).await;
                 }
                 if m.phase != "running_at_destination" {
                     self.clean_destination(&mut m).await;
@@ -450,6 +451,17 @@ impl Migrations {
                     tracing::warn!(migration = %m.id, error = %e, "cannot stop the incoming QEMU at the destination")
                 }
             }
+        }
+    }
+
+    /// A switchover the destination refused (its VM never ran there) after QEMU completed
+    /// leaves the guest paused here (`postmigrate`): it runs here again.
+    async fn resume_if_refused(&self, m: &Migration, q: &qmp::Qmp) {
+        if m.figures.get("switchover_refused").is_none() {
+            return;
+        }
+        if let Err(e) = q.resume().await {
+            tracing::error!(migration = %m.id, vm = %m.spec.vm, error = %e, "the destination refused the switchover and the paused VM could not be resumed here; resume it with QMP cont");
         }
     }
 
@@ -852,11 +864,16 @@ impl Migrations {
                 };
                 self.set_phase(m, "switchover", why)
                     .map_err(|e| e.to_string())?;
-                if ctl.returning.is_empty() {
-                    self.cut_disks(m, ctl).await?;
+                let cut = if ctl.returning.is_empty() {
+                    self.cut_lists(m, ctl)?
                 } else {
                     self.return_cut(m, ctl).await?;
-                }
+                    Vec::new()
+                };
+                // The destination's QEMU waits with -S: it runs once it has both its stream
+                // and this cut, so the cut's round trip is not spent with the guest paused.
+                disk::send_switchover(ctl, &m.spec.vm, &cut).await?;
+                w.switchover = Some(cut);
                 q.json(qmp::MigrateContinue(
                     serde_json::json!({"state": "pre-switchover"}),
                 ))
@@ -870,6 +887,9 @@ impl Migrations {
                 Ok(false)
             }
             "completed" => {
+                if let Some(cut) = w.switchover.take() {
+                    self.await_switched(m, ctl, &cut).await?;
+                }
                 for (k, v) in [
                     ("downtime_ms", "downtime"),
                     ("total_time_ms", "total-time"),
@@ -978,6 +998,8 @@ struct Watch {
     paused_at: Option<std::time::Instant>,
     /// Post-copy was asked of QEMU.
     postcopy: bool,
+    /// The cut sent to the destination at the switchover, until it answers.
+    switchover: Option<Vec<(String, Vec<u64>)>>,
 }
 
 impl Watch {
@@ -989,6 +1011,7 @@ impl Watch {
             said_diverging: false,
             paused_at: None,
             postcopy: false,
+            switchover: None,
         }
     }
 
@@ -1160,6 +1183,23 @@ impl server::vmpeer::VmPeer for Incoming {
     ) -> futures::future::BoxFuture<'static, std::result::Result<u64, String>> {
         let disks = self.disks.clone();
         Box::pin(async move { disks.patch_commit(&disk).await.map_err(|e| e.to_string()) })
+    }
+
+    fn switchover(
+        &self,
+        vm: String,
+        cut: Vec<(String, Vec<u64>)>,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<(u64, bool), String>> {
+        let (vms, jobs) = (self.vms.clone(), self.jobs.clone());
+        Box::pin(async move {
+            let apply = || {
+                cut.iter().try_fold(
+                    0,
+                    |n, (disk, chunks)| Ok(n + jobs.invalidate(disk, chunks)?),
+                )
+            };
+            vms.switchover(&vm, apply).await.map_err(|e| e.to_string())
+        })
     }
 
     fn tunnel_target(&self, vm: &str) -> std::result::Result<std::path::PathBuf, String> {

@@ -55,6 +55,11 @@ struct Record {
     /// Multifd channels an incoming QEMU expects (with the `multifd` capability).
     #[serde(default)]
     incoming_channels: Option<u32>,
+    /// The incoming VM took its migration's switchover (the cut was applied and QEMU told to
+    /// run): until then its QEMU, started with `-S`, must not run, and after it no cut may be
+    /// applied again.
+    #[serde(default)]
+    switched: bool,
 }
 
 /// What the agent knows of a VM right now.
@@ -265,6 +270,7 @@ impl Vms {
             moved_to: None,
             incoming_caps: Vec::new(),
             incoming_channels: None,
+            switched: false,
         };
         self.state.put(KIND, &spec.name, &rec, true)?;
         self.set_live(
@@ -366,7 +372,9 @@ impl Vms {
             .collect();
         let mut args = qemu::args(&rec.spec, acc.name, &dir, &sockets);
         if rec.incoming {
-            args.extend(["-incoming".into(), "defer".into()]);
+            // -S: the guest stays paused after its stream is loaded until the switchover says
+            // the disks are cut (`switchover`), whichever of the two comes first.
+            args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
         }
         self.set_live(name, "starting", None);
         let pid = match qemu::spawn(&args, &dir, START_WAIT).await {
@@ -651,7 +659,11 @@ impl Vms {
             Ok(m) => m.status().await.ok(),
             Err(_) => None,
         };
-        if status.as_deref() != Some("inmigrate") {
+        // A QEMU whose stream is loaded but that never took its switchover has not run either:
+        // the source still holds the VM (and resumes it there).
+        let waiting = status.as_deref() == Some("inmigrate")
+            || (status.as_deref() == Some("paused") && !rec.switched);
+        if !waiting {
             tracing::warn!(vm = %name, ?status, "asked to stop an incoming QEMU that is past waiting; left alone");
             return Ok(false);
         }
@@ -660,6 +672,43 @@ impl Vms {
         // state of its own yet, so nothing is lost.
         let _ = qemu::kill(pid);
         Ok(true)
+    }
+
+    /// A migration's switchover for the incoming VM `name`: `cut` makes the chunks the source
+    /// wrote since its last round absent, then QEMU (started with `-S`) is told to run: at once
+    /// if its stream is loaded, else the moment it is (`cont` while `inmigrate` sets QEMU's
+    /// autostart). Recorded before QEMU is told, so that neither a repeat (the source sending
+    /// again after a lost connection) nor a restarted agent applies a cut once the guest may
+    /// have run. (what `cut` returned, whether this was a repeat.)
+    pub async fn switchover(
+        self: &Arc<Self>,
+        name: &str,
+        cut: impl FnOnce() -> Result<u64>,
+    ) -> Result<(u64, bool)> {
+        let _op = self.ops.lock().await;
+        let mut rec = self.record(name)?;
+        if rec.switched {
+            return Ok((0, true));
+        }
+        if !rec.incoming {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} does not wait for a migration here: no switchover to take"
+            )));
+        }
+        let invalidated = cut()?;
+        rec.switched = true;
+        self.state.put(KIND, name, &rec, true)?;
+        // The cut is taken: from here the VM is this agent's to run, so a QEMU that does not
+        // take `cont` now is left to the supervisor, which resumes a switched VM it finds
+        // paused.
+        let resumed = match self.monitor(name).await {
+            Ok(q) => q.resume().await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = resumed {
+            tracing::warn!(vm = %name, error = %e, "the switchover's QMP cont failed; the supervisor resumes the VM once its stream is loaded");
+        }
+        Ok((invalidated, false))
     }
 
     /// Deletes a stopped VM (its directory with the console log is kept).
@@ -780,9 +829,9 @@ impl Vms {
                 if status.is_none() {
                     this.drop_monitor(&name).await; // reconnect next time
                 }
-                if rec.incoming && status.as_deref() == Some("paused") {
+                if rec.incoming && rec.switched && status.as_deref() == Some("paused") {
                     // The stream of a guest paused at the source (a warm move) ends paused:
-                    // an agent's VMs run, so it starts here.
+                    // an agent's VMs run, so it starts here (once its disks were cut).
                     if let Ok(m) = this.monitor(&name).await {
                         if let Err(e) = m.resume().await {
                             tracing::warn!(vm = %name, error = %e, "cannot resume an arrived VM");
