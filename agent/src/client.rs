@@ -47,12 +47,14 @@ pub enum ClientError {
     },
 }
 
+#[derive(Clone)]
 enum Target {
     Unix(PathBuf),
     Tls(String),
 }
 
 /// A client of one agent.
+#[derive(Clone)]
 pub struct ApiClient {
     url: String,
     target: Target,

@@ -683,8 +683,9 @@ impl Vms {
     pub async fn switchover(
         self: &Arc<Self>,
         name: &str,
-        cut: impl FnOnce() -> Result<u64>,
+        cut: impl FnOnce() -> Result<u64> + Send + 'static,
     ) -> Result<(u64, bool)> {
+        let t = std::time::Instant::now();
         let _op = self.ops.lock().await;
         let mut rec = self.record(name)?;
         if rec.switched {
@@ -695,16 +696,27 @@ impl Vms {
                 "VM {name:?} does not wait for a migration here: no switchover to take"
             )));
         }
-        let invalidated = cut()?;
+        // Synced writes (the cut's records, then the VM's): off the runtime's threads, which
+        // carry the migration stream meanwhile.
         rec.switched = true;
-        self.state.put(KIND, name, &rec, true)?;
+        let (state, key) = (self.state.clone(), name.to_string());
+        let applied = tokio::task::spawn_blocking(move || {
+            let n = cut()?;
+            state.put(KIND, &key, &rec, true)?;
+            Ok::<_, AgentError>(n)
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("the switchover of VM {name:?}: {e}")))?;
+        let invalidated = applied?;
+        let cut_ms = t.elapsed().as_millis() as u64;
         // The cut is taken: from here the VM is this agent's to run, so a QEMU that does not
         // take `cont` now is left to the supervisor, which resumes a switched VM it finds
         // paused.
-        let resumed = match self.monitor(name).await {
-            Ok(q) => q.resume().await,
-            Err(e) => Err(e.to_string()),
+        let (status, resumed) = match self.monitor(name).await {
+            Ok(q) => (q.status().await.ok(), q.resume().await),
+            Err(e) => (None, Err(e.to_string())),
         };
+        tracing::info!(vm = %name, invalidated, cut_ms, total_ms = t.elapsed().as_millis() as u64, ?status, "switchover taken");
         if let Err(e) = resumed {
             tracing::warn!(vm = %name, error = %e, "the switchover's QMP cont failed; the supervisor resumes the VM once its stream is loaded");
         }

@@ -5,6 +5,7 @@ pub mod args;
 pub mod demo;
 mod demo_vm;
 mod demo_watch;
+mod execute;
 pub mod export;
 pub mod job;
 pub mod materialize;

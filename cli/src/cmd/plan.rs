@@ -16,9 +16,25 @@ pub struct Args {
     /// Hours to plan.
     #[arg(long, default_value_t = 24)]
     hours: usize,
-    /// Print the plan as JSON.
+    /// Print the plan (with --execute: the final report) as JSON.
     #[arg(long)]
     json: bool,
+    /// Carry the plan out through the sites' agents (each site's `agent`): seeds and
+    /// migrations created as their windows open, followed, and the plan made again when a
+    /// move fails, is late or slow, or a VM's measured dirty rate departs from the fleet's.
+    #[arg(long)]
+    execute: bool,
+    /// With --execute: print the calls it would make, and when, without making them.
+    #[arg(long, requires = "execute")]
+    dry_run: bool,
+    /// With --execute: plan seconds per wall second (e.g. 360: an hour of the plan in 10 s),
+    /// to try a day in minutes.
+    #[arg(long, default_value_t = 1.0, requires = "execute")]
+    clock_scale: f64,
+    /// With https agents: a directory with a scheduler or operator certificate (cert.pem,
+    /// key.pem, ca.pem).
+    #[arg(long = "api-tls", env = "HELIO_AGENT_TLS")]
+    api_tls: Option<PathBuf>,
 }
 
 /// The fleet file, read and checked.
@@ -41,6 +57,22 @@ pub fn start_time(from: Option<&str>) -> anyhow::Result<jiff::Timestamp> {
 pub async fn run(a: Args) -> anyhow::Result<i32> {
     let fleet = load_fleet(&a.fleet)?;
     let from = start_time(a.from.as_deref())?;
+    if a.execute {
+        if !(a.clock_scale.is_finite() && a.clock_scale > 0.0) {
+            anyhow::bail!(
+                "--clock-scale {}: give a positive number of plan seconds per wall second",
+                a.clock_scale
+            );
+        }
+        let o = super::execute::Options {
+            clock_scale: a.clock_scale,
+            dry_run: a.dry_run,
+            json: a.json,
+            hours: a.hours,
+            api_tls: a.api_tls,
+        };
+        return super::execute::execute(fleet, from, o).await;
+    }
     let started = std::time::Instant::now();
     let plan = planner::plan(&fleet, from, a.hours)?;
     tracing::info!(
