@@ -190,35 +190,12 @@ mod tests {
     }
 
     fn fleet() -> Fleet {
-        let text = r#"
-[[sites]]
-name = "east"
-tz = "UTC"
-capacity = { vcpus = 8, memory_mib = 8192, disk_gib = 100 }
-[[sites]]
-name = "west"
-tz = "UTC"
-capacity = { vcpus = 8, memory_mib = 8192, disk_gib = 100 }
-[[regions]]
-name = "r"
-tz = "UTC"
-rtt_ms = { "east" = 5, "west" = 50 }
-[[vms]]
-name = "app"
-memory_mib = 512
-disk_gib = 1
-vcpus = 1
-site = "east"
-dirty_rate_mib_s = 4
-disk_write_mib_s = 0.1
-users = { "r" = 10 }
-"#;
-        Fleet::parse(text).unwrap()
+        Fleet::parse(super::super::steps::TEST_FLEET).unwrap()
     }
 
     #[test]
     fn a_move_as_predicted_calls_for_nothing() {
-        assert!(assess(&ended("completed", 100.0, -30.0, Some(5.0)), &fleet(), 80.0).is_empty());
+        assert!(assess(&ended("completed", 100.0, -30.0, Some(1.3)), &fleet(), 80.0).is_empty());
     }
 
     #[test]

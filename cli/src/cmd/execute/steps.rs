@@ -134,47 +134,9 @@ pub fn shift(t: Timestamp, seconds: f64) -> Timestamp {
     Timestamp::from_millisecond(ms).unwrap_or(t)
 }
 
+/// Two sites 12 hours apart, one VM (dirtying 1 MiB/s) with users at both.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan(fleet: &str) -> planner::Plan {
-        let f = planner::Fleet::parse(fleet).unwrap();
-        planner::plan(&f, "2026-12-03T00:00:00Z".parse().unwrap(), 24).unwrap()
-    }
-
-    #[test]
-    fn a_planned_move_becomes_seeds_per_disk_then_its_migration() {
-        let p = plan(FLEET);
-        assert!(!p.moves.is_empty(), "the test fleet must plan a move");
-        let s = steps(&p.moves, |vm| {
-            vec![format!("{vm}-root"), format!("{vm}-data")]
-        })
-        .unwrap();
-        let m = &p.moves[0];
-        let first: Vec<_> = s.iter().filter(|s| s.vm == m.vms[0]).take(3).collect();
-        assert!(matches!(&first[0].kind, Kind::Seed { disk, .. } if disk.ends_with("-root")));
-        assert!(matches!(&first[1].kind, Kind::Seed { disk, .. } if disk.ends_with("-data")));
-        assert!(matches!(first[2].kind, Kind::Migrate { .. }));
-        assert_eq!(first[2].to, m.to);
-        assert!(first[0].not_before <= first[2].not_before);
-        assert!(s.windows(2).all(|w| w[0].not_before <= w[1].not_before));
-    }
-
-    #[test]
-    fn the_clock_maps_plan_hours_to_scaled_wall_seconds_and_back() {
-        let c = Clock {
-            from: "2026-12-03T00:00:00Z".parse().unwrap(),
-            start: "2030-01-01T00:00:00Z".parse().unwrap(),
-            scale: 360.0,
-        };
-        let wall = c.wall_of("2026-12-03T06:00:00Z".parse().unwrap());
-        assert_eq!(wall.to_string(), "2030-01-01T00:01:00Z");
-        assert_eq!(c.plan_at(wall).to_string(), "2026-12-03T06:00:00Z");
-    }
-
-    /// Two sites 12 hours apart, one VM whose users all live at the far one during its day.
-    const FLEET: &str = r#"
+pub const TEST_FLEET: &str = r#"
 [[sites]]
 name = "east"
 tz = "Asia/Tokyo"
@@ -206,4 +168,43 @@ dirty_rate_mib_s = 1
 disk_write_mib_s = 0.1
 users = { "tokyo" = 1000, "chicago" = 1000 }
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(fleet: &str) -> planner::Plan {
+        let f = planner::Fleet::parse(fleet).unwrap();
+        planner::plan(&f, "2026-12-03T00:00:00Z".parse().unwrap(), 24).unwrap()
+    }
+
+    #[test]
+    fn a_planned_move_becomes_seeds_per_disk_then_its_migration() {
+        let p = plan(super::TEST_FLEET);
+        assert!(!p.moves.is_empty(), "the test fleet must plan a move");
+        let s = steps(&p.moves, |vm| {
+            vec![format!("{vm}-root"), format!("{vm}-data")]
+        })
+        .unwrap();
+        let m = &p.moves[0];
+        let first: Vec<_> = s.iter().filter(|s| s.vm == m.vms[0]).take(3).collect();
+        assert!(matches!(&first[0].kind, Kind::Seed { disk, .. } if disk.ends_with("-root")));
+        assert!(matches!(&first[1].kind, Kind::Seed { disk, .. } if disk.ends_with("-data")));
+        assert!(matches!(first[2].kind, Kind::Migrate { .. }));
+        assert_eq!(first[2].to, m.to);
+        assert!(first[0].not_before <= first[2].not_before);
+        assert!(s.windows(2).all(|w| w[0].not_before <= w[1].not_before));
+    }
+
+    #[test]
+    fn the_clock_maps_plan_hours_to_scaled_wall_seconds_and_back() {
+        let c = Clock {
+            from: "2026-12-03T00:00:00Z".parse().unwrap(),
+            start: "2030-01-01T00:00:00Z".parse().unwrap(),
+            scale: 360.0,
+        };
+        let wall = c.wall_of("2026-12-03T06:00:00Z".parse().unwrap());
+        assert_eq!(wall.to_string(), "2030-01-01T00:01:00Z");
+        assert_eq!(c.plan_at(wall).to_string(), "2026-12-03T06:00:00Z");
+    }
 }
