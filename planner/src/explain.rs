@@ -73,6 +73,9 @@ pub struct MigrationStep {
     pub predicted_wan_bytes: f64,
     /// Disk written since the seed, in those bytes.
     pub disk_delta_bytes: f64,
+    /// The cap that keeps it within the link's budget in its hour, bits/s (the job's
+    /// `bandwidth`).
+    pub bandwidth_bps: f64,
 }
 
 /// The users' gain from a move, until the unit moves again or the plan ends.
@@ -185,6 +188,7 @@ pub fn planned_move(w: &World, u: &Unit, route: &Route, m: &MovePlan) -> Planned
             predicted_downtime_ms: p.downtime_ms,
             predicted_wan_bytes: p.wan_bytes,
             disk_delta_bytes: m.delta_bytes,
+            bandwidth_bps: p.bandwidth_bps,
         },
         gain,
         cost: Cost {

@@ -17,6 +17,9 @@ pub struct MovePrediction {
     pub downtime_ms: f64,
     /// Memory and disk-delta bytes on the wire.
     pub wan_bytes: f64,
+    /// The rate it was predicted at (what the link's budget leaves in its hour), bits/s: the
+    /// migration's cap.
+    pub bandwidth_bps: f64,
 }
 
 /// Why a move cannot be made at all.
@@ -45,6 +48,7 @@ pub fn predict_move(
         duration_s: 0.0,
         downtime_ms: 0.0,
         wan_bytes: delta_bytes,
+        bandwidth_bps: bandwidth * 8.0,
     };
     let bw = bandwidth.max(1.0);
     // The disk's last delta crosses first (sync rounds), at the link's rate.

@@ -207,6 +207,24 @@ fn plan_execute_moves_the_vms_as_planned_and_they_keep_running() {
             "every step ends well: {s}"
         );
     }
+    // Each migration carried the plan's window and the cap that keeps it within the budget.
+    let site = |name: &str| &agents[SITES.iter().position(|s| s.0 == name).unwrap()];
+    for s in report["steps"].as_array().unwrap() {
+        if s["what"] != "migration" {
+            continue;
+        }
+        let path = format!("/v1/migrations/{}", s["id"].as_str().unwrap());
+        let m = site(s["from"].as_str().unwrap()).api_ok("GET", &path, None, 200);
+        let spec = &m["spec"];
+        assert!(
+            spec["bandwidth"]
+                .as_str()
+                .is_some_and(|b| b.ends_with("kbit"))
+                && spec["deadline"].is_string()
+                && spec["not_before"].is_string(),
+            "{m}"
+        );
+    }
     // Where the (last) plan leaves them: g1 at newyork, g2 home at tokyo; both running on.
     for (agent, vm) in [(newyork, "g1"), (tokyo, "g2")] {
         let v = agent.api_ok("GET", &format!("/v1/vms/{vm}"), None, 200);

@@ -123,13 +123,14 @@ fn print_plan(p: &planner::Plan) {
             );
         }
         println!(
-            "  migrate {} to {}: not before {}, deadline {} ({}, max downtime {:.0} ms)",
+            "  migrate {} to {}: not before {}, deadline {} ({}, max downtime {:.0} ms, at most {:.0} Mbit/s)",
             m.vms.join(", "),
             m.to,
             m.migration.not_before,
             m.migration.deadline,
             m.migration.mode,
-            m.migration.max_downtime_ms
+            m.migration.max_downtime_ms,
+            m.migration.bandwidth_bps / 1e6
         );
     }
     if !p.left_out.is_empty() {

@@ -240,6 +240,7 @@ impl Exec {
             Kind::Migrate {
                 mode,
                 max_downtime_ms,
+                bandwidth_bps,
                 ..
             } => {
                 // The move's own window keeps its real length: a migration takes the time it
@@ -252,6 +253,10 @@ impl Exec {
                     "not_before": start.to_string(),
                     "deadline": steps::shift(start, window / 1000.0).to_string(),
                 });
+                // Not scaled: the move runs at real speed whatever the plan's clock does.
+                if *bandwidth_bps >= 1e3 {
+                    body["bandwidth"] = format!("{:.0}kbit", bandwidth_bps / 1e3).into();
+                }
                 if let Some(addr) = &self.agent(&s.from)?.replication {
                     body["source_addr"] = addr.clone().into();
                 }

@@ -21,6 +21,8 @@ pub enum Kind {
         predicted_s: f64,
         /// Predicted downtime, ms.
         predicted_downtime_ms: f64,
+        /// The cap that keeps it within the link's budget, bits/s.
+        bandwidth_bps: f64,
     },
 }
 
@@ -90,6 +92,7 @@ pub fn steps(
                 max_downtime_ms: mig.max_downtime_ms.round() as u64,
                 predicted_s: mig.predicted_duration_s,
                 predicted_downtime_ms: mig.predicted_downtime_ms,
+                bandwidth_bps: mig.bandwidth_bps,
             };
             out.push(step(&mig.not_before, &mig.deadline, kind)?);
         }
