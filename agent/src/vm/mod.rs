@@ -712,9 +712,11 @@ impl Vms {
         // The cut is taken: from here the VM is this agent's to run, so a QEMU that does not
         // take `cont` now is left to the supervisor, which resumes a switched VM it finds
         // paused.
-        let (status, resumed) = match self.monitor(name).await {
-            Ok(q) => (q.status().await.ok(), q.resume().await),
-            Err(e) => (None, Err(e.to_string())),
+        // QEMU's status is read after `cont` (for the log only: `inmigrate` says the cut came
+        // before the stream was loaded), not on the way to it.
+        let (resumed, status) = match self.monitor(name).await {
+            Ok(q) => (q.resume().await, q.status().await.ok()),
+            Err(e) => (Err(e.to_string()), None),
         };
         tracing::info!(vm = %name, invalidated, cut_ms, total_ms = t.elapsed().as_millis() as u64, ?status, "switchover taken");
         if let Err(e) = resumed {

@@ -135,7 +135,7 @@ impl Exec {
     /// `why`: the reasons of a new plan, reported.
     async fn plan(&mut self, at: Timestamp, why: Option<Vec<Replan>>) -> anyhow::Result<()> {
         self.age_copies(at);
-        let hours = ((self.end.as_second() - at.as_second()) as f64 / 3600.0).ceil() as usize;
+        let hours = (steps::seconds(self.end, at) / 3600.0).ceil().max(0.0) as usize;
         if hours == 0 {
             self.pending.clear();
             return Ok(());
@@ -167,7 +167,7 @@ impl Exec {
         for ((vm, site), t) in &self.left {
             if let Some(v) = self.fleet.vms.iter_mut().find(|v| &v.name == vm) {
                 if let Some(age) = v.replicas.get_mut(site) {
-                    *age = ((at.as_second() - t.as_second()) as f64 / 3600.0).max(0.0);
+                    *age = (steps::seconds(at, *t) / 3600.0).max(0.0);
                 }
             }
         }
@@ -246,12 +246,12 @@ impl Exec {
                 // The move's own window keeps its real length: a migration takes the time it
                 // takes whatever the plan's clock does.
                 let start = self.clock.wall_of(s.not_before);
-                let window = (s.deadline.as_millisecond() - s.not_before.as_millisecond()) as f64;
+                let window = steps::seconds(s.deadline, s.not_before);
                 let mut body = serde_json::json!({
                     "vm": s.vm, "to": self.agent(&s.to)?.peer, "mode": mode,
                     "max_downtime_ms": max_downtime_ms,
                     "not_before": start.to_string(),
-                    "deadline": steps::shift(start, window / 1000.0).to_string(),
+                    "deadline": steps::shift(start, window).to_string(),
                 });
                 // Not scaled: the move runs at real speed whatever the plan's clock does.
                 if *bandwidth_bps >= 1e3 {
@@ -393,7 +393,7 @@ impl Exec {
         // Late as it would be on a clock at real speed: a move cannot run faster because the
         // plan's clock does (with a scale of 1 this is the time past the deadline).
         let end = steps::shift(r.started_plan, took_s);
-        let late_s = (end.as_millisecond() - r.step.deadline.as_millisecond()) as f64 / 1000.0;
+        let late_s = steps::seconds(end, r.step.deadline);
         let Kind::Migrate { predicted_s, .. } = r.step.kind else {
             self.report
                 .done(Done::of(&r.step, &r.id, &phase, error, took_s, late_s, v));

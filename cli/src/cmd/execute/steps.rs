@@ -119,22 +119,27 @@ pub struct Clock {
 impl Clock {
     /// Plan time at wall time `wall`.
     pub fn plan_at(&self, wall: Timestamp) -> Timestamp {
-        let wall_s = (wall.as_millisecond() - self.start.as_millisecond()) as f64 / 1000.0;
-        shift(self.from, wall_s * self.scale)
+        shift(self.from, seconds(wall, self.start) * self.scale)
     }
 
     /// Wall time of plan time `plan`.
     pub fn wall_of(&self, plan: Timestamp) -> Timestamp {
-        let plan_s = (plan.as_millisecond() - self.from.as_millisecond()) as f64 / 1000.0;
-        shift(self.start, plan_s / self.scale)
+        shift(self.start, seconds(plan, self.from) / self.scale)
     }
 }
 
-/// `t` moved by `seconds`.
+/// `t` moved by `seconds` (`t` itself if that leaves jiff's range, which no plan of at most
+/// `MAX_HOURS` from a valid time does).
 pub fn shift(t: Timestamp, seconds: f64) -> Timestamp {
-    let ms = t.as_millisecond() + (seconds * 1000.0).round() as i64;
-    // Within jiff's range for any plan of at most MAX_HOURS from a valid time.
-    Timestamp::from_millisecond(ms).unwrap_or(t)
+    jiff::SignedDuration::try_from_secs_f64(seconds)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(t)
+}
+
+/// Seconds from `earlier` to `later` (negative when `later` is earlier).
+pub fn seconds(later: Timestamp, earlier: Timestamp) -> f64 {
+    later.duration_since(earlier).as_secs_f64()
 }
 
 /// Two sites 12 hours apart, one VM (dirtying 1 MiB/s) with users at both.
