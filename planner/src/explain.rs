@@ -351,7 +351,7 @@ pub fn left_out(
         }
     }
     if route.moves().is_empty() && out.is_empty() {
-        if let Some(x) = not_worth(w, u, books, planned) {
+        if let Some(x) = not_worth(w, u, books) {
             out.push(x);
         }
     }
@@ -360,15 +360,22 @@ pub fn left_out(
 
 /// The best allowed site other than home, when moving there was not worth its cost or could
 /// not be done at all (probed against the books as they were before the unit settled).
-fn not_worth(w: &World, u: &Unit, books: &Ledger, planned: f64) -> Option<LeftOut> {
+fn not_worth(w: &World, u: &Unit, books: &Ledger) -> Option<LeftOut> {
+    // What a site would save in the hours it is closer to the unit's users (a unit whose
+    // users span the world gains somewhere every hour, though no site is best all day).
+    let saves = |t: usize| -> f64 {
+        (0..w.horizon.hours)
+            .map(|h| (u.cost[h][u.site] - u.cost[h][t]).max(0.0))
+            .sum()
+    };
     let best = u
         .allowed
         .iter()
         .copied()
         .filter(|s| *s != u.site)
-        .min_by(|a, b| u.total(*a).total_cmp(&u.total(*b)).then(a.cmp(b)))?;
-    let gain = planned - u.total(best);
-    if gain <= 0.0 {
+        .max_by(|a, b| saves(*a).total_cmp(&saves(*b)).then(b.cmp(a)))?;
+    let gain = saves(best);
+    if gain <= w.fleet.policy.move_cost {
         return None;
     }
     let to = w.fleet.sites[best].name.clone();

@@ -148,10 +148,11 @@ fn place_move(
         Some(left) => (write_rate * (h as f64 - left) * HOUR_S * wire).min(full),
         None => full,
     };
-    let seed = lay_seed(w, led, l, dir, since, h - 1, need)?;
-    let last_seed_hour = seed.hours.last().map_or(h - 1, |x| x.0);
-    let delta =
-        (write_rate * ((h - 1 - last_seed_hour) as f64 + 1.0) * HOUR_S * wire).min(disk_bytes(u));
+    // The move is booked first, in its hour, and the seed laid around it: a seed laid first
+    // would take the move's hour (the latest, freshest) and starve the move. Its delta is
+    // what two hours of writes leave (the seed ends by the hour before the move's, or shares
+    // the move's hour and leaves less).
+    let delta = (write_rate * 2.0 * HOUR_S * wire).min(disk_bytes(u));
     let free = led.link_free(l, dir, h - 1);
     let p = predict_move(w, u, l, free / HOUR_S, delta).map_err(|r| {
         // The budget's fault when the whole link would have carried it.
@@ -174,6 +175,7 @@ fn place_move(
         });
     }
     led.book(l, dir, h - 1, booked);
+    let seed = lay_seed(w, led, l, dir, since, h - 1, need)?;
     Ok(MovePlan {
         hour: h,
         from: s,

@@ -294,7 +294,7 @@ fn audit(w: &World, led: &Ledger, settled: &[(usize, Route, Vec<MovePlan>)]) -> 
                 .moves()
                 .iter()
                 .fold(vec![0u32; w.horizon.hours / 24 + 1], |mut d, m| {
-                    d[m.0 / 24] += 1;
+                    d[(m.0 - 1) / 24] += 1; // by the migration's hour, the one before arrival
                     d
                 });
         if per_day.iter().any(|n| *n > u.max_moves_per_day) {

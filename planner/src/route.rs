@@ -5,6 +5,7 @@
 //! the route it returns (`place`), which bans what did not fit and asks again.
 
 use crate::ledger::Ledger;
+use crate::place::MOVE_HEADROOM;
 use crate::predict::{predict_move, MovePrediction};
 use crate::world::{Unit, World, HOUR_S};
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,6 +61,8 @@ pub struct Search<'a, 'f> {
     /// (arrival hour, site) pairs refused by `place`.
     pub banned: &'a BTreeSet<(usize, usize)>,
     cache: BTreeMap<(usize, usize, u64), Option<MovePrediction>>,
+    /// Per link and direction, the bytes free on it before each hour (a prefix sum).
+    free_before: BTreeMap<(usize, usize), Vec<f64>>,
 }
 
 impl<'a, 'f> Search<'a, 'f> {
@@ -75,6 +78,7 @@ impl<'a, 'f> Search<'a, 'f> {
             ledger,
             banned,
             cache: BTreeMap::new(),
+            free_before: BTreeMap::new(),
         }
     }
 
@@ -109,7 +113,9 @@ impl<'a, 'f> Search<'a, 'f> {
     ) -> Vec<f64> {
         let idx = |s: usize, m: usize| s * (limit + 1) + m;
         let mut next = vec![f64::INFINITY; cost.len()];
-        let new_day = h % 24 == 0;
+        // A move counts on the day its migration runs (hour h-1, the hour before it arrives),
+        // as the simulator and the executor count it: arriving at midnight is yesterday's.
+        let new_day = h % 24 == 1;
         for (si, &s) in sites.iter().enumerate() {
             for m in 0..=limit {
                 let c = cost[idx(si, m)];
@@ -191,7 +197,13 @@ impl<'a, 'f> Search<'a, 'f> {
             None => self.w.budget[l][h - 1] * HOUR_S,
         };
         let p = self.predicted(l, dir, free)?;
-        let seed = seed_bytes(self.w, self.u, t);
+        let seed = seed_bytes(self.w, self.u, t, h);
+        // A seed the link cannot carry before the move ends cannot precede it (`place` lays
+        // it out exactly; this keeps the search from offering arrivals hour after hour that
+        // are bound to be refused).
+        if seed > 0.0 && self.free_before(l, dir, h) < seed + p.wan_bytes * MOVE_HEADROOM {
+            return None;
+        }
         Some(move_price(
             self.w,
             self.u,
@@ -199,6 +211,24 @@ impl<'a, 'f> Search<'a, 'f> {
             seed + p.wan_bytes,
             p.downtime_ms,
         ))
+    }
+
+    /// Bytes free on link `l` in direction `dir` in the hours before `h`.
+    fn free_before(&mut self, l: usize, dir: usize, h: usize) -> f64 {
+        let (w, ledger) = (self.w, self.ledger);
+        let sums = self.free_before.entry((l, dir)).or_insert_with(|| {
+            let mut acc = 0.0;
+            let mut out = vec![0.0];
+            for x in 0..w.horizon.hours {
+                acc += match ledger {
+                    Some(led) => led.link_free(l, dir, x),
+                    None => w.budget[l][x] * HOUR_S,
+                };
+                out.push(acc);
+            }
+            out
+        });
+        sums[h.min(sums.len() - 1)]
     }
 
     /// The move's prediction at what the hour has free (cached by bandwidth).
@@ -215,12 +245,20 @@ impl<'a, 'f> Search<'a, 'f> {
     }
 }
 
-/// Wire bytes of seeding `u`'s disks to `t` from nothing (the unit's own site holds them).
-pub fn seed_bytes(w: &World, u: &Unit, t: usize) -> f64 {
+/// Wire bytes of seeding `u`'s disks to `t` for an arrival at hour `h`: nothing at its own
+/// site, what was written since at a site holding a replica, else the whole disks.
+pub fn seed_bytes(w: &World, u: &Unit, t: usize, h: usize) -> f64 {
     if t == u.site {
         return 0.0;
     }
-    crate::place::seed_size(w, u)
+    let full = crate::place::seed_size(w, u);
+    match u.replicas.iter().find(|r| r.0 == t) {
+        Some(&(_, age)) if w.fleet.policy.keep_replicas => {
+            let written = crate::place::disk_write_rate(w, u) * (age + h as f64) * HOUR_S;
+            (written * w.fleet.policy.disk_wire_ratio).min(full)
+        }
+        _ => full,
+    }
 }
 
 /// The objective's price of a move made in hour `h` that sends `wire_bytes` and pauses the
