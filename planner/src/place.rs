@@ -148,11 +148,14 @@ fn place_move(
         Some(left) => (write_rate * (h as f64 - left) * HOUR_S * wire).min(full),
         None => full,
     };
-    // The move is booked first, in its hour, and the seed laid around it: a seed laid first
-    // would take the move's hour (the latest, freshest) and starve the move. Its delta is
-    // what two hours of writes leave (the seed ends by the hour before the move's, or shares
-    // the move's hour and leaves less).
-    let delta = (write_rate * 2.0 * HOUR_S * wire).min(disk_bytes(u));
+    // The seed ends before the migration starts (the job then ships the disk's last delta,
+    // not a seed still running): it uses the hours up to the one before the move's, which
+    // keeps the move's hour for the move.
+    let last = h.checked_sub(2).filter(|e| *e >= since);
+    let seed = lay_seed(w, led, l, dir, since, last, need)?;
+    let last_seed_hour = seed.hours.last().map_or(h - 2, |x| x.0);
+    let delta = (write_rate * (h - 1 - last_seed_hour.min(h - 1)) as f64 * HOUR_S * wire)
+        .min(disk_bytes(u));
     let free = led.link_free(l, dir, h - 1);
     let p = predict_move(w, u, l, free / HOUR_S, delta).map_err(|r| {
         // The budget's fault when the whole link would have carried it.
@@ -175,7 +178,6 @@ fn place_move(
         });
     }
     led.book(l, dir, h - 1, booked);
-    let seed = lay_seed(w, led, l, dir, since, h - 1, need)?;
     Ok(MovePlan {
         hour: h,
         from: s,
@@ -206,18 +208,19 @@ pub fn disk_write_rate(w: &World, u: &Unit) -> f64 {
         .sum()
 }
 
-/// Lays `need` bytes into hours `[from, until]` of link `l`: hours outside business hours
-/// first, latest first within each kind (the copy is then fresh when the move comes).
+/// Lays `need` bytes into hours `[from, until]` of link `l` (`None`: no hour at all):
+/// hours outside business hours first, latest first within each kind (the copy is then fresh
+/// when the move comes).
 fn lay_seed(
     w: &World,
     led: &mut Ledger,
     l: usize,
     dir: usize,
     from: usize,
-    until: usize,
+    until: Option<usize>,
     need: f64,
 ) -> Result<SeedPlan, Misfit> {
-    let mut order: Vec<usize> = (from..=until).collect();
+    let mut order: Vec<usize> = until.map_or(Vec::new(), |u| (from..=u).collect());
     order.sort_by_key(|h| (w.business[l][*h], std::cmp::Reverse(*h)));
     let mut left = need;
     let mut hours = Vec::new();

@@ -5,7 +5,6 @@
 //! the route it returns (`place`), which bans what did not fit and asks again.
 
 use crate::ledger::Ledger;
-use crate::place::MOVE_HEADROOM;
 use crate::predict::{predict_move, MovePrediction};
 use crate::world::{Unit, World, HOUR_S};
 use std::collections::{BTreeMap, BTreeSet};
@@ -198,10 +197,10 @@ impl<'a, 'f> Search<'a, 'f> {
         };
         let p = self.predicted(l, dir, free)?;
         let seed = seed_bytes(self.w, self.u, t, h);
-        // A seed the link cannot carry before the move ends cannot precede it (`place` lays
-        // it out exactly; this keeps the search from offering arrivals hour after hour that
-        // are bound to be refused).
-        if seed > 0.0 && self.free_before(l, dir, h) < seed + p.wan_bytes * MOVE_HEADROOM {
+        // A seed the link cannot carry in the hours before the move's cannot precede it
+        // (`place` lays it out exactly; this keeps the search from offering arrivals hour
+        // after hour that are bound to be refused).
+        if seed > 0.0 && self.free_before(l, dir, h - 1) < seed {
             return None;
         }
         Some(move_price(
