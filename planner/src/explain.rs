@@ -437,10 +437,11 @@ fn why_not(w: &World, u: &Unit, books: &Ledger, t: usize, gain: f64) -> (&'stati
     let limit = u.max_moves_per_day;
     let cost = crate::route::move_price(w, u, 0, seed, 0.0);
     let words = format!(
-        "being there for the {} hours its users are closer would save at most {gain:.0} user-ms·h; moving costs about {cost:.0} (fixed {:.0}, plus {:.0} per GB) and at most {limit} moves a day are allowed: no route paid",
+        "being there for the {} hours its users are closer would save at most {gain:.0} user-ms·h; moving costs about {cost:.0} (fixed {:.0}, plus {:.0} per GB, {:.0} more per GB sent in business hours) and at most {limit} moves a day are allowed: no route paid",
         wanted.len(),
         w.fleet.policy.move_cost,
-        w.fleet.policy.cost_per_gb
+        w.fleet.policy.cost_per_gb,
+        w.fleet.policy.business_cost_per_gb
     );
     ("not_worth", words)
 }

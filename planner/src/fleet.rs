@@ -34,6 +34,9 @@ pub struct Policy {
     pub move_cost: f64,
     /// The cost of each GB a move sends over a link, in user-ms·h.
     pub cost_per_gb: f64,
+    /// What each GB a move sends in business hours (at either end of its link) costs on top
+    /// of `cost_per_gb`, in user-ms·h: the price of sharing a link its users are busy on.
+    pub business_cost_per_gb: f64,
     /// The cost of a move's downtime: this times the users active then times the seconds the
     /// VM is paused, in user-ms·h.
     pub downtime_weight: f64,
@@ -53,6 +56,7 @@ impl Default for Policy {
         Policy {
             move_cost: 2_000.0,
             cost_per_gb: 50.0,
+            business_cost_per_gb: 200.0,
             downtime_weight: 1.0,
             disk_wire_ratio: 0.6,
             memory_wire_ratio: 1.0,
@@ -255,6 +259,7 @@ impl Fleet {
         let finite = [
             p.move_cost,
             p.cost_per_gb,
+            p.business_cost_per_gb,
             p.downtime_weight,
             p.disk_wire_ratio,
             p.memory_wire_ratio,

@@ -5,6 +5,7 @@
 //! the route it returns (`place`), which bans what did not fit and asks again.
 
 use crate::ledger::Ledger;
+use crate::place::MOVE_HEADROOM;
 use crate::predict::{predict_move, MovePrediction};
 use crate::world::{Unit, World, HOUR_S};
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,8 +61,9 @@ pub struct Search<'a, 'f> {
     /// (arrival hour, site) pairs refused by `place`.
     pub banned: &'a BTreeSet<(usize, usize)>,
     cache: BTreeMap<(usize, usize, u64), Option<MovePrediction>>,
-    /// Per link and direction, the bytes free on it before each hour (a prefix sum).
-    free_before: BTreeMap<(usize, usize), Vec<f64>>,
+    /// Per link and direction, the bytes free on it before each hour, in all hours and in
+    /// those outside business hours (prefix sums).
+    free_before: BTreeMap<(usize, usize), Vec<(f64, f64)>>,
 }
 
 impl<'a, 'f> Search<'a, 'f> {
@@ -200,30 +202,37 @@ impl<'a, 'f> Search<'a, 'f> {
         // A seed the link cannot carry in the hours before the move's cannot precede it
         // (`place` lays it out exactly; this keeps the search from offering arrivals hour
         // after hour that are bound to be refused).
-        if seed > 0.0 && self.free_before(l, dir, h - 1) < seed {
+        let (free, off) = self.free_before(l, dir, h - 1);
+        if seed > 0.0 && free < seed {
             return None;
         }
-        Some(move_price(
-            self.w,
-            self.u,
-            h - 1,
-            seed + p.wan_bytes,
-            p.downtime_ms,
-        ))
+        // Bytes in business hours: the seed's that off hours cannot take, and the move's own
+        // when its hour is one.
+        let mut busy = (seed - off).max(0.0);
+        if self.w.business[l][h - 1] {
+            busy += p.wan_bytes;
+        }
+        let busy_price = self.w.fleet.policy.business_cost_per_gb * busy / 1e9;
+        Some(busy_price + move_price(self.w, self.u, h - 1, seed + p.wan_bytes, p.downtime_ms))
     }
 
-    /// Bytes free on link `l` in direction `dir` in the hours before `h`.
-    fn free_before(&mut self, l: usize, dir: usize, h: usize) -> f64 {
+    /// Bytes free on link `l` in direction `dir` in the hours before `h`: in all, and
+    /// outside business hours.
+    fn free_before(&mut self, l: usize, dir: usize, h: usize) -> (f64, f64) {
         let (w, ledger) = (self.w, self.ledger);
         let sums = self.free_before.entry((l, dir)).or_insert_with(|| {
-            let mut acc = 0.0;
-            let mut out = vec![0.0];
+            let (mut all, mut off) = (0.0, 0.0);
+            let mut out = vec![(0.0, 0.0)];
             for x in 0..w.horizon.hours {
-                acc += match ledger {
+                let free = match ledger {
                     Some(led) => led.link_free(l, dir, x),
                     None => w.budget[l][x] * HOUR_S,
                 };
-                out.push(acc);
+                all += free;
+                if !w.business[l][x] {
+                    off += free;
+                }
+                out.push((all, off));
             }
             out
         });
@@ -238,7 +247,10 @@ impl<'a, 'f> Search<'a, 'f> {
         }
         let p = predict_move(self.w, self.u, l, free_bytes / HOUR_S, 0.0)
             .ok()
-            .filter(|p| p.duration_s <= HOUR_S && p.wan_bytes <= free_bytes);
+            // As `place` books it: with its headroom.
+            .filter(|p| {
+                p.duration_s * MOVE_HEADROOM <= HOUR_S && p.wan_bytes * MOVE_HEADROOM <= free_bytes
+            });
         self.cache.insert(key, p.clone());
         p
     }

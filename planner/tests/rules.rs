@@ -332,3 +332,46 @@ fn a_replica_at_an_undeclared_or_its_own_site_is_refused() {
         assert!(e.to_string().contains("replica"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_seed_that_needs_the_hours_before_the_move_leaves_the_move_its_own_hour() {
+    // 1.4 TiB of disk (about 900 GB to seed, two hours of the link) for users who are all in
+    // Asia: the seed takes the first hours and the move the hour after it. A seed laid into
+    // the latest hours first would take the move's hour and leave it no bandwidth.
+    let big = vm("db", "")
+        .replace("disk_gib = 20", "disk_gib = 1400")
+        .replace("users = { eu = 50, asia = 100 }", "users = { asia = 100 }");
+    let text = format!(
+        "[policy]\nbusiness_cost_per_gb = 0\n{}",
+        fleet(&big, 64, "")
+    );
+    let p = run(&text);
+    let m = moves_of(&p, "db");
+    assert_eq!(m.len(), 1, "{:#?}", p.left_out);
+    let seed = m[0].seed.as_ref().expect("the disk is seeded ahead");
+    assert!(
+        seed.hours.iter().all(|h| *h + 1 < m[0].hour),
+        "the seed ({:?}) runs into the migration's hour (the one before {})",
+        seed.hours,
+        m[0].hour
+    );
+}
+
+#[test]
+fn business_hours_bytes_cost_what_the_policy_says() {
+    let bytes = |price: &str| {
+        let text = format!(
+            "[policy]\nbusiness_cost_per_gb = {price}\n{}",
+            fleet(&vm("web", ""), 64, "")
+        );
+        let p = run(&text);
+        (p.totals.business_hours_bytes, p.moves.len())
+    };
+    let (free, moves) = bytes("0");
+    let (dear, _) = bytes("1e9");
+    assert!(moves > 0);
+    assert!(
+        dear < free,
+        "business-hours bytes {dear} at a high price, {free} at none"
+    );
+}

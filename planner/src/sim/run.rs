@@ -261,6 +261,9 @@ fn naive_target(w: &World, u: usize, h: usize) -> Option<usize> {
         .min_by(|a, b| rtt(*a).total_cmp(&rtt(*b)).then(a.cmp(b)))
 }
 
+/// Hours past the day that the daily plan looks ahead.
+const LOOKAHEAD_H: usize = 12;
+
 fn memory_bytes(w: &World, u: usize) -> f64 {
     w.units[u].size.memory_mib as f64 * 1048576.0
 }
@@ -272,22 +275,35 @@ impl Sim<'_, '_> {
         let w = self.w;
         let mut now = w.fleet.clone();
         for (i, u) in w.units.iter().enumerate() {
+            // A unit still moving is planned from where it is going (it lands within the
+            // hour, and today's moves start from there), its source then a fresh copy.
+            let (site, leaving) = match self.moving[i] {
+                Some(mv) => (self.moves[mv].to, Some(self.moves[mv].from)),
+                None => (self.site[i], None),
+            };
             // The copies its earlier moves left behind, as old as the time since it left.
             let replicas: std::collections::BTreeMap<String, f64> = (0..w.fleet.sites.len())
-                .filter(|s| *s != self.site[i] && self.holds[i][*s])
+                .filter(|s| *s != site && self.holds[i][*s])
                 .filter_map(|s| {
-                    let left = self.left_at[i][s]?;
+                    let left = if leaving == Some(s) {
+                        h as f64
+                    } else {
+                        self.left_at[i][s]?
+                    };
                     Some((w.fleet.sites[s].name.clone(), (h as f64 - left).max(0.0)))
                 })
                 .collect();
             for m in &u.members {
-                now.vms[*m].site = w.fleet.sites[self.site[i]].name.clone();
+                now.vms[*m].site = w.fleet.sites[site].name.clone();
                 now.vms[*m].replicas = replicas.clone();
             }
         }
-        let hours = (w.horizon.hours - h).min(24);
+        // The plan looks past the day so that tomorrow morning's users are worth a move
+        // tonight; only the moves whose migration runs today are carried out, the rest are
+        // planned again tomorrow from where the units are then.
+        let hours = (w.horizon.hours - h).min(24 + LOOKAHEAD_H);
         let plan = crate::plan::plan(&now, w.horizon.at(h), hours)?;
-        for pm in plan.moves {
+        for pm in plan.moves.into_iter().filter(|pm| pm.hour <= 24) {
             let Some(u) = w.units.iter().position(|u| u.name == pm.unit) else {
                 continue;
             };
