@@ -281,9 +281,26 @@ fn move_words(w: &World, u: &Unit, m: &MovePlan, g: &Gain, wan: f64, business: f
 }
 
 /// Tempting moves `u` does not make on `route`, and why.
+/// The route `u` would take if nothing stood in its way (no other unit on the books, links
+/// at their budgets): the moves left out are those of this route it did not make.
+pub fn ideal_route(w: &World, u: &Unit) -> Route {
+    // A unit that gains less anywhere than a move's fixed cost has no move to explain: its
+    // ideal route stays (the search is the costliest part of planning a large fleet).
+    let stay = Route::stay(w, u);
+    if stay.cost - crate::plan::ideal_floor(w, u) > w.fleet.policy.move_cost {
+        let none = std::collections::BTreeSet::new();
+        crate::route::Search::new(w, u, None, &none).best()
+    } else {
+        stay
+    }
+}
+
+/// What `u` left out of `ideal` (its [`ideal_route`]) and why, against the books as they were
+/// before it settled.
 pub fn left_out(
     w: &World,
     u: &Unit,
+    ideal: &Route,
     route: &Route,
     misfits: &[(usize, usize, Misfit)],
     books: &Ledger,
@@ -321,15 +338,14 @@ pub fn left_out(
         ));
     }
     // Moves the unit would make if nothing stood in its way, and what stood there.
-    let none = std::collections::BTreeSet::new();
-    let ideal = crate::route::Search::new(w, u, None, &none).best();
+
     let made = route.moves();
     for (h, s, t) in ideal.moves() {
         if made.contains(&(h, s, t)) || misfits.iter().any(|m| (m.0, m.1) == (h, t)) {
             continue;
         }
-        let (reason, why) = probe(w, u, books, &ideal, (h, s, t));
-        let gain = ideal_gain(u, &ideal, h, s, t);
+        let (reason, why) = probe(w, u, books, ideal, (h, s, t));
+        let gain = ideal_gain(u, ideal, h, s, t);
         out.push(item(
             t,
             h,

@@ -20,10 +20,30 @@ pub struct Shortfall {
     pub free: u64,
 }
 
-/// Use per site and hour, and bytes per link direction and hour. The planner copies the books
-/// for every route it tries: what changes lives in two flat vectors, what does not is shared.
+/// One cell's change, kept so that a route that does not fit can be taken off the books (and
+/// a unit's booking set aside to explain it against the books as they were) without copying
+/// them: the planner tries thousands of routes, and the books of a large fleet are large.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// `used[i]` from, to.
+    Used(usize, Capacity, Capacity),
+    /// `link_used[i]` from, to.
+    Link(usize, f64, f64),
+}
+
+/// A position in the books' journal.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark(usize);
+
+/// Changes made since a [`Mark`], to set aside and put back.
+#[derive(Debug, Clone, Default)]
+pub struct Changes(Vec<Change>);
+
+/// Use per site and hour, and bytes per link direction and hour, with a journal of changes
+/// since the last [`Ledger::forget`].
 #[derive(Debug, Clone)]
 pub struct Ledger {
+    journal: Vec<Change>,
     hours: usize,
     cap: std::sync::Arc<Vec<Capacity>>,
     /// `used[site * hours + h]`.
@@ -39,6 +59,7 @@ impl Ledger {
     pub fn new(w: &World) -> Ledger {
         let hours = w.horizon.hours;
         Ledger {
+            journal: Vec::new(),
             hours,
             cap: std::sync::Arc::new(w.fleet.sites.iter().map(|s| s.capacity).collect()),
             used: vec![Capacity::default(); hours * w.fleet.sites.len()],
@@ -75,7 +96,9 @@ impl Ledger {
 
     /// Books `size` at `site` in `hour` (`sign` -1 releases it).
     pub fn occupy(&mut self, site: usize, hour: usize, size: Capacity, sign: i8) {
-        let u = &mut self.used[site * self.hours + hour];
+        let i = site * self.hours + hour;
+        let before = self.used[i];
+        let u = &mut self.used[i];
         if sign >= 0 {
             u.vcpus += size.vcpus;
             u.memory_mib += size.memory_mib;
@@ -85,6 +108,49 @@ impl Ledger {
             u.memory_mib = u.memory_mib.saturating_sub(size.memory_mib);
             u.disk_gib = u.disk_gib.saturating_sub(size.disk_gib);
         }
+        let after = *u;
+        self.journal.push(Change::Used(i, before, after));
+    }
+
+    /// The journal's current position.
+    pub fn mark(&self) -> Mark {
+        Mark(self.journal.len())
+    }
+
+    /// Takes back every change since `m`.
+    pub fn rollback(&mut self, m: Mark) {
+        let changes = self.take_since(m);
+        self.undo(&changes);
+    }
+
+    /// The changes since `m`, out of the journal (still on the books).
+    pub fn take_since(&mut self, m: Mark) -> Changes {
+        Changes(self.journal.split_off(m.0.min(self.journal.len())))
+    }
+
+    /// Sets `c` aside: the books as they were before it.
+    pub fn undo(&mut self, c: &Changes) {
+        for x in c.0.iter().rev() {
+            match *x {
+                Change::Used(i, before, _) => self.used[i] = before,
+                Change::Link(i, before, _) => self.link_used[i] = before,
+            }
+        }
+    }
+
+    /// Puts `c` back after [`Ledger::undo`].
+    pub fn redo(&mut self, c: &Changes) {
+        for x in &c.0 {
+            match *x {
+                Change::Used(i, _, after) => self.used[i] = after,
+                Change::Link(i, _, after) => self.link_used[i] = after,
+            }
+        }
+    }
+
+    /// Empties the journal: what is booked stays booked.
+    pub fn forget(&mut self) {
+        self.journal.clear();
     }
 
     /// Bytes still free on link `l` in direction `dir` in `hour`.
@@ -94,7 +160,11 @@ impl Ledger {
 
     /// Books `bytes` on link `l`, direction `dir`, in `hour`.
     pub fn book(&mut self, l: usize, dir: usize, hour: usize, bytes: f64) {
-        self.link_used[(l * 2 + dir) * self.hours + hour] += bytes;
+        let i = (l * 2 + dir) * self.hours + hour;
+        let before = self.link_used[i];
+        self.link_used[i] += bytes;
+        self.journal
+            .push(Change::Link(i, before, self.link_used[i]));
     }
 
     /// Bytes booked on link `l`, direction `dir`, in `hour`.

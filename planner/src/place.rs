@@ -63,14 +63,28 @@ pub enum Misfit {
     NoLink,
 }
 
-/// Places `route` on a copy of the books: its moves, or the first that does not fit.
+/// Places `route` on the books: its moves, booked; or the first that does not fit, and the
+/// books as they were.
 pub fn place(
     w: &World,
     u: &Unit,
     route: &Route,
-    books: &Ledger,
-) -> Result<(Vec<MovePlan>, Ledger), (usize, usize, Misfit)> {
-    let mut led = books.clone();
+    led: &mut Ledger,
+) -> Result<Vec<MovePlan>, (usize, usize, Misfit)> {
+    let m = led.mark();
+    let out = book_route(w, u, route, led);
+    if out.is_err() {
+        led.rollback(m);
+    }
+    out
+}
+
+fn book_route(
+    w: &World,
+    u: &Unit,
+    route: &Route,
+    led: &mut Ledger,
+) -> Result<Vec<MovePlan>, (usize, usize, Misfit)> {
     let mut compute = u.size;
     compute.disk_gib = 0;
     let disk = Capacity {
@@ -97,7 +111,7 @@ pub fn place(
     let mut since = 0;
     for (h, s, t) in route.moves() {
         let fail = |m: Misfit| (h, t, m);
-        let mv = place_move(w, u, &mut led, (h, s, t), since, copies[t]).map_err(fail)?;
+        let mv = place_move(w, u, led, (h, s, t), since, copies[t]).map_err(fail)?;
         if !holds[t] {
             let first = mv.seed.hours.first().map_or(h - 1, |x| x.0);
             for hh in first..hours {
@@ -125,7 +139,7 @@ pub fn place(
             .map_err(|e| (h, s, Misfit::Capacity(e)))?;
         led.occupy(s, h, compute, 1);
     }
-    Ok((moves, led))
+    Ok(moves)
 }
 
 /// Seed and move of the arrival at `t` from `s` by hour `h`; books their bytes on `led`.

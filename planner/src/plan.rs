@@ -77,13 +77,33 @@ pub fn plan(fleet: &Fleet, from: Timestamp, hours: usize) -> Result<Plan, PlanEr
     book_static(&w, &mut led)?;
     let mut settled: Vec<(usize, Route, Vec<MovePlan>)> = Vec::new();
     let mut left_out = Vec::new();
+    led.forget();
+    // The routes units would take alone do not depend on the books: searched on every core.
+    let ideals: Vec<Route> = {
+        use rayon::prelude::*;
+        w.units
+            .par_iter()
+            .map(|u| explain::ideal_route(&w, u))
+            .collect()
+    };
     for ui in order(&w) {
         let u = &w.units[ui];
         occupy_static(&w, u, &mut led, -1);
-        let (route, moves, misfits, books) = settle(&w, u, &led);
+        led.forget();
+        let start = led.mark();
+        let (route, moves, misfits) = settle(&w, u, &mut led);
         // The books as they were before the unit settled explain what it left out.
-        left_out.extend(explain::left_out(&w, u, &route, &misfits, &led));
-        led = books;
+        let booked = led.take_since(start);
+        led.undo(&booked);
+        left_out.extend(explain::left_out(
+            &w,
+            u,
+            &ideals[ui],
+            &route,
+            &misfits,
+            &led,
+        ));
+        led.redo(&booked);
         settled.push((ui, route, moves));
     }
     Ok(report(&w, &led, settled, left_out))
@@ -161,9 +181,8 @@ fn order(w: &World) -> Vec<usize> {
 /// Routes refused on the way: (hour, site, why).
 type Misfits = Vec<(usize, usize, Misfit)>;
 
-/// The unit's cheapest route that fits, the misfits met on the way, and the books with the
-/// route booked.
-fn settle(w: &World, u: &Unit, led: &Ledger) -> (Route, Vec<MovePlan>, Misfits, Ledger) {
+/// The unit's cheapest route that fits, booked on `led`, and the misfits met on the way.
+fn settle(w: &World, u: &Unit, led: &mut Ledger) -> (Route, Vec<MovePlan>, Misfits) {
     let mut banned = BTreeSet::new();
     let mut misfits = Vec::new();
     let stay = Route::stay(w, u);
@@ -178,26 +197,22 @@ fn settle(w: &World, u: &Unit, led: &Ledger) -> (Route, Vec<MovePlan>, Misfits, 
             break;
         }
         match place(w, u, &route, led) {
-            Ok((moves, books)) => return (route, moves, misfits, books),
+            Ok(moves) => return (route, moves, misfits),
             Err((h, t, m)) => {
                 banned.insert((h, t));
                 misfits.push((h, t, m));
             }
         }
     }
-    let books = match place(w, u, &stay, led) {
-        Ok((_, books)) => books,
-        // Cannot happen: the unit's own static booking was just released.
-        Err(e) => {
-            tracing::error!(unit = %u.name, misfit = ?e, "a unit cannot stay where it is");
-            led.clone()
-        }
-    };
-    (stay, Vec::new(), misfits, books)
+    // It cannot fail: the unit's own static booking was just released.
+    if let Err(e) = place(w, u, &stay, led) {
+        tracing::error!(unit = %u.name, misfit = ?e, "a unit cannot stay where it is");
+    }
+    (stay, Vec::new(), misfits)
 }
 
 /// The unit's latency if it could be at its best allowed site every hour for free.
-fn ideal_floor(w: &World, u: &Unit) -> f64 {
+pub(crate) fn ideal_floor(w: &World, u: &Unit) -> f64 {
     (0..w.horizon.hours)
         .map(|h| {
             u.allowed

@@ -6,7 +6,7 @@
 
 use crate::ledger::Ledger;
 use crate::place::MOVE_HEADROOM;
-use crate::predict::{predict_move, MovePrediction};
+use crate::predict::predict_move;
 use crate::world::{Unit, World, HOUR_S};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,7 +60,7 @@ pub struct Search<'a, 'f> {
     pub ledger: Option<&'a Ledger>,
     /// (arrival hour, site) pairs refused by `place`.
     pub banned: &'a BTreeSet<(usize, usize)>,
-    cache: BTreeMap<(usize, usize, u64), Option<MovePrediction>>,
+    cache: BTreeMap<(usize, usize, u64), Option<Predicted>>,
     /// Per link and direction, the bytes free on it before each hour, in all hours and in
     /// those outside business hours (prefix sums).
     free_before: BTreeMap<(usize, usize), Vec<(f64, f64)>>,
@@ -117,7 +117,20 @@ impl<'a, 'f> Search<'a, 'f> {
         // A move counts on the day its migration runs (hour h-1, the hour before it arrives),
         // as the simulator and the executor count it: arriving at midnight is yesterday's.
         let new_day = h % 24 == 1;
+        // Each hour's step costs, once per pair of sites (not once per move count).
+        let stay: Vec<Option<f64>> = sites.iter().map(|t| self.stay_cost(h, *t)).collect();
         for (si, &s) in sites.iter().enumerate() {
+            let steps: Vec<Option<f64>> = sites
+                .iter()
+                .enumerate()
+                .map(|(ti, &t)| {
+                    if t == s {
+                        stay[ti]
+                    } else {
+                        Some(self.move_cost(h, s, t)? + stay[ti]?)
+                    }
+                })
+                .collect();
             for m in 0..=limit {
                 let c = cost[idx(si, m)];
                 if !c.is_finite() {
@@ -125,17 +138,10 @@ impl<'a, 'f> Search<'a, 'f> {
                 }
                 let m0 = if new_day { 0 } else { m };
                 for (ti, &t) in sites.iter().enumerate() {
-                    let step = if t == s {
-                        self.stay_cost(h, t)
-                    } else if m0 < limit {
-                        match (self.move_cost(h, s, t), self.stay_cost(h, t)) {
-                            (Some(p), Some(c)) => Some(p + c),
-                            _ => None,
-                        }
-                    } else {
-                        None
-                    };
-                    let Some(step) = step else { continue };
+                    if t != s && m0 >= limit {
+                        continue;
+                    }
+                    let Some(step) = steps[ti] else { continue };
                     let j = idx(ti, if t == s { m0 } else { m0 + 1 });
                     if c + step < next[j] {
                         next[j] = c + step;
@@ -240,20 +246,32 @@ impl<'a, 'f> Search<'a, 'f> {
     }
 
     /// The move's prediction at what the hour has free (cached by bandwidth).
-    fn predicted(&mut self, l: usize, dir: usize, free_bytes: f64) -> Option<MovePrediction> {
+    fn predicted(&mut self, l: usize, dir: usize, free_bytes: f64) -> Option<Predicted> {
         let key = (l, dir, free_bytes as u64);
         if let Some(p) = self.cache.get(&key) {
-            return p.clone();
+            return *p;
         }
-        let p = predict_move(self.w, self.u, l, free_bytes / HOUR_S, 0.0)
+        let free = free_bytes;
+        let p = predict_move(self.w, self.u, l, free / HOUR_S, 0.0)
             .ok()
             // As `place` books it: with its headroom.
             .filter(|p| {
-                p.duration_s * MOVE_HEADROOM <= HOUR_S && p.wan_bytes * MOVE_HEADROOM <= free_bytes
+                p.duration_s * MOVE_HEADROOM <= HOUR_S && p.wan_bytes * MOVE_HEADROOM <= free
+            })
+            .map(|p| Predicted {
+                wan_bytes: p.wan_bytes,
+                downtime_ms: p.downtime_ms,
             });
-        self.cache.insert(key, p.clone());
+        self.cache.insert(key, p);
         p
     }
+}
+
+/// What the search needs of a move's prediction.
+#[derive(Debug, Clone, Copy)]
+struct Predicted {
+    wan_bytes: f64,
+    downtime_ms: f64,
 }
 
 /// Wire bytes of seeding `u`'s disks to `t` for an arrival at hour `h`: nothing at its own

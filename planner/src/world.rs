@@ -278,15 +278,23 @@ fn latency_table(
             let Some(r) = fleet.regions.iter().position(|x| &x.name == region) else {
                 continue; // Fleet::check refused undeclared regions
             };
-            for h in 0..hz.hours {
-                let n = weight * active[r][h];
-                users[h] += n;
-                for (s, site) in fleet.sites.iter().enumerate() {
-                    cost[h][s] += n * fleet.regions[r]
+            // The region's round trips by site index, looked up once rather than per hour.
+            let rtt: Vec<f64> = fleet
+                .sites
+                .iter()
+                .map(|site| {
+                    fleet.regions[r]
                         .rtt_ms
                         .get(&site.name)
                         .copied()
-                        .unwrap_or(0.0);
+                        .unwrap_or(0.0)
+                })
+                .collect();
+            for h in 0..hz.hours {
+                let n = weight * active[r][h];
+                users[h] += n;
+                for (c, t) in cost[h].iter_mut().zip(&rtt) {
+                    *c += n * t;
                 }
             }
         }
