@@ -456,6 +456,11 @@ def main():
         print_table(f"benches/scripts/migrate.py --trials {a.trials} --disk {a.disk}", rows_of(hs, qs))
     else:
         print(json.dumps({"helio": hs, "qemu": qs}, indent=1))
+    if hs and a.disk == "4GiB":
+        # The planner's prediction for the same parameters, beside each helio trial (issue 14).
+        import predict
+        print("\nThe planner's predictions (helio predict) for the same parameters:")
+        predict.report(d / "results.json")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ enum Command {
     Plan(cmd::plan::Args),
     /// Replay a fleet for days under the planner and its baselines (static, naive, oracle).
     Simulate(cmd::simulate::Args),
+    /// What the planner predicts for one move of a fleet's VM: mode, time, downtime, bytes.
+    Predict(cmd::predict::Args),
     /// Run the built-in demonstration end to end.
     Demo(cmd::demo::Args),
 }
@@ -107,6 +109,7 @@ fn main() {
             Command::Migrate(a) => cmd::migrate::run(a).await,
             Command::Plan(a) => cmd::plan::run(a).await,
             Command::Simulate(a) => cmd::simulate::run(a).await,
+            Command::Predict(a) => cmd::predict::run(a).await,
         }
     });
     // Background tasks (accept loops, link pipes) must not keep the process alive.

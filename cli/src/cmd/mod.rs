@@ -13,6 +13,7 @@ pub mod memory;
 pub mod migrate;
 pub mod pki;
 pub mod plan;
+pub mod predict;
 pub mod remote;
 pub mod sample_image;
 pub mod seed;
