@@ -114,3 +114,74 @@ fn the_html_report_plots_every_strategy_link_and_site_and_lists_the_moves() {
     );
     assert!(!page.contains("<script"), "the page runs nothing");
 }
+
+#[test]
+fn each_days_plan_looks_past_its_end_so_the_next_morning_is_served_on_time() {
+    // Users in Europe at every hour and (more) in Asia from 08:00 to 12:00 Tokyo time; the
+    // simulation starts at 08:00 in Tokyo, so the second day's plan begins as Tokyo's next
+    // morning does. A day's plan that ended there would not see that morning: the move would
+    // wait for the second day's plan, and arrive an hour late at best.
+    let text = r#"
+[[sites]]
+name = "paris"
+tz = "Europe/Paris"
+capacity = { vcpus = 64, memory_mib = 262144, disk_gib = 4096 }
+
+[[sites]]
+name = "tokyo"
+tz = "Asia/Tokyo"
+capacity = { vcpus = 64, memory_mib = 262144, disk_gib = 4096 }
+
+[[links]]
+a = "paris"
+b = "tokyo"
+bandwidth = "1Gbit"
+rtt_ms = 220
+
+[[regions]]
+name = "eu"
+tz = "Europe/Paris"
+rtt_ms = { paris = 10, tokyo = 230 }
+curve = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+[[regions]]
+name = "asia"
+tz = "Asia/Tokyo"
+rtt_ms = { paris = 230, tokyo = 10 }
+curve = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+[[vms]]
+name = "web"
+memory_mib = 4096
+disk_gib = 20
+vcpus = 4
+site = "paris"
+dirty_rate_mib_s = 5
+users = { eu = 50, asia = 100 }
+max_moves_per_day = 3
+"#;
+    let fleet = Fleet::parse(text).unwrap();
+    let from = "2026-12-02T23:00:00Z".parse().unwrap();
+    let r = simulate(&fleet, from, 2, Strategy::Planner, 1).unwrap();
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    // Where the VM runs when the second day's plan begins.
+    let at_24 = r
+        .moves
+        .iter()
+        .filter(|m| m.arrived_h.is_some_and(|h| h <= 24.0))
+        .max_by(|a, b| {
+            a.arrived_h
+                .partial_cmp(&b.arrived_h)
+                .expect("hours are numbers")
+        })
+        .map_or("paris", |m| m.to.as_str());
+    let arrivals: Vec<(&str, Option<f64>)> = r
+        .moves
+        .iter()
+        .map(|m| (m.to.as_str(), m.arrived_h))
+        .collect();
+    assert_eq!(
+        at_24, "tokyo",
+        "Tokyo's second morning finds the VM elsewhere: {arrivals:?}"
+    );
+}
