@@ -103,8 +103,15 @@ pub fn is_zero(data: &[u8]) -> bool {
     whole && blocks.remainder().iter().all(|&b| b == 0)
 }
 
-/// How a disk is cut into chunks.
+/// The most chunks a disk may have: 8 TiB at the default 64 KiB, 128 TiB at 1 MiB. Every
+/// chunk costs memory on both sides (a write stamp, a presence bit, a manifest entry), so a
+/// geometry sent by a peer must not size those without a bound.
+pub const MAX_CHUNKS: u64 = 1 << 27;
+
+/// How a disk is cut into chunks. Built by [`Geometry::new`] only, deserialisation included:
+/// a geometry from a peer or from disk is checked before it sizes anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "GeometryFields")]
 pub struct Geometry {
     /// Size of the disk in bytes.
     pub size: u64,
@@ -112,19 +119,49 @@ pub struct Geometry {
     pub chunk_size: u32,
 }
 
-/// A chunk size outside what heliotrope supports.
+/// A geometry as it arrives, before [`Geometry::new`] checks it.
+#[derive(Deserialize)]
+struct GeometryFields {
+    size: u64,
+    // As `Geometry` writes it: the wire format stays.
+    chunk_size: u32,
+}
+
+impl TryFrom<GeometryFields> for Geometry {
+    type Error = BadChunkSize;
+
+    fn try_from(f: GeometryFields) -> Result<Self, BadChunkSize> {
+        Geometry::new(f.size, f.chunk_size as u64)
+    }
+}
+
+/// A geometry outside what heliotrope supports.
 #[derive(Debug, thiserror::Error)]
-#[error("chunk size {0} is not a power of two between 4 KiB and 1 MiB")]
-pub struct BadChunkSize(pub u64);
+pub enum BadChunkSize {
+    /// The chunk size.
+    #[error("chunk size {0} is not a power of two between 4 KiB and 1 MiB")]
+    ChunkSize(u64),
+    /// Too many chunks.
+    #[error("a disk of {size} bytes in chunks of {chunk_size} bytes has more than {MAX_CHUNKS} chunks: use larger chunks")]
+    TooManyChunks {
+        /// The disk's size.
+        size: u64,
+        /// The chunk size.
+        chunk_size: u64,
+    },
+}
 
 impl Geometry {
-    /// Checks the chunk size and builds the geometry.
+    /// Checks the chunk size and the number of chunks, and builds the geometry.
     pub fn new(size: u64, chunk_size: u64) -> Result<Self, BadChunkSize> {
         if !chunk_size.is_power_of_two()
             || chunk_size < MIN_CHUNK_SIZE as u64
             || chunk_size > MAX_CHUNK_SIZE as u64
         {
-            return Err(BadChunkSize(chunk_size));
+            return Err(BadChunkSize::ChunkSize(chunk_size));
+        }
+        if size.div_ceil(chunk_size) > MAX_CHUNKS {
+            return Err(BadChunkSize::TooManyChunks { size, chunk_size });
         }
         Ok(Geometry {
             size,
@@ -202,5 +239,8 @@ mod tests {
         assert_eq!(g.chunks_touching(4095, 2), 0..2);
         assert!(Geometry::new(1, 3000).is_err());
         assert!(Geometry::new(1, 2 * 1024 * 1024).is_err());
+        assert!(Geometry::new(MAX_CHUNKS * 4096, 4096).is_ok());
+        assert!(Geometry::new(MAX_CHUNKS * 4096 + 1, 4096).is_err());
+        assert!(Geometry::new(u64::MAX, 1 << 20).is_err());
     }
 }

@@ -532,6 +532,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_disk_whose_geometry_would_divide_by_zero_or_allocate_without_bound_is_refused() {
+        let disk = |size: u64, chunk_size: u32| {
+            // The fields are public: a peer can send what `Geometry::new` would refuse.
+            let geometry = Geometry { size, chunk_size };
+            let msg = Message::Opened(DiskInfo {
+                name: "d".into(),
+                geometry,
+                manifest_digest: ChunkHash::of(b"m"),
+            });
+            Frame::decode(Frame::new(msg).encode().expect("encodes"))
+        };
+        assert!(disk(1 << 30, 65536).is_ok());
+        for (size, chunk_size) in [
+            (1 << 30, 0),
+            (1 << 30, 1 << 31),
+            (u64::MAX, 4096),
+            (1, 3000),
+        ] {
+            let e = disk(size, chunk_size).expect_err("refused");
+            assert!(e.to_string().contains("chunk"), "{e}");
+        }
+    }
+
+    #[test]
     fn frame_round_trips_with_payload() {
         let f = Frame::with_payload(
             Message::Chunk {
