@@ -161,9 +161,16 @@ pub async fn fetch_manifest(
             peer: peer.clone(),
             what: format!("a manifest page that {what}"),
         };
+        // Checked before they size the decompression or index the manifest: a page is at most
+        // what was asked for, and lies within the disk.
+        if count as u64 > page || start.checked_add(count as u64).is_none_or(|end| end > n) {
+            return Err(bad(&format!(
+                "covers chunks {start}+{count}, outside the disk's {n} or over a page of {page}"
+            )));
+        }
         let raw = zstd::bulk::decompress(&frame.payload, count as usize * ChunkEntry::ENCODED_LEN)
             .map_err(|_| bad("does not decompress"))?;
-        if raw.len() != count as usize * ChunkEntry::ENCODED_LEN || start + count as u64 > n {
+        if raw.len() != count as usize * ChunkEntry::ENCODED_LEN {
             return Err(bad("has the wrong size"));
         }
         for (i, e) in raw.chunks_exact(ChunkEntry::ENCODED_LEN).enumerate() {
@@ -183,4 +190,47 @@ pub async fn fetch_manifest(
 fn blockstore_page() -> u64 {
     // The source caps pages at this size; asking for more only wastes request ids.
     32 * 1024
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::chunk::{ChunkHash, Geometry};
+
+    /// A source that answers the first manifest request with `start` and `count` of its own.
+    async fn answered_with(start: u64, count: u32) -> Result<Vec<ChunkEntry>, SessionError> {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let mut conn = Conn::new(Box::new(ours), "test");
+        let mut peer = Conn::new(Box::new(theirs), "us");
+        let info = DiskInfo {
+            name: "d".into(),
+            // 4 chunks: one page.
+            geometry: Geometry::new(4 * 65536, 65536).expect("a valid geometry"),
+            manifest_digest: ChunkHash::of(b"m"),
+        };
+        let source = tokio::spawn(async move {
+            let Ok(frame) = peer.recv().await else { return };
+            let Message::GetManifest { id, .. } = frame.msg else {
+                return;
+            };
+            let payload = zstd::bulk::compress(&[0u8; 64], 1).expect("compresses");
+            let msg = Message::Manifest { id, start, count };
+            let _ = peer.send(&Frame::with_payload(msg, payload.into())).await;
+        });
+        let out = fetch_manifest(&mut conn, &info).await;
+        source.abort();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_manifest_page_outside_the_disk_or_over_a_page_is_refused_before_it_is_read() {
+        // count = u32::MAX would size a 141 GB buffer; start + count would overflow.
+        for (start, count) in [(0, u32::MAX), (u64::MAX, 2), (3, 2), (0, 40_000)] {
+            let e = answered_with(start, count).await.expect_err("refused");
+            assert!(
+                e.to_string().contains("outside the disk"),
+                "{start}+{count}: {e}"
+            );
+        }
+    }
 }
