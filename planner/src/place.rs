@@ -167,9 +167,10 @@ fn place_move(
     // keeps the move's hour for the move.
     let last = h.checked_sub(2).filter(|e| *e >= since);
     let seed = lay_seed(w, led, l, dir, since, last, need)?;
-    let last_seed_hour = seed.hours.last().map_or(h - 2, |x| x.0);
-    let delta = (write_rate * (h - 1 - last_seed_hour.min(h - 1)) as f64 * HOUR_S * wire)
-        .min(disk_bytes(u));
+    // Hours of writes the migration ships: since the seed's last hour (which is at most
+    // h - 2), or its own hour when nothing was seeded.
+    let written_h = seed.hours.last().map_or(1, |x| h - 1 - x.0);
+    let delta = (write_rate * written_h as f64 * HOUR_S * wire).min(disk_bytes(u));
     let free = led.link_free(l, dir, h - 1);
     let p = predict_move(w, u, l, free / HOUR_S, delta).map_err(|r| {
         // The budget's fault when the whole link would have carried it.

@@ -375,3 +375,21 @@ fn business_hours_bytes_cost_what_the_policy_says() {
         "business-hours bytes {dear} at a high price, {free} at none"
     );
 }
+
+#[test]
+fn a_move_in_the_first_hour_to_a_fresh_replica_with_nothing_to_seed_is_planned() {
+    // Nothing written (no disk_write_mib_s) and a copy in Tokyo as fresh as can be: the move
+    // arriving in hour 1 seeds nothing, and its delta is the hour it runs in.
+    let text = fleet(
+        &vm("web", "replicas = { tokyo = 0 }")
+            .replace("disk_write_mib_s = 0.05\n", "")
+            .replace("users = { eu = 50, asia = 100 }", "users = { asia = 100 }"),
+        64,
+        "",
+    );
+    let p = run(&text);
+    let m = moves_of(&p, "web");
+    assert_eq!(m.len(), 1, "{:#?}", p.left_out);
+    assert_eq!(m[0].hour, 1, "{:#?}", m[0]);
+    assert!(m[0].seed.is_none(), "{:#?}", m[0].seed);
+}
