@@ -280,23 +280,21 @@ fn move_words(w: &World, u: &Unit, m: &MovePlan, g: &Gain, wan: f64, business: f
     )
 }
 
-/// Tempting moves `u` does not make on `route`, and why.
 /// The route `u` would take if nothing stood in its way (no other unit on the books, links
 /// at their budgets): the moves left out are those of this route it did not make.
 pub fn ideal_route(w: &World, u: &Unit) -> Route {
     // A unit that gains less anywhere than a move's fixed cost has no move to explain: its
     // ideal route stays (the search is the costliest part of planning a large fleet).
-    let stay = Route::stay(w, u);
-    if stay.cost - crate::plan::ideal_floor(w, u) > w.fleet.policy.move_cost {
+    if crate::plan::worth_a_search(w, u) {
         let none = std::collections::BTreeSet::new();
         crate::route::Search::new(w, u, None, &none).best()
     } else {
-        stay
+        Route::stay(w, u)
     }
 }
 
-/// What `u` left out of `ideal` (its [`ideal_route`]) and why, against the books as they were
-/// before it settled.
+/// Tempting moves `u` does not make on `route` (those of `ideal`, its [`ideal_route`], and
+/// the misfits met on the way), and why, against the books as they were before it settled.
 pub fn left_out(
     w: &World,
     u: &Unit,
@@ -338,7 +336,6 @@ pub fn left_out(
         ));
     }
     // Moves the unit would make if nothing stood in its way, and what stood there.
-
     let made = route.moves();
     for (h, s, t) in ideal.moves() {
         if made.contains(&(h, s, t)) || misfits.iter().any(|m| (m.0, m.1) == (h, t)) {

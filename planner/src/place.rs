@@ -156,12 +156,7 @@ fn place_move(
     let (l, dir) = w.link_dir(s, t).ok_or(Misfit::NoLink)?;
     let write_rate = disk_write_rate(w, u);
     let wire = w.fleet.policy.disk_wire_ratio;
-    let full = seed_size(w, u);
-    let need = match stale_since.filter(|_| w.fleet.policy.keep_replicas) {
-        // Coming back to a kept copy: only what was written since it left.
-        Some(left) => (write_rate * (h as f64 - left) * HOUR_S * wire).min(full),
-        None => full,
-    };
+    let need = seed_need(w, u, stale_since, h);
     // The seed ends before the migration starts (the job then ships the disk's last delta,
     // not a seed still running): it uses the hours up to the one before the move's, which
     // keeps the move's hour for the move.
@@ -203,6 +198,20 @@ fn place_move(
         delta_bytes: delta,
         predicted: p,
     })
+}
+
+/// Wire bytes to seed `u`'s disks at a site for an arrival at hour `h`: the whole disks, or,
+/// over a kept copy that stopped following the unit at hour `stale_since` (negative for a
+/// replica older than the plan), only what was written since.
+pub fn seed_need(w: &World, u: &Unit, stale_since: Option<f64>, h: usize) -> f64 {
+    let full = seed_size(w, u);
+    match stale_since.filter(|_| w.fleet.policy.keep_replicas) {
+        Some(left) => {
+            let written = disk_write_rate(w, u) * (h as f64 - left) * HOUR_S;
+            (written * w.fleet.policy.disk_wire_ratio).min(full)
+        }
+        None => full,
+    }
 }
 
 /// Bytes of the unit's disks.

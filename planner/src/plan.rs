@@ -77,7 +77,6 @@ pub fn plan(fleet: &Fleet, from: Timestamp, hours: usize) -> Result<Plan, PlanEr
     book_static(&w, &mut led)?;
     let mut settled: Vec<(usize, Route, Vec<MovePlan>)> = Vec::new();
     let mut left_out = Vec::new();
-    led.forget();
     // The routes units would take alone do not depend on the books: searched on every core.
     let ideals: Vec<Route> = {
         use rayon::prelude::*;
@@ -164,12 +163,11 @@ fn occupy_static(w: &World, u: &Unit, led: &mut Ledger, sign: i8) {
 /// Units by what they could gain (user-ms·h at their best allowed sites against staying),
 /// most first; ties by name, so the plan is the same for the same fleet.
 fn order(w: &World) -> Vec<usize> {
-    let gain = |u: &Unit| -> f64 { u.total(u.site) - ideal_floor(w, u) };
     let mut idx: Vec<(f64, usize)> = w
         .units
         .iter()
         .enumerate()
-        .map(|(i, u)| (gain(u), i))
+        .map(|(i, u)| (most_to_gain(w, u), i))
         .collect();
     idx.sort_by(|a, b| {
         b.0.total_cmp(&a.0)
@@ -186,8 +184,7 @@ fn settle(w: &World, u: &Unit, led: &mut Ledger) -> (Route, Vec<MovePlan>, Misfi
     let mut banned = BTreeSet::new();
     let mut misfits = Vec::new();
     let stay = Route::stay(w, u);
-    // A unit with less to gain anywhere than one move costs stays without a search.
-    let worth = stay.cost - ideal_floor(w, u) > w.fleet.policy.move_cost;
+    let worth = worth_a_search(w, u);
     for _ in 0..MAX_TRIES {
         if !worth {
             break;
@@ -211,8 +208,19 @@ fn settle(w: &World, u: &Unit, led: &mut Ledger) -> (Route, Vec<MovePlan>, Misfi
     (stay, Vec::new(), misfits)
 }
 
+/// Whether `u` could gain anywhere more than one move costs: a unit that cannot stays
+/// without a route search.
+pub(crate) fn worth_a_search(w: &World, u: &Unit) -> bool {
+    most_to_gain(w, u) > w.fleet.policy.move_cost
+}
+
+/// What the unit would gain, user-ms·h, at its best allowed site every hour for free.
+fn most_to_gain(w: &World, u: &Unit) -> f64 {
+    u.total(u.site) - ideal_floor(w, u)
+}
+
 /// The unit's latency if it could be at its best allowed site every hour for free.
-pub(crate) fn ideal_floor(w: &World, u: &Unit) -> f64 {
+fn ideal_floor(w: &World, u: &Unit) -> f64 {
     (0..w.horizon.hours)
         .map(|h| {
             u.allowed

@@ -251,12 +251,11 @@ impl<'a, 'f> Search<'a, 'f> {
         if let Some(p) = self.cache.get(&key) {
             return *p;
         }
-        let free = free_bytes;
-        let p = predict_move(self.w, self.u, l, free / HOUR_S, 0.0)
+        let p = predict_move(self.w, self.u, l, free_bytes / HOUR_S, 0.0)
             .ok()
             // As `place` books it: with its headroom.
             .filter(|p| {
-                p.duration_s * MOVE_HEADROOM <= HOUR_S && p.wan_bytes * MOVE_HEADROOM <= free
+                p.duration_s * MOVE_HEADROOM <= HOUR_S && p.wan_bytes * MOVE_HEADROOM <= free_bytes
             })
             .map(|p| Predicted {
                 wan_bytes: p.wan_bytes,
@@ -280,14 +279,8 @@ pub fn seed_bytes(w: &World, u: &Unit, t: usize, h: usize) -> f64 {
     if t == u.site {
         return 0.0;
     }
-    let full = crate::place::seed_size(w, u);
-    match u.replicas.iter().find(|r| r.0 == t) {
-        Some(&(_, age)) if w.fleet.policy.keep_replicas => {
-            let written = crate::place::disk_write_rate(w, u) * (age + h as f64) * HOUR_S;
-            (written * w.fleet.policy.disk_wire_ratio).min(full)
-        }
-        _ => full,
-    }
+    let stale_since = u.replicas.iter().find(|r| r.0 == t).map(|r| -r.1);
+    crate::place::seed_need(w, u, stale_since, h)
 }
 
 /// The objective's price of a move made in hour `h` that sends `wire_bytes` and pauses the
